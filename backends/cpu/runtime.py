@@ -1,0 +1,105 @@
+"""Run a CPU artifact with onnxruntime.
+
+The KV cache lives in numpy buffers owned by the runtime, one (B, Hkv, S, D)
+array per layer for K and for V, wrapped once as OrtValues (zero-copy on CPU).
+A decode step binds them as inputs, gets only the new token's K/V back (into
+preallocated outputs) and writes them into slot `position`: nothing proportional
+to the cache size is copied per step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (what onnxruntime's pool should use)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class KVCache:
+    def __init__(self, batch: int, n_layers: int, kv_heads: int, capacity: int, head_dim: int):
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.k = [np.zeros(shape, np.float32) for _ in range(n_layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(n_layers)]
+        self.mask = np.zeros((batch, capacity), np.int64)   # 1 where a slot holds a real token
+        self.batch, self.capacity = batch, capacity
+        self.ort_past = [ort.OrtValue.ortvalue_from_numpy(a) for kv in zip(self.k, self.v) for a in kv]
+        self.ort_mask = ort.OrtValue.ortvalue_from_numpy(self.mask)
+
+
+class CpuExecutor:
+    def __init__(self, artifact_dir: Path, manifest: dict, threads: int | None = None):
+        from safetensors.numpy import load_file
+
+        backend = manifest["backend"]
+        cfg = manifest["model"]["config"]
+        self.n_layers = cfg["num_hidden_layers"]
+        self.kv_heads = cfg["num_key_value_heads"]
+        self.head_dim = cfg["head_dim"]
+        self.vocab = cfg["vocab_size"]
+        self.capacity = manifest["max_seq_len"]
+        self.threads = threads or default_threads()
+        # one copy of the weights in memory, shared by both sessions
+        self._weights = load_file(str(artifact_dir / backend["weights"]))
+        self._ort_weights = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in self._weights.items()}
+        self.sessions = {}
+        for name, fname in backend["graphs"].items():
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.log_severity_level = 3
+            for init_name, key in backend["initializers"][name].items():
+                opts.add_initializer(init_name, self._ort_weights[key])
+            self.sessions[name] = ort.InferenceSession(
+                str(artifact_dir / fname), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        self.io = backend["io"]
+
+    def new_cache(self, batch: int) -> KVCache:
+        return KVCache(batch, self.n_layers, self.kv_heads, self.capacity, self.head_dim)
+
+    def prefill(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(B, T) ids and mask -> (B, T, V) logits; fills cache slots [0, T)."""
+        T = input_ids.shape[1]
+        outs = self.sessions["prefill"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+        for i in range(self.n_layers):
+            cache.k[i][:, :, :T] = outs[1 + 2 * i]
+            cache.v[i][:, :, :T] = outs[2 + 2 * i]
+        cache.mask[:, :T] = attention_mask
+        return outs[0]
+
+    def decode(self, cache: KVCache, input_ids: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """(B, 1) ids at (B,) positions -> (B, 1, V) logits; writes slot `position`."""
+        B = cache.batch
+        sess = self.sessions["decode"]
+        binding = sess.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("position", position)
+        binding.bind_ortvalue_input("cache_mask", cache.ort_mask)
+        for name, value in zip(self.io["decode"]["inputs"][3:], cache.ort_past):
+            binding.bind_ortvalue_input(name, value)
+        logits = np.empty((B, 1, self.vocab), np.float32)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        new = [np.empty((B, self.kv_heads, 1, self.head_dim), np.float32) for _ in range(2 * self.n_layers)]
+        for name, arr in zip(self.io["decode"]["outputs"][1:], new):
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(arr))
+        sess.run_with_iobinding(binding)
+        rows = np.arange(B)
+        for i in range(self.n_layers):
+            cache.k[i][rows, :, position] = new[2 * i][:, :, 0]
+            cache.v[i][rows, :, position] = new[2 * i + 1][:, :, 0]
+        cache.mask[rows, position] = 1
+        return logits
+
+
+def load(artifact_dir: str | os.PathLike, manifest: dict, threads: int | None = None) -> CpuExecutor:
+    return CpuExecutor(Path(artifact_dir), manifest, threads)

@@ -1,0 +1,160 @@
+"""The original ChatGLM2/ChatGLM3/GLM-4-chat checkpoint layout, mapped onto `glm`.
+
+Those releases ship modeling code for `trust_remote_code`; glmc never runs it.
+Their math is the `glm` architecture (RMSNorm, fused QKV with bias, grouped
+multi-query attention, interleaved rotary on the first half of each head,
+SwiGLU with gate|up packed in dense_h_to_4h), so config and weights are renamed
+and the fused QKV is split. `to_chatglm` is the inverse, used by tests to write
+a chatglm-layout checkpoint from a glm one.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from glmc.errors import GlmcError
+
+_PREFIX = "transformer."
+
+
+def config_from_chatglm(cfg: dict) -> dict:
+    """chatglm config.json -> glm config dict (for transformers.GlmConfig)."""
+    if "multi_query_group_num" not in cfg and "position_encoding_2d" in cfg:
+        raise GlmcError(
+            "model_type 'chatglm' with position_encoding_2d is the first ChatGLM-6B "
+            "(GLM-style 2D positions, GeLU): not supported; ChatGLM2/3 and GLM-4-chat are"
+        )
+    required = ["num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "padded_vocab_size"]
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise GlmcError(f"chatglm config.json lacks {', '.join(missing)}")
+    unsupported = {
+        "rmsnorm": (True, "LayerNorm instead of RMSNorm"),
+        "add_bias_linear": (False, "biases on the dense/MLP projections"),
+        "apply_residual_connection_post_layernorm": (False, "post-layernorm residuals"),
+        "post_layer_norm": (True, "no final layer norm"),
+        "original_rope": (True, "non-original rotary"),
+    }
+    for key, (want, what) in unsupported.items():
+        if key in cfg and bool(cfg[key]) != want:
+            raise GlmcError(f"chatglm config {key}={cfg[key]} ({what}) is not supported")
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("kv_channels") or cfg["hidden_size"] // heads
+    kv_heads = cfg["multi_query_group_num"] if cfg.get("multi_query_attention", False) else heads
+    eos = cfg.get("eos_token_id")
+    return dict(
+        model_type="glm",
+        vocab_size=cfg["padded_vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["ffn_hidden_size"],
+        num_hidden_layers=cfg["num_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=cfg.get("seq_length", 8192),
+        rms_norm_eps=cfg.get("layernorm_epsilon", 1e-5),
+        attention_bias=bool(cfg.get("add_qkv_bias", True)),
+        partial_rotary_factor=0.5,
+        rope_theta=10000.0 * float(cfg.get("rope_ratio", 1.0)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        pad_token_id=cfg.get("pad_token_id", 0),
+        eos_token_id=eos,
+        bos_token_id=cfg.get("bos_token_id"),
+    )
+
+
+def config_to_chatglm(glm: dict) -> dict:
+    rope = glm.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", glm.get("rope_theta", 10000.0))
+    return dict(
+        model_type="chatglm",
+        architectures=["ChatGLMModel"],
+        num_layers=glm["num_hidden_layers"],
+        hidden_size=glm["hidden_size"],
+        ffn_hidden_size=glm["intermediate_size"],
+        num_attention_heads=glm["num_attention_heads"],
+        kv_channels=glm["head_dim"],
+        multi_query_attention=True,
+        multi_query_group_num=glm["num_key_value_heads"],
+        padded_vocab_size=glm["vocab_size"],
+        seq_length=glm["max_position_embeddings"],
+        layernorm_epsilon=glm["rms_norm_eps"],
+        rmsnorm=True,
+        add_qkv_bias=glm.get("attention_bias", True),
+        add_bias_linear=False,
+        apply_residual_connection_post_layernorm=False,
+        post_layer_norm=True,
+        original_rope=True,
+        rope_ratio=theta / 10000.0,
+        tie_word_embeddings=glm.get("tie_word_embeddings", False),
+        pad_token_id=glm.get("pad_token_id"),
+        eos_token_id=glm.get("eos_token_id"),
+        bos_token_id=glm.get("bos_token_id"),
+    )
+
+
+_RENAMES = [  # chatglm suffix -> glm suffix, inside layer N
+    ("input_layernorm.weight", "input_layernorm.weight"),
+    ("post_attention_layernorm.weight", "post_attention_layernorm.weight"),
+    ("self_attention.dense.weight", "self_attn.o_proj.weight"),
+    ("mlp.dense_h_to_4h.weight", "mlp.gate_up_proj.weight"),
+    ("mlp.dense_4h_to_h.weight", "mlp.down_proj.weight"),
+]
+_LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(.+)")
+
+
+def weights_from_chatglm(tensors: dict[str, torch.Tensor], glm: dict) -> dict[str, torch.Tensor]:
+    """Rename chatglm tensors to glm names; split query_key_value into q/k/v."""
+    q_size = glm["num_attention_heads"] * glm["head_dim"]
+    kv_size = glm["num_key_value_heads"] * glm["head_dim"]
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name == _PREFIX + "embedding.word_embeddings.weight":
+            out["model.embed_tokens.weight"] = t
+        elif name == _PREFIX + "encoder.final_layernorm.weight":
+            out["model.norm.weight"] = t
+        elif name == _PREFIX + "output_layer.weight":
+            out["lm_head.weight"] = t
+        elif name.endswith("rotary_pos_emb.inv_freq"):
+            continue  # recomputed from rope_theta
+        elif m := _LAYER.fullmatch(name):
+            layer, rest = m.groups()
+            base = f"model.layers.{layer}."
+            if rest.startswith("self_attention.query_key_value."):
+                kind = rest.rsplit(".", 1)[1]  # weight | bias
+                if t.shape[0] != q_size + 2 * kv_size:
+                    raise GlmcError(
+                        f"{name} has {t.shape[0]} rows; config implies {q_size}+2*{kv_size}"
+                    )
+                q, k, v = torch.split(t, [q_size, kv_size, kv_size], dim=0)
+                for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                    out[f"{base}self_attn.{proj}.{kind}"] = part
+            else:
+                for src, dst in _RENAMES:
+                    if rest == src:
+                        out[base + dst] = t
+                        break
+                else:
+                    out[name] = t  # left unmapped: reported as unexpected by the loader
+        else:
+            out[name] = t
+    return out
+
+
+def weights_to_chatglm(state: dict[str, torch.Tensor], glm: dict) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i in range(glm["num_hidden_layers"]):
+        base, dst = f"model.layers.{i}.", f"{_PREFIX}encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            parts = [state.get(f"{base}self_attn.{p}.{kind}") for p in ("q_proj", "k_proj", "v_proj")]
+            if all(p is not None for p in parts):
+                out[f"{dst}self_attention.query_key_value.{kind}"] = torch.cat(parts, 0).contiguous()
+        for src, glm_name in _RENAMES:
+            out[dst + src] = state[base + glm_name].contiguous()
+    out[_PREFIX + "embedding.word_embeddings.weight"] = state["model.embed_tokens.weight"].contiguous()
+    out[_PREFIX + "encoder.final_layernorm.weight"] = state["model.norm.weight"].contiguous()
+    lm = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    out[_PREFIX + "output_layer.weight"] = lm.contiguous()
+    return out

@@ -1,0 +1,277 @@
+"""Load a GLM checkpoint directory or a preset into transformers' own model class.
+
+Supported: model_type `glm` (GlmForCausalLM), `glm4` (Glm4ForCausalLM) and the
+original `chatglm` layout (mapped onto glm, see glmc/chatglm.py). Weights come
+from safetensors only (single file or sharded with model.safetensors.index.json);
+nothing in the checkpoint directory is ever imported or executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from glmc import chatglm
+from glmc.errors import GlmcError
+from glmc.presets import get_preset
+from glmc.safetensors_check import read_header
+
+SUPPORTED_MODEL_TYPES = ("glm", "glm4", "chatglm")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module          # transformers GlmForCausalLM / Glm4ForCausalLM, eval, fp32
+    model_type: str                 # glm | glm4 (after normalising chatglm)
+    source_layout: str              # glm | glm4 | chatglm
+    config: dict                    # the normalised transformers config dict
+    source: dict                    # {kind, name, sha256}
+    tokenizer_json: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _config_class(model_type: str):
+    import transformers
+
+    return {"glm": transformers.GlmConfig, "glm4": transformers.Glm4Config}[model_type]
+
+
+def _model_class(model_type: str):
+    import transformers
+
+    return {"glm": transformers.GlmForCausalLM, "glm4": transformers.Glm4ForCausalLM}[model_type]
+
+
+def build_config(cfg: dict):
+    """A transformers config from a glm/glm4 dict, refusing what glmc cannot honour."""
+    model_type = cfg.get("model_type")
+    cfg = dict(cfg)
+    cls = _config_class(model_type)
+    try:
+        config = cls.from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise GlmcError(f"config.json cannot be read as a {model_type} config: {e}") from None
+    _check_config(config)
+    config._attn_implementation = "eager"
+    return config
+
+
+def _check_config(c) -> None:
+    def positive(name):
+        v = getattr(c, name, None)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise GlmcError(f"config.json: {name} must be a positive integer, got {v!r}")
+        return v
+
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        positive(name)
+    heads, kv = c.num_attention_heads, c.num_key_value_heads
+    if heads % kv:
+        raise GlmcError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+        raise GlmcError(f"config.json: head_dim={head_dim!r} must be a positive even integer")
+    if getattr(c, "head_dim", None) is None and c.hidden_size % heads:
+        raise GlmcError(f"config.json: hidden_size={c.hidden_size} is not divisible by num_attention_heads={heads}")
+    rope = c.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default":
+        raise GlmcError(f"config.json: rope_type {rope.get('rope_type')!r} is not supported (only default rotary)")
+    factor = rope.get("partial_rotary_factor", 1.0)
+    rot = int(head_dim * factor)
+    if not 0 < factor <= 1 or rot % 2:
+        raise GlmcError(f"config.json: partial_rotary_factor={factor} gives an odd or empty rotary dim for head_dim={head_dim}")
+    if c.hidden_act != "silu":
+        raise GlmcError(f"config.json: hidden_act={c.hidden_act!r} is not supported (only silu)")
+    eps = c.rms_norm_eps
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise GlmcError(f"config.json: rms_norm_eps={eps!r} must be a positive number")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GlmcError(f"{path}: missing ({what})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise GlmcError(f"{path}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise GlmcError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise GlmcError(f"{path}: expected a JSON object")
+    return data
+
+
+def weight_files(ckpt: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, validated to stay inside it."""
+    index = ckpt / "model.safetensors.index.json"
+    single = ckpt / "model.safetensors"
+    root = ckpt.resolve()
+    if index.exists():
+        weight_map = _read_json(index, "sharded index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise GlmcError(f"{index}: has no weight_map")
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            if not isinstance(shard, str) or os.path.isabs(shard) or ".." in Path(shard).parts:
+                raise GlmcError(f"{index}: shard path {shard!r} escapes the checkpoint directory")
+            p = ckpt / shard
+            if not p.resolve().is_relative_to(root):
+                raise GlmcError(f"{index}: shard {shard!r} is a link out of the checkpoint directory")
+            if not p.is_file():
+                raise GlmcError(f"{index}: names shard {shard!r}, which is missing")
+            files.append(p)
+        return files
+    if single.exists():
+        if not single.resolve().is_relative_to(root):
+            raise GlmcError(f"{single}: is a link out of the checkpoint directory")
+        return [single]
+    shards = sorted(ckpt.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickles = [p.name for p in ckpt.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+    if pickles:
+        raise GlmcError(
+            f"{ckpt}: only pickle weights ({', '.join(sorted(pickles))}); glmc loads safetensors only. "
+            "Convert with: python -c \"import torch,safetensors.torch as s; "
+            "s.save_file(torch.load('pytorch_model.bin', weights_only=True), 'model.safetensors')\""
+        )
+    raise GlmcError(f"{ckpt}: no model.safetensors or *.safetensors weights")
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256_state(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for p in files:
+        read_header(p)
+        try:
+            with safe_open(p, framework="pt") as f:
+                for name in f.keys():
+                    if name in tensors:
+                        raise GlmcError(f"{p}: tensor '{name}' appears in more than one shard")
+                    tensors[name] = f.get_tensor(name)
+        except SafetensorError as e:
+            raise GlmcError(f"{p}: unreadable safetensors ({e})") from None
+    return tensors
+
+
+def _assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str, tied: bool) -> list[str]:
+    warnings = []
+    expected = model.state_dict()
+    if tied:
+        expected.pop("lm_head.weight", None)
+        tensors.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise GlmcError(f"{where}: missing tensors {', '.join(missing[:3])}{more}")
+    if unexpected:
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        raise GlmcError(f"{where}: unexpected tensors {', '.join(unexpected[:3])}{more}")
+    for name, ref in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise GlmcError(f"{where}: tensor '{name}' has shape {tuple(t.shape)}, config implies {tuple(ref.shape)}")
+        if not t.dtype.is_floating_point:
+            raise GlmcError(f"{where}: tensor '{name}' has non-float dtype {t.dtype}")
+        t = t.to(torch.float32)
+        if not torch.isfinite(t).all():
+            raise GlmcError(f"{where}: tensor '{name}' contains NaN or Inf")
+        tensors[name] = t
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if tied:
+        model.tie_weights()
+    return warnings
+
+
+def _new_model(model_type: str, config) -> torch.nn.Module:
+    return _model_class(model_type)(config).eval().to(torch.float32)
+
+
+def load(spec: str | os.PathLike) -> LoadedModel:
+    """Load MODEL (checkpoint directory or preset name) as transformers' eager model."""
+    path = Path(spec)
+    if path.is_dir():
+        return _load_checkpoint(path)
+    if path.exists():
+        raise GlmcError(f"{path}: is a file; MODEL must be a checkpoint directory or a preset name")
+    if os.sep in str(spec) or str(spec).startswith("."):
+        raise GlmcError(f"{spec}: no such checkpoint directory")
+    return _load_preset(str(spec))
+
+
+def _load_preset(name: str) -> LoadedModel:
+    from glmc.tokenizer import byte_tokenizer_json
+
+    preset = get_preset(name)
+    config = build_config(preset.config)
+    torch.manual_seed(preset.seed)
+    model = _new_model("glm", config)
+    cfg = config.to_dict()
+    return LoadedModel(
+        model=model, model_type="glm", source_layout="glm", config=cfg,
+        source={"kind": "preset", "name": name, "sha256": _sha256_state(model.state_dict())},
+        tokenizer_json=byte_tokenizer_json(config.vocab_size),
+    )
+
+
+def _load_checkpoint(ckpt: Path) -> LoadedModel:
+    raw = _read_json(ckpt / "config.json", "config.json")
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise GlmcError(
+            f"{ckpt / 'config.json'}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    files = weight_files(ckpt)
+    tensors = _read_tensors(files)
+    layout = model_type
+    if model_type == "chatglm":
+        raw = chatglm.config_from_chatglm(raw)
+        model_type = "glm"
+    config = build_config(raw)
+    cfg = config.to_dict()
+    if layout == "chatglm":
+        tensors = chatglm.weights_from_chatglm(tensors, cfg)
+    model = _new_model(model_type, config)
+    warnings = _assign_weights(model, tensors, str(ckpt), tied=bool(config.tie_word_embeddings))
+    tok = ckpt / "tokenizer.json"
+    return LoadedModel(
+        model=model, model_type=model_type, source_layout=layout, config=cfg,
+        source={"kind": "checkpoint", "name": str(ckpt.resolve()),
+                "sha256": _sha256_files([ckpt / "config.json", *files])},
+        tokenizer_json=tok.read_text() if tok.is_file() else None,
+        warnings=warnings,
+    )
+
+
+def rebuild(config: dict, model_type: str) -> torch.nn.Module:
+    """An empty transformers model of a stored config (weights assigned by the caller)."""
+    return _new_model(model_type, build_config(config))

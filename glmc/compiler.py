@@ -1,0 +1,234 @@
+"""glmc.compile: checkpoint or preset -> verified NAME.glmc/ artifact.
+
+  load (transformers eager model) -> trace prefill/decode (torch.export)
+  -> pipeline (glmc/pipeline.py) -> backend.lower -> verify against the
+  eager model -> swap the finished directory into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from glmc import __version__
+from glmc.artifact import staging_dir, write_manifest
+from glmc.backends import get_backend
+from glmc.errors import GlmcError, VerificationError
+from glmc.ir import PassContext
+from glmc.pipeline import PIPELINE, run_pipeline
+
+DTYPES = ("fp32", "fp16", "bf16")
+QUANTS = ("none", "int8", "int4")
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"glmc": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": sys.version.split()[0]}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def check_options(target: str, dtype: str, quant: str, group_size: int) -> None:
+    if dtype not in DTYPES:
+        raise GlmcError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if quant not in QUANTS:
+        raise GlmcError(f"unknown quant {quant!r} (choose from {', '.join(QUANTS)})")
+    get_backend(target)
+    if target.startswith("cpu") and dtype != "fp32":
+        raise GlmcError(f"--dtype {dtype} is not supported on the cpu target yet (cpu compiles fp32)")
+    if quant != "none":
+        raise GlmcError(f"--quant {quant} is not implemented yet (only --quant none)")
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 16:
+        raise GlmcError(f"--group-size must be a positive multiple of 16, got {group_size!r}")
+
+
+def default_output(model: str, quant: str) -> Path:
+    name = Path(model).name if Path(model).is_dir() else model
+    suffix = "" if quant == "none" else f"-{quant}"
+    return Path(f"{name}{suffix}.glmc")
+
+
+class _Stages:
+    """A rich progress bar over compile stages (silent when not wanted)."""
+
+    def __init__(self, show: bool, total: int):
+        self.times: dict[str, float] = {}
+        self._progress = None
+        if show:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), TimeElapsedColumn(),
+                                      transient=False, console=None)
+            self._task = self._progress.add_task("compile", total=total)
+
+    def __enter__(self):
+        if self._progress:
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress:
+            self._progress.__exit__(*exc)
+
+    def stage(self, name: str):
+        stages = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                if stages._progress:
+                    stages._progress.update(stages._task, description=name)
+
+            def __exit__(self, *exc):
+                stages.times[name] = round(time.perf_counter() - self.t0, 3)
+                if stages._progress and exc[0] is None:
+                    stages._progress.advance(stages._task)
+
+        return _Stage()
+
+
+def compile(
+    model: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    target: str = "cpu",
+    dtype: str = "fp32",
+    quant: str = "none",
+    group_size: int = 128,
+    max_seq_len: int | None = None,
+    verify: bool = True,
+    fuse: bool = True,
+    progress: bool | None = None,
+    passes: list | None = None,
+) -> Path:
+    """Compile MODEL (checkpoint directory or preset name); return the artifact path."""
+    from glmc import checkpoint, trace
+
+    check_options(target, dtype, quant, group_size)
+    out = Path(output) if output is not None else default_output(str(model), quant)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    t_start = time.perf_counter()
+    with _Stages(progress, total=6) as stages:
+        with stages.stage("load checkpoint"):
+            loaded = checkpoint.load(model)
+        cfg = loaded.config
+        limit = cfg["max_position_embeddings"]
+        seq = max_seq_len if max_seq_len is not None else min(limit, 2048)
+        if not isinstance(seq, int) or not 2 <= seq <= limit:
+            raise GlmcError(f"--max-seq-len must be in [2, {limit}] (the model's max_position_embeddings), got {seq}")
+        ctx = PassContext(target=target, dtype=dtype, quant=quant, group_size=group_size, fuse=fuse)
+        pipeline = PIPELINE if passes is None else passes
+        with stages.stage("trace (torch.export)"):
+            graphs = [trace.trace_prefill(loaded.model, cfg, seq), trace.trace_decode(loaded.model, cfg, seq)]
+        records = []
+        with stages.stage("passes"):
+            for g in graphs:
+                g.gm, recs = run_pipeline(g.gm, ctx, g.name, pipeline)
+                records += recs
+        backend = get_backend(target)
+        with staging_dir(out) as tmp:
+            with stages.stage(f"lower ({target})"):
+                backend_info = backend.lower(graphs, tmp, ctx)
+            if loaded.tokenizer_json:
+                (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
+            manifest = {
+                "glmc_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "source": loaded.source,
+                "model": {"model_type": loaded.model_type, "source_layout": loaded.source_layout, "config": cfg},
+                "target": target, "dtype": dtype, "quant": quant,
+                "group_size": group_size if quant == "int4" else None,
+                "max_seq_len": seq,
+                "passes": [r.as_dict() for r in records],
+                "backend": backend_info,
+                "versions": _versions(),
+            }
+            write_manifest(tmp, manifest)
+            result = None
+            with stages.stage("verify vs transformers"):
+                if verify:
+                    result = _verify(tmp, loaded.model, graphs, ctx, pipeline, seq, cfg, dtype, quant)
+            with stages.stage("write artifact"):
+                n_params = sum(p.numel() for p in loaded.model.parameters())
+                report = {
+                    "seconds": round(time.perf_counter() - t_start, 2),
+                    "stage_seconds": stages.times,
+                    "peak_rss_mb": round(_peak_rss_mb(), 1),
+                    "parameters": n_params,
+                    "parameter_bytes_fp32": n_params * 4,
+                    "artifact_bytes": sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()),
+                    "verify": result.as_dict() if result else "skipped (--no-verify)",
+                    "passes": [r.as_dict(with_histograms=True) for r in records],
+                    "warnings": loaded.warnings,
+                }
+                report["peak_rss_over_fp32_weights"] = round(report["peak_rss_mb"] * 2**20 / max(1, n_params * 4), 2)
+                (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+                write_manifest(tmp, manifest)
+    return out
+
+
+def _verify(tmp: Path, model, graphs, ctx, pipeline, seq, cfg, dtype, quant):
+    from glmc.runtime import Runtime
+    from glmc.verify import compare
+
+    runtime = Runtime(tmp, verify=False)
+    result = compare(runtime, model, dtype, quant)
+    if not result.ok:
+        where = _diagnose(model, ctx, pipeline, seq, cfg, result.allowed)
+        raise VerificationError(
+            f"compiled model disagrees with transformers: max abs logits diff {result.max_abs_diff:.3g} "
+            f"> allowed {result.allowed:.3g} ({dtype}, quant {quant}); {where}; artifact not written "
+            "(--no-verify skips this check)"
+        )
+    return result
+
+
+def _diagnose(model, ctx, pipeline, seq, cfg, allowed) -> str:
+    """Lower a prefill graph that also returns every hidden state; find where it first diverges."""
+    import onnxruntime as ort
+    import torch
+
+    from glmc.backends.cpu.lower import export_onnx
+    from glmc.trace import trace_prefill
+    from glmc.verify import first_divergent_layer, fixed_prompts
+
+    try:
+        g = trace_prefill(model, cfg, seq, hidden_states=True)
+        g.gm, _ = run_pipeline(g.gm, ctx, "prefill+hidden", pipeline)
+        proto = export_onnx(g)
+        with tempfile.TemporaryDirectory() as d:
+            import onnx
+
+            onnx.save_model(proto, f"{d}/debug.onnx", save_as_external_data=True)
+            sess = ort.InferenceSession(f"{d}/debug.onnx", providers=["CPUExecutionProvider"])
+            ids = fixed_prompts(cfg["vocab_size"], seq)[0]
+            outs = sess.run(None, {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64)})
+        n_layers = cfg["num_hidden_layers"]
+        ours = [o[0] for o in outs[1 + 2 * n_layers:]]
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False).hidden_states
+        # transformers' last hidden state is after the final norm; compare the layer outputs before it
+        layer, diff = first_divergent_layer(ours[:-1], [h[0].numpy() for h in ref[:-1]], allowed)
+    except Exception as e:  # diagnosis is best effort; the verification failure stands either way
+        return f"could not localise the divergence ({type(e).__name__}: {e})"
+    if layer is None:
+        return "all decoder layers agree; the divergence is in the final norm or lm_head"
+    if layer == 0:
+        return f"the embeddings already differ (max diff {diff:.3g})"
+    return f"first diverges at decoder layer {layer - 1} (hidden-state max diff {diff:.3g})"

@@ -1,0 +1,80 @@
+"""The one ordered list of passes glmc runs, and the pass manager that runs it.
+
+Reading PIPELINE tells you everything the compiler does to a graph:
+
+  canonicalize  drop what only the trace needed (no-op casts, dropout, checks)
+  fuse          (issue: fusion passes)
+  quantize      (issue: quantization passes)
+  cleanup       dead code left behind by the rewrites
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from torch.fx import GraphModule
+
+from glmc.errors import GlmcError
+from glmc.ir import PassContext, PassResult, histogram, node_count
+from glmc.passes.eliminate_dead_code import eliminate_dead_code
+from glmc.passes.fold_noops import fold_noops
+
+Pass = Callable[[GraphModule, PassContext], PassResult]
+
+PIPELINE: list[tuple[str, Pass]] = [
+    # canonicalize
+    ("fold_noops", fold_noops),
+    # cleanup
+    ("eliminate_dead_code", eliminate_dead_code),
+]
+
+
+@dataclass
+class PassRecord:
+    graph: str
+    name: str
+    matches: int
+    nodes_before: int
+    nodes_after: int
+    ms: float
+    hist_before: dict
+    hist_after: dict
+
+    def as_dict(self, with_histograms: bool = False) -> dict:
+        d = asdict(self)
+        if not with_histograms:
+            d.pop("hist_before")
+            d.pop("hist_after")
+        return d
+
+
+def run_pipeline(
+    gm: GraphModule,
+    ctx: PassContext,
+    graph_name: str,
+    passes: list[tuple[str, Pass]] | None = None,
+    check: bool = True,
+) -> tuple[GraphModule, list[PassRecord]]:
+    """Run each pass in order; lint the graph after each one when `check`."""
+    records: list[PassRecord] = []
+    done: list[str] = []
+    for name, fn in PIPELINE if passes is None else passes:
+        before = histogram(gm)
+        n_before = node_count(gm)
+        t0 = time.perf_counter()
+        try:
+            result = fn(gm, ctx)
+            gm = result.gm
+            if check:
+                gm.graph.lint()
+        except GlmcError:
+            raise
+        except Exception as e:  # a pass bug: say which pass and what ran before it
+            raise RuntimeError(f"pass {name} failed on the {graph_name} graph after {done}: {e}") from e
+        ms = (time.perf_counter() - t0) * 1e3
+        records.append(PassRecord(graph_name, name, result.matches, n_before, node_count(gm), round(ms, 2),
+                                  dict(before), dict(histogram(gm))))
+        done.append(name)
+    return gm, records

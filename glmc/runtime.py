@@ -1,0 +1,160 @@
+"""glmc.load(path) -> Runtime: logits(), generate(), stream().
+
+The runtime is target-agnostic: it asks the artifact's backend for an executor
+(new_cache / prefill / decode) and does batching, positions, sampling and
+stopping itself. Generating N tokens costs one prefill and N-1 decode steps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from glmc.artifact import read_manifest
+from glmc.backends import get_backend
+from glmc.errors import GlmcError
+from glmc.sampling import check_sampling, choose
+from glmc.tokenizer import TextCodec
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str | None   # the text this token adds (None without a tokenizer)
+
+
+class Runtime:
+    def __init__(self, path: str | os.PathLike, verify: bool = True, threads: int | None = None):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, verify=verify)
+        self.config = self.manifest["model"]["config"]
+        self.vocab_size = self.config["vocab_size"]
+        self.max_seq_len = self.manifest["max_seq_len"]
+        eos = self.config.get("eos_token_id")
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.pad_id = self.config.get("pad_token_id") or 0
+        tok = self.path / "tokenizer.json"
+        self.codec = TextCodec(tok.read_text()) if tok.is_file() else None
+        self.executor = get_backend(self.manifest["target"]).load(self.path, self.manifest, threads)
+
+    # ---- inputs -------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        if self.codec is None:
+            raise GlmcError(f"{self.path}: the artifact has no tokenizer.json; pass token ids instead of text")
+        return self.codec.encode(text)
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        if self.codec is None:
+            raise GlmcError(f"{self.path}: the artifact has no tokenizer.json")
+        return self.codec.decode(list(ids))
+
+    def _prompts(self, prompts, max_new_tokens: int) -> list[list[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif isinstance(prompts, Sequence) and prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)) or not prompts:
+            raise GlmcError("expected a prompt (text or a list of token ids) or a non-empty batch of them")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise GlmcError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        out = []
+        for i, p in enumerate(prompts):
+            ids = self.encode(p) if isinstance(p, str) else p
+            if isinstance(ids, np.ndarray):
+                ids = ids.tolist()
+            if not isinstance(ids, Sequence) or len(ids) == 0:
+                raise GlmcError(f"prompt {i} is empty")
+            bad = [t for t in ids if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise GlmcError(f"prompt {i}: token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
+            if len(ids) + max_new_tokens > self.max_seq_len:
+                raise GlmcError(
+                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                    f"artifact's max length {self.max_seq_len} (recompile with a larger --max-seq-len)"
+                )
+            out.append([int(t) for t in ids])
+        return out
+
+    def _prefill(self, prompts: list[list[int]]):
+        B, T = len(prompts), max(len(p) for p in prompts)
+        ids = np.full((B, T), self.pad_id, np.int64)
+        mask = np.zeros((B, T), np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = p
+            mask[b, : len(p)] = 1
+        cache = self.executor.new_cache(B)
+        logits = self.executor.prefill(cache, ids, mask)
+        return cache, logits
+
+    # ---- API ----------------------------------------------------------------------------
+
+    def logits(self, ids) -> np.ndarray | list[np.ndarray]:
+        """Logits for every position: (T, V) for one prompt, a list of them for a batch."""
+        single = isinstance(ids, str) or (isinstance(ids, Sequence) and ids and isinstance(ids[0], (int, np.integer)))
+        prompts = self._prompts(ids, 0)
+        _, logits = self._prefill(prompts)
+        out = [logits[b, : len(p)].copy() for b, p in enumerate(prompts)]
+        return out[0] if single else out
+
+    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> list[list[int]]:
+        """New tokens for each prompt of a batch (prompts may differ in length). Greedy by default."""
+        prompts = self._prompts(prompts, max_new_tokens)
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos):
+            for b, t in step.items():
+                out[b].append(t)
+        return out
+
+    def stream(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> Iterator[Token]:
+        """Yield the tokens of one prompt as they are made."""
+        prompts = self._prompts(prompt, max_new_tokens)
+        if len(prompts) != 1:
+            raise GlmcError("stream() takes one prompt; use generate() for a batch")
+        made: list[int] = []
+        shown = ""
+        for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos):
+            t = step[0]
+            made.append(t)
+            text = None
+            if self.codec is not None:
+                full = self.codec.decode(made)
+                # hold back an incomplete UTF-8 sequence until its last byte arrives
+                if not full.endswith("\ufffd"):
+                    text, shown = full[len(shown):], full
+            yield Token(t, text)
+
+    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos):
+        """Yield {row: token} for each generated position, rows that are still running."""
+        check_sampling(temperature, top_k, top_p)
+        if max_new_tokens == 0:
+            return
+        rng = np.random.default_rng(seed) if temperature > 0 else None
+        cache, logits = self._prefill(prompts)
+        B = len(prompts)
+        last = np.stack([logits[b, len(p) - 1] for b, p in enumerate(prompts)])   # (B, V)
+        position = np.array([len(p) for p in prompts], np.int64)
+        running = [True] * B
+        for step in range(max_new_tokens):
+            toks = np.full((B, 1), self.pad_id, np.int64)
+            made = {}
+            for b in range(B):
+                if running[b]:
+                    toks[b, 0] = made[b] = choose(last[b], rng, temperature, top_k, top_p)
+                    if stop_at_eos and made[b] in self.eos_ids:
+                        running[b] = False
+            yield made
+            if step == max_new_tokens - 1 or not any(running):
+                return
+            last = self.executor.decode(cache, toks, position)[:, 0]
+            position += 1
+
+
+def load(path: str | os.PathLike, verify: bool = True, threads: int | None = None) -> Runtime:
+    return Runtime(path, verify=verify, threads=threads)

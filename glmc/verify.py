@@ -1,0 +1,87 @@
+"""Check a compiled artifact against transformers' eager model.
+
+Fixed prompts (a ragged batch, so padding is exercised) are prefilled and then
+decoded for a few teacher-forced steps on both sides; the reference for step n
+is transformers' forward over the prompt plus the n tokens so far, without a
+cache. The measure is the max abs logits difference relative to the tolerance
+for the artifact's dtype/quant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# (dtype, quant) -> (atol, rtol): |glmc - ref| <= atol + rtol * max|ref| on every logit.
+TOLERANCES = {
+    ("fp32", "none"): (1e-4, 1e-4),
+}
+DECODE_STEPS = 4
+
+
+def tolerance(dtype: str, quant: str) -> tuple[float, float]:
+    return TOLERANCES[(dtype, quant)]
+
+
+def fixed_prompts(vocab_size: int, max_len: int) -> list[list[int]]:
+    rng = np.random.default_rng(1234)
+    lengths = [min(11, max_len - DECODE_STEPS - 1), min(4, max_len - DECODE_STEPS - 1)]
+    low = 3 if vocab_size > 3 else 0
+    return [rng.integers(low, vocab_size, n).tolist() for n in lengths]
+
+
+@dataclass
+class VerifyResult:
+    max_abs_diff: float
+    allowed: float
+    ok: bool
+    positions: int
+
+    def as_dict(self) -> dict:
+        return {"max_abs_diff": self.max_abs_diff, "allowed": self.allowed, "ok": self.ok,
+                "positions_checked": self.positions}
+
+
+@torch.no_grad()
+def reference_logits(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
+    return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+
+
+@torch.no_grad()
+def compare(runtime, model: torch.nn.Module, dtype: str, quant: str) -> VerifyResult:
+    atol, rtol = tolerance(dtype, quant)
+    prompts = fixed_prompts(runtime.vocab_size, runtime.max_seq_len)
+    executor = runtime.executor
+    cache, logits = runtime._prefill(prompts)
+    worst, scale, checked = 0.0, 0.0, 0
+    seqs = [list(p) for p in prompts]
+    for b, p in enumerate(prompts):
+        ref = reference_logits(model, p)
+        worst = max(worst, float(np.abs(logits[b, : len(p)] - ref).max()))
+        scale = max(scale, float(np.abs(ref).max()))
+        checked += len(p)
+        seqs[b].append(int(ref[-1].argmax()))
+    position = np.array([len(p) for p in prompts], np.int64)
+    for _ in range(DECODE_STEPS):
+        toks = np.array([[s[-1]] for s in seqs], np.int64)
+        step = executor.decode(cache, toks, position)[:, 0]
+        position += 1
+        for b, s in enumerate(seqs):
+            ref = reference_logits(model, s)[-1]
+            worst = max(worst, float(np.abs(step[b] - ref).max()))
+            scale = max(scale, float(np.abs(ref).max()))
+            checked += 1
+            s.append(int(ref.argmax()))
+    allowed = atol + rtol * scale
+    return VerifyResult(worst, allowed, worst <= allowed, checked)
+
+
+def first_divergent_layer(hidden_glmc: list[np.ndarray], hidden_ref: list[np.ndarray], allowed: float):
+    """Index and diff of the first hidden state beyond `allowed` (0 = embeddings, i = after layer i-1)."""
+    for i, (a, b) in enumerate(zip(hidden_glmc, hidden_ref)):
+        d = float(np.abs(a - b).max())
+        if d > allowed:
+            return i, d
+    return None, 0.0

@@ -1,0 +1,56 @@
+"""Remove ATen ops that compute nothing at inference time.
+
+before:  y = dropout(x, p=0.0, train=False); z = alias(y); w = to(z, float32)  # z already fp32
+after:   uses of y, z and w read x
+Also drops `_assert_tensor_metadata` checks left by torch.export (they guard the
+trace, not the computation) and `lift_fresh_copy` of constants nobody mutates.
+declines: dropout in training mode with p > 0; a dtype cast that changes dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from glmc.ir import PassContext, PassResult, replace_with_input
+
+aten = torch.ops.aten
+
+_IDENTITY = {aten.alias.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default,
+             aten.clone.default, aten.contiguous.default}
+_CHECKS = {aten._assert_tensor_metadata.default}
+
+
+def _is_noop_cast(node: torch.fx.Node) -> bool:
+    if node.target not in (aten.to.dtype, aten._to_copy.default):
+        return False
+    src, out = node.args[0], node.meta.get("val")
+    src_val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+    if out is None or src_val is None:
+        return False
+    extra = {k for k in node.kwargs if k not in ("dtype",)}
+    return not extra and out.dtype == src_val.dtype
+
+
+def _is_noop_dropout(node: torch.fx.Node) -> bool:
+    if node.target != aten.dropout.default:
+        return False
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    return p == 0.0 or train is False
+
+
+def fold_noops(gm: GraphModule, ctx: PassContext) -> PassResult:
+    matches = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _CHECKS:
+            gm.graph.erase_node(node)
+            matches += 1
+        elif node.target in _IDENTITY or _is_noop_dropout(node) or _is_noop_cast(node):
+            replace_with_input(node, node.args[0])
+            matches += 1
+    if matches:
+        gm.recompile()
+    return PassResult(gm, matches)

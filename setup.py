@@ -1,0 +1,34 @@
+"""glmc: a compiler for GLM-family language models.
+
+passes/ and backends/ live at the top of the repository but install as
+glmc.passes and glmc.backends, so nothing named plain `passes` or `backends`
+lands in site-packages.
+"""
+
+from setuptools import setup
+
+setup(
+    name="glmc",
+    version="0.1.0",
+    description="Compiler for GLM-family language models (CPU via ONNX Runtime; CUDA/ROCm via Triton)",
+    python_requires=">=3.10",
+    packages=["glmc", "glmc.passes", "glmc.backends", "glmc.backends.cpu"],
+    package_dir={"glmc": "glmc", "glmc.passes": "passes", "glmc.backends": "backends"},
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.0,<6",
+        "onnx>=1.17",
+        "onnxscript>=0.3",
+        "onnxruntime>=1.20",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "numpy>=1.26",
+        "click>=8.1",
+        "rich>=13",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "gpu": ["triton>=3.2"],
+    },
+    entry_points={"console_scripts": ["glmc=glmc.cli:main"]},
+)
