@@ -56,6 +56,9 @@ def staging_dir(target: Path):
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     except OSError as e:
         raise GlmcError(f"{parent}: cannot write the artifact here ({e.strerror})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; an artifact is an ordinary directory
     try:
         yield tmp
         _swap_into_place(tmp, target)

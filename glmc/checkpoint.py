@@ -205,9 +205,9 @@ def _assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], wh
         if not torch.isfinite(t).all():
             raise GlmcError(f"{where}: tensor '{name}' contains NaN or Inf")
         tensors[name] = t
-    model.load_state_dict(tensors, strict=True, assign=True)
     if tied:
-        model.tie_weights()
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    model.load_state_dict(tensors, strict=True, assign=True)
     return warnings
 
 
@@ -250,14 +250,14 @@ def _load_checkpoint(ckpt: Path) -> LoadedModel:
             f"{ckpt / 'config.json'}: model_type {model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    files = weight_files(ckpt)
-    tensors = _read_tensors(files)
     layout = model_type
     if model_type == "chatglm":
         raw = chatglm.config_from_chatglm(raw)
         model_type = "glm"
     config = build_config(raw)
     cfg = config.to_dict()
+    files = weight_files(ckpt)
+    tensors = _read_tensors(files)
     if layout == "chatglm":
         tensors = chatglm.weights_from_chatglm(tensors, cfg)
     model = _new_model(model_type, config)

@@ -46,7 +46,13 @@ def export_onnx(traced: Traced) -> onnx.ModelProto:
             optimize=True,
             verbose=False,
         )
-    return program.model_proto
+    model = program.model_proto
+    # the exporter records a Python stack trace per node: useful while debugging the
+    # exporter, dead weight in an artifact (most of the .onnx bytes)
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return model
 
 
 def _externalize(models: dict[str, onnx.ModelProto], out_dir: Path) -> dict[str, dict[str, str]]:

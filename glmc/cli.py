@@ -1,0 +1,168 @@
+"""The glmc command line (click). Every user mistake is one line on stderr and a
+non-zero exit; a traceback means a glmc bug."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from glmc.errors import GlmcError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GlmcError as e:
+            click.echo(f"glmc: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("glmc: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="glmc")
+def main():
+    """glmc: compile GLM-family models for CPU (ONNX Runtime), run and verify them."""
+
+
+@main.command()
+def presets():
+    """List the built-in presets (seeded random weights, no download)."""
+    from glmc.presets import PRESETS
+
+    for p in PRESETS.values():
+        click.echo(f"{p.name:<10} {p.description}")
+
+
+def _parse_target(ctx, param, value: str) -> str:
+    return value.strip()
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(), help="Artifact directory (default: NAME.glmc).")
+@click.option("--target", default="cpu", show_default=True, callback=_parse_target,
+              help="cpu | cuda[:sm_80,sm_90] | rocm[:gfx906,gfx90a,gfx942]")
+@click.option("--quant", default="none", show_default=True, help="none | int8 | int4")
+@click.option("--group-size", default=128, show_default=True, type=int, help="int4 group size.")
+@click.option("--dtype", default="fp32", show_default=True, help="fp32 | fp16 | bf16")
+@click.option("--max-seq-len", type=int, default=None,
+              help="KV-cache capacity (prompt + generated). Default: min(max_position_embeddings, 2048).")
+@click.option("--tune/--no-tune", default=False, show_default=True, help="Autotune kernel configs (not built yet).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the artifact against transformers before writing it.")
+@click.option("--fuse/--no-fuse", default=True, show_default=True, help="Run the fusion passes.")
+def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, verify, fuse):
+    """Compile MODEL (a checkpoint directory or a preset name) into an artifact."""
+    import json
+
+    from glmc.compiler import compile as do_compile
+
+    if tune:
+        raise GlmcError("--tune is not built yet (the autotuner is a separate issue); use --no-tune")
+    t0 = time.perf_counter()
+    out = do_compile(model, output, target=target, dtype=dtype, quant=quant, group_size=group_size,
+                     max_seq_len=max_seq_len, verify=verify, fuse=fuse, progress=sys.stderr.isatty())
+    report = json.loads((out / "report.json").read_text())
+    v = report["verify"]
+    verdict = (f"verified: max |logits diff| {v['max_abs_diff']:.2e} <= {v['allowed']:.2e}"
+               if isinstance(v, dict) else "not verified (--no-verify)")
+    click.echo(f"wrote {out} ({report['artifact_bytes'] / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
+               f"{verdict}; peak RSS {report['peak_rss_mb']:.0f} MiB")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise GlmcError(f"--ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise GlmcError("--ids is empty")
+    return ids
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt", help="Text prompt (needs a tokenizer.json in the artifact).")
+@click.option("--ids", help="Prompt as token ids, e.g. 5,6,7.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=None, type=int, help="Sampling seed (reproducible).")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all available).")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check file hashes on load.")
+def run(artifact, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, threads, verify):
+    """Generate from ARTIFACT and print tokens and timings."""
+    from glmc.runtime import load
+
+    if (prompt is None) == (ids is None):
+        raise GlmcError("give exactly one of --prompt TEXT or --ids 1,2,3")
+    model = load(artifact, verify=verify, threads=threads)
+    prompt_ids = model.encode(prompt) if prompt is not None else _parse_ids(ids)
+    made, text = [], []
+    t0 = time.perf_counter()
+    t_first = None
+    for tok in model.stream(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed):
+        if t_first is None:
+            t_first = time.perf_counter()
+        made.append(tok.id)
+        if prompt is not None and tok.text:
+            text.append(tok.text)
+    t_end = time.perf_counter()
+    click.echo("ids: " + " ".join(map(str, made)))
+    if prompt is not None:
+        click.echo("text: " + repr(prompt + "".join(text)))
+    if made:
+        n_dec = len(made) - 1
+        dec = f"; decode {n_dec} tokens in {(t_end - t_first) * 1e3:.1f} ms"
+        if n_dec:
+            dec += f" ({n_dec / (t_end - t_first):.1f} tok/s)"
+        click.echo(f"prefill {len(prompt_ids)} tokens + first token: {(t_first - t0) * 1e3:.1f} ms{dec}")
+
+
+@main.command()
+@click.argument("model_or_artifact")
+@click.option("--full", is_flag=True, help="Print the whole op histogram after every pass.")
+def inspect(model_or_artifact, full):
+    """Print the traced graphs' op histograms and each pass with its match count."""
+    from pathlib import Path
+
+    from glmc.inspect import describe_artifact, describe_model
+
+    if (Path(model_or_artifact) / "manifest.json").is_file():
+        click.echo(describe_artifact(Path(model_or_artifact)))
+    else:
+        click.echo(describe_model(model_or_artifact, full=full))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--model", "source", default=None,
+              help="Reference checkpoint or preset (default: the one the artifact was compiled from).")
+def verify(artifact, source):
+    """Re-check ARTIFACT against transformers' eager model; print the max logits difference."""
+    from glmc.checkpoint import load as load_model
+    from glmc.runtime import load
+    from glmc.verify import compare
+
+    rt = load(artifact)
+    src = rt.manifest["source"]
+    name = source or src["name"]
+    ref = load_model(name)
+    if ref.source["sha256"] != src["sha256"]:
+        raise GlmcError(f"{name}: is not the checkpoint {artifact} was compiled from (sha256 differs)")
+    r = compare(rt, ref.model, rt.manifest["dtype"], rt.manifest["quant"])
+    click.echo(f"max |logits diff| {r.max_abs_diff:.3e} over {r.positions} positions (allowed {r.allowed:.3e}): "
+               + ("OK" if r.ok else "FAILED"))
+    if not r.ok:
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

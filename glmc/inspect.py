@@ -1,0 +1,74 @@
+"""Text for `glmc inspect`: op histograms and what each pass did."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+
+def _hist_line(h: dict, top: int = 12) -> str:
+    items = sorted(h.items(), key=lambda kv: (-kv[1], kv[0]))
+    more = f", ... ({len(items) - top} more kinds)" if len(items) > top else ""
+    return ", ".join(f"{k} x{v}" for k, v in items[:top]) + more
+
+
+def _delta(before: dict, after: dict) -> str:
+    d = Counter(after)
+    d.subtract(Counter(before))
+    parts = [f"{'+' if v > 0 else ''}{v} {k}" for k, v in sorted(d.items(), key=lambda kv: kv[1]) if v]
+    return ", ".join(parts) if parts else "no change"
+
+
+def describe_records(records, full: bool = False) -> list[str]:
+    lines = []
+    by_graph: dict[str, list] = {}
+    for r in records:
+        by_graph.setdefault(r.graph, []).append(r)
+    for graph, recs in by_graph.items():
+        lines.append(f"== {graph} graph: {recs[0].nodes_before} ATen nodes traced")
+        lines.append(f"   before: {_hist_line(recs[0].hist_before)}")
+        for r in recs:
+            lines.append(f"   {r.name:<22} matches={r.matches:<4} nodes {r.nodes_before} -> {r.nodes_after}"
+                         f"  ({r.ms:.1f} ms)  [{_delta(r.hist_before, r.hist_after)}]")
+            if full:
+                lines.append(f"      after: {_hist_line(r.hist_after, top=1000)}")
+        lines.append(f"   after:  {_hist_line(recs[-1].hist_after)}")
+    return lines
+
+
+def describe_model(spec: str, full: bool = False) -> str:
+    from glmc import checkpoint, trace
+    from glmc.ir import PassContext
+    from glmc.pipeline import run_pipeline
+
+    loaded = checkpoint.load(spec)
+    cfg = loaded.config
+    seq = min(cfg["max_position_embeddings"], 2048)
+    ctx = PassContext()
+    records = []
+    for g in (trace.trace_prefill(loaded.model, cfg, seq), trace.trace_decode(loaded.model, cfg, seq)):
+        _, recs = run_pipeline(g.gm, ctx, g.name)
+        records += recs
+    head = (f"{spec}: {loaded.source_layout} layout, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+            f"heads {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} kv, vocab {cfg['vocab_size']}")
+    return "\n".join([head, *describe_records(records, full)])
+
+
+def describe_artifact(path: Path) -> str:
+    from glmc.artifact import read_manifest
+
+    m = read_manifest(path, verify=False)
+    cfg = m["model"]["config"]
+    lines = [f"{path}: {m['source']['kind']} {m['source']['name']} -> target {m['target']}, dtype {m['dtype']}, "
+             f"quant {m['quant']}, max_seq_len {m['max_seq_len']}",
+             f"model: {m['model']['source_layout']} layout, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}"]
+    for p in m["passes"]:
+        lines.append(f"   {p['graph']:<8} {p['name']:<22} matches={p['matches']:<4} nodes {p['nodes_before']} -> {p['nodes_after']}")
+    for graph, hist in m["backend"].get("op_histogram", {}).items():
+        lines.append(f"   {graph}.onnx: {sum(hist.values())} nodes: {_hist_line(hist)}")
+    report = path / "report.json"
+    if report.is_file():
+        r = json.loads(report.read_text())
+        lines.append(f"compile: {r['seconds']} s, peak RSS {r['peak_rss_mb']} MiB; verify: {r['verify']}")
+    return "\n".join(lines)
