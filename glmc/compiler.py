@@ -223,8 +223,7 @@ def _diagnose(model, ctx, pipeline, seq, cfg, allowed) -> str:
         ours = [o[0] for o in outs[1 + 2 * n_layers:]]
         with torch.no_grad():
             ref = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False).hidden_states
-        # transformers' last hidden state is after the final norm; compare the layer outputs before it
-        layer, diff = first_divergent_layer(ours[:-1], [h[0].numpy() for h in ref[:-1]], allowed)
+        layer, diff = first_divergent_layer(ours, [h[0].numpy() for h in ref], allowed)
     except Exception as e:  # diagnosis is best effort; the verification failure stands either way
         return f"could not localise the divergence ({type(e).__name__}: {e})"
     if layer is None:

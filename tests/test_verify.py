@@ -1,0 +1,57 @@
+"""`glmc compile` refuses to write an artifact that disagrees with the reference,
+and says which layer first diverges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import glmc
+from glmc.errors import VerificationError
+from glmc.ir import PassResult
+from glmc.pipeline import PIPELINE
+
+
+def _corrupt_layer(layer: int):
+    """A deliberately wrong pass: shifts one layer's down_proj weight by 0.05 (a scale would
+    be normalised away by glm4's post-MLP RMSNorm)."""
+
+    def corrupt(gm, ctx):
+        hits = 0
+        for node in list(gm.graph.nodes):
+            if node.op == "get_attr" and node.target.endswith(f"layers.{layer}.mlp.down_proj.weight"):
+                with gm.graph.inserting_after(node):
+                    scaled = gm.graph.call_function(torch.ops.aten.add.Tensor, (node, 0.05))
+                node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+                hits += 1
+        gm.recompile()
+        return PassResult(gm, hits)
+
+    return corrupt
+
+
+def test_wrong_graph_is_refused_and_the_layer_named(checkpoints, tmp_path):
+    out = tmp_path / "bad.glmc"
+    passes = [*PIPELINE, ("corrupt", _corrupt_layer(1))]
+    with pytest.raises(VerificationError) as err:
+        glmc.compile(checkpoints("glm4-mqa"), out, max_seq_len=32, passes=passes)
+    msg = str(err.value)
+    assert "max abs logits diff" in msg
+    assert "first diverges at decoder layer 1" in msg
+    assert not out.exists()
+    assert not list(tmp_path.iterdir()), "no temporary directory may be left behind"
+
+
+def test_failed_compile_leaves_an_existing_artifact_untouched(checkpoints, tmp_path):
+    out = glmc.compile(checkpoints("glm-gqa"), tmp_path / "a.glmc", max_seq_len=32)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(VerificationError):
+        glmc.compile(checkpoints("glm-gqa"), out, max_seq_len=32, passes=[*PIPELINE, ("corrupt", _corrupt_layer(0))])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.glmc"]
+
+
+def test_no_verify_skips_the_check(checkpoints, tmp_path):
+    out = glmc.compile(checkpoints("glm-gqa"), tmp_path / "u.glmc", max_seq_len=32, verify=False,
+                       passes=[*PIPELINE, ("corrupt", _corrupt_layer(0))])
+    assert (out / "manifest.json").is_file()
