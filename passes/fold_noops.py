@@ -3,7 +3,9 @@
 before:  y = dropout(x, p=0.0, train=False); z = alias(y); w = to(z, float32)  # z already fp32
 after:   uses of y, z and w read x
 Also drops `_assert_tensor_metadata` checks left by torch.export (they guard the
-trace, not the computation) and `lift_fresh_copy` of constants nobody mutates.
+trace, not the computation), `lift_fresh_copy` of constants nobody mutates, and
+empty operands of `cat` (transformers' cache starts from an empty tensor, so
+each decode step traced `cat([empty, past])`: a full copy of the KV cache).
 declines: dropout in training mode with p > 0; a dtype cast that changes dtype.
 """
 
@@ -40,6 +42,38 @@ def _is_noop_dropout(node: torch.fx.Node) -> bool:
     return p == 0.0 or train is False
 
 
+def _shape(gm: GraphModule, node) -> tuple | None:
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "get_attr":
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part, None)
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _fold_empty_cat(gm: GraphModule, node: torch.fx.Node) -> bool:
+    """cat([empty, x], dim) -> x when every other operand has size 0 along dim."""
+    if node.target != aten.cat.default:
+        return False
+    inputs = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    keep = []
+    for x in inputs:
+        shape = _shape(gm, x)
+        if shape is None:
+            return False
+        d = dim if dim >= 0 else len(shape) + dim
+        if not (shape == (0,) or (0 <= d < len(shape) and shape[d] == 0)):
+            keep.append(x)
+    if len(keep) != 1:
+        return False
+    replace_with_input(node, keep[0])
+    return True
+
+
 def fold_noops(gm: GraphModule, ctx: PassContext) -> PassResult:
     matches = 0
     for node in list(gm.graph.nodes):
@@ -50,6 +84,8 @@ def fold_noops(gm: GraphModule, ctx: PassContext) -> PassResult:
             matches += 1
         elif node.target in _IDENTITY or _is_noop_dropout(node) or _is_noop_cast(node):
             replace_with_input(node, node.args[0])
+            matches += 1
+        elif _fold_empty_cat(gm, node):
             matches += 1
     if matches:
         gm.recompile()

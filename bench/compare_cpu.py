@@ -1,0 +1,218 @@
+"""Prefill latency and decode tokens/s on CPU, glmc against the obvious alternatives, one run.
+
+    python bench/compare_cpu.py small-glm --out bench/results/cpu-small-glm.json
+
+Providers (same checkpoint, same threads):
+  glmc         the default (fused) CPU artifact
+  glmc-nofuse  compiled with --no-fuse
+  eager        transformers' eager model (torch), KV cache, greedy loop
+  ort-plain    onnxruntime on a plain torch.onnx.export of transformers' forward
+               (no KV cache inputs, as a plain export gives: decode re-runs the sequence)
+
+Every provider's greedy tokens are checked against eager before timing. Reported:
+min/median/max over repeats, ratios to eager computed in this run, and decode
+GB/s as a fraction of the machine's measured read bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import glmc  # noqa: E402
+from bench.machine import matmul_tflops, read_bandwidth_gbs  # noqa: E402
+from glmc.checkpoint import load as load_model  # noqa: E402
+
+
+def stats(xs):
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
+
+
+def time_it(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+class GlmcProvider:
+    def __init__(self, path):
+        self.rt = glmc.load(path)
+
+    def prefill(self, ids):
+        self.rt._prefill([ids])
+
+    def decode_steps(self, ids, n):
+        """Seconds per decode step (excluding the prefill) and the tokens."""
+        ex = self.rt.executor
+        cache, logits = self.rt._prefill([ids])
+        tok = int(logits[0, -1].argmax())
+        toks, pos = [tok], np.array([len(ids)])
+        t0 = time.perf_counter()
+        for _ in range(n):
+            logits = ex.decode(cache, np.array([[tok]]), pos)
+            pos += 1
+            tok = int(logits[0, 0].argmax())
+            toks.append(tok)
+        return (time.perf_counter() - t0) / n, toks
+
+
+class EagerProvider:
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def prefill(self, ids):
+        self.model(input_ids=torch.tensor([ids]), use_cache=True)
+
+    @torch.no_grad()
+    def decode_steps(self, ids, n):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        tok = int(out.logits[0, -1].argmax())
+        toks = [tok]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = self.model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+            tok = int(out.logits[0, -1].argmax())
+            toks.append(tok)
+        return (time.perf_counter() - t0) / n, toks
+
+
+class OrtPlainProvider:
+    def __init__(self, model, workdir):
+        import onnxruntime as ort
+
+        class Plain(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, input_ids):
+                return self.m(input_ids=input_ids, use_cache=False).logits
+
+        path = Path(workdir) / "plain.onnx"
+        T = torch.export.Dim("T", min=1, max=4096)
+        torch.onnx.export(Plain(model), (torch.tensor([[5, 6, 7, 8]]),), str(path), dynamo=True,
+                          dynamic_shapes=({1: T},), input_names=["input_ids"], output_names=["logits"],
+                          external_data=True, verbose=False)
+        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def prefill(self, ids):
+        self.sess.run(None, {"input_ids": np.array([ids])})
+
+    def decode_steps(self, ids, n):
+        seq = list(ids)
+        seq.append(int(self.sess.run(None, {"input_ids": np.array([seq])})[0][0, -1].argmax()))
+        toks = [seq[-1]]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            seq.append(int(self.sess.run(None, {"input_ids": np.array([seq])})[0][0, -1].argmax()))
+            toks.append(seq[-1])
+        return (time.perf_counter() - t0) / n, toks
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", default="small-glm")
+    ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--providers", default="glmc,glmc-nofuse,eager,ort-plain")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    providers = args.providers.split(",")
+
+    bw = read_bandwidth_gbs()
+    peak = matmul_tflops()
+    loaded = load_model(args.model)
+    model = loaded.model
+    cfg = loaded.config
+    n_params = sum(p.numel() for p in model.parameters())
+    # decode reads every weight once per token except the embedding table (one row)
+    weight_bytes = 4 * (n_params - model.get_input_embeddings().weight.numel())
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, cfg["vocab_size"], args.prefill).tolist()
+    short = prompt[:16]
+
+    results = {}
+    with tempfile.TemporaryDirectory() as work:
+        built = {}
+        for name in providers:
+            t0 = time.perf_counter()
+            try:
+                if name == "glmc":
+                    built[name] = GlmcProvider(glmc.compile(args.model, Path(work) / "f.glmc", max_seq_len=args.max_seq_len))
+                elif name == "glmc-nofuse":
+                    built[name] = GlmcProvider(glmc.compile(args.model, Path(work) / "n.glmc", max_seq_len=args.max_seq_len, fuse=False))
+                elif name == "eager":
+                    built[name] = EagerProvider(model)
+                elif name == "ort-plain":
+                    built[name] = OrtPlainProvider(model, work)
+            except Exception as e:  # a baseline that fails is reported, not fatal
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            print(f"built {name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        _, want = EagerProvider(model).decode_steps(short, 8)
+        for name, p in built.items():
+            _, got = p.decode_steps(short, 8)
+            if got != want:
+                results[name] = {"error": f"greedy tokens differ from eager: {got} vs {want}"}
+                continue
+            pre = time_it(lambda: p.prefill(prompt), args.repeats)
+            dec = [p.decode_steps(short, args.decode)[0] for _ in range(args.repeats)]
+            d = stats(dec)
+            results[name] = {
+                "prefill_s": stats(pre),
+                "prefill_tokens_per_s": args.prefill / statistics.median(pre),
+                "prefill_tflops": 2 * n_params * args.prefill / statistics.median(pre) / 1e12,
+                "decode_s_per_token": d,
+                "decode_tokens_per_s": 1 / d["median"],
+                "decode_gbs": weight_bytes / d["median"] / 1e9,
+                "decode_roofline_fraction": weight_bytes / d["median"] / 1e9 / bw,
+            }
+            print(f"{name:<12} prefill {args.prefill}: {statistics.median(pre) * 1e3:8.1f} ms   "
+                  f"decode: {1 / d['median']:7.1f} tok/s  ({results[name]['decode_roofline_fraction']:.0%} of bandwidth)",
+                  file=sys.stderr)
+    base = results.get("eager", {})
+    for name, r in results.items():
+        if "error" in r or "error" in base or not base:
+            continue
+        r["prefill_speedup_vs_eager"] = base["prefill_s"]["median"] / r["prefill_s"]["median"]
+        r["decode_speedup_vs_eager"] = base["decode_s_per_token"]["median"] / r["decode_s_per_token"]["median"]
+    report = {
+        "model": args.model, "parameters": n_params, "weight_bytes_per_decode_token": weight_bytes,
+        "prefill_tokens": args.prefill, "decode_tokens": args.decode, "repeats": args.repeats,
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "read_bandwidth_gbs": bw, "fp32_matmul_tflops": peak},
+        "versions": {"glmc": glmc.__version__, "torch": torch.__version__,
+                     "onnxruntime": __import__("onnxruntime").__version__},
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
