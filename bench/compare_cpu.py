@@ -148,7 +148,11 @@ def main():
     cfg = loaded.config
     n_params = sum(p.numel() for p in model.parameters())
     # decode reads every weight once per token except the embedding table (one row)
-    weight_bytes = 4 * (n_params - model.get_input_embeddings().weight.numel())
+    emb = model.get_input_embeddings().weight.numel()
+    lm_head = model.get_output_embeddings().weight.numel()
+    weight_bytes = 4 * (n_params - emb)
+    # useful prefill work: every decoder matmul for each token, the lm_head for the last one
+    prefill_flops = 2 * (n_params - emb - lm_head) * args.prefill + 2 * lm_head
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, cfg["vocab_size"], args.prefill).tolist()
     short = prompt[:16]
@@ -183,13 +187,15 @@ def main():
             results[name] = {
                 "prefill_s": stats(pre),
                 "prefill_tokens_per_s": args.prefill / statistics.median(pre),
-                "prefill_tflops": 2 * n_params * args.prefill / statistics.median(pre) / 1e12,
+                "prefill_tflops": prefill_flops / statistics.median(pre) / 1e12,
+                "prefill_peak_fraction": prefill_flops / statistics.median(pre) / 1e12 / peak,
                 "decode_s_per_token": d,
                 "decode_tokens_per_s": 1 / d["median"],
                 "decode_gbs": weight_bytes / d["median"] / 1e9,
                 "decode_roofline_fraction": weight_bytes / d["median"] / 1e9 / bw,
             }
             print(f"{name:<12} prefill {args.prefill}: {statistics.median(pre) * 1e3:8.1f} ms   "
+                  f"({results[name]['prefill_peak_fraction']:.0%} of matmul peak)  "
                   f"decode: {1 / d['median']:7.1f} tok/s  ({results[name]['decode_roofline_fraction']:.0%} of bandwidth)",
                   file=sys.stderr)
     base = results.get("eager", {})

@@ -23,7 +23,7 @@ from glmc.artifact import staging_dir, write_manifest
 from glmc.backends import get_backend
 from glmc.errors import GlmcError, VerificationError
 from glmc.ir import PassContext
-from glmc.pipeline import PIPELINE, run_pipeline
+from glmc.pipeline import pipeline as default_pipeline, run_pipeline
 
 DTYPES = ("fp32", "fp16", "bf16")
 QUANTS = ("none", "int8", "int4")
@@ -132,14 +132,17 @@ def compile(
         seq = max_seq_len if max_seq_len is not None else min(limit, 2048)
         if not isinstance(seq, int) or not 2 <= seq <= limit:
             raise GlmcError(f"--max-seq-len must be in [2, {limit}] (the model's max_position_embeddings), got {seq}")
-        ctx = PassContext(target=target, dtype=dtype, quant=quant, group_size=group_size, fuse=fuse)
-        pipeline = PIPELINE if passes is None else passes
+        ctx = PassContext(target=target, dtype=dtype, quant=quant, group_size=group_size, fuse=fuse, max_seq_len=seq)
+        pipeline = default_pipeline(ctx) if passes is None else passes
         with stages.stage("trace (torch.export)"):
             graphs = [trace.trace_prefill(loaded.model, cfg, seq), trace.trace_decode(loaded.model, cfg, seq)]
+            if any(name == "last_token_logits" for name, _ in pipeline):
+                # generation prefills for the last token only; logits() needs every position
+                graphs.append(trace.trace_prefill(loaded.model, cfg, seq, name="score"))
         records = []
         with stages.stage("passes"):
             for g in graphs:
-                g.gm, recs = run_pipeline(g.gm, ctx, g.name, pipeline)
+                g.gm, recs = run_pipeline(g.gm, ctx.for_entry(g.name), g.name, pipeline)
                 records += recs
         backend = get_backend(target)
         with staging_dir(out) as tmp:
@@ -210,7 +213,7 @@ def _diagnose(model, ctx, pipeline, seq, cfg, allowed) -> str:
 
     try:
         g = trace_prefill(model, cfg, seq, hidden_states=True)
-        g.gm, _ = run_pipeline(g.gm, ctx, "prefill+hidden", pipeline)
+        g.gm, _ = run_pipeline(g.gm, ctx.for_entry("score"), "prefill+hidden", pipeline)
         proto = export_onnx(g)
         with tempfile.TemporaryDirectory() as d:
             import onnx

@@ -33,6 +33,10 @@ class PassContext:
         self.quant = quant
         self.options = options
 
+    def for_entry(self, entry: str) -> "PassContext":
+        """The same context, told which entry point (prefill, decode, score) it compiles."""
+        return PassContext(self.target, self.dtype, self.quant, **dict(self.options, entry=entry))
+
 
 class PassResult:
     """The (possibly new) graph module and how many sites the pass rewrote."""

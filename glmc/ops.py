@@ -89,8 +89,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if past_k is not None:
         k = torch.cat((past_k, k), dim=2)
         v = torch.cat((past_v, v), dim=2)
-    qg = q.reshape(B, Hkv, (H // Hkv) * T, D)
-    scores = (qg @ k.transpose(-1, -2)).float() * scale               # (B, Hkv, rep*T, Tk)
+    # scores in fp32 from the start: an fp16 q.k can exceed 65504 before any softmax
+    qg = q.reshape(B, Hkv, (H // Hkv) * T, D).float()
+    scores = (qg @ k.float().transpose(-1, -2)) * scale               # (B, Hkv, rep*T, Tk)
     scores = scores.view(B, Hkv, H // Hkv, T, -1) + mask.float().unsqueeze(1)
     p = torch.softmax(scores, dim=-1).to(v.dtype).view(B, Hkv, (H // Hkv) * T, -1)
     return (p @ v).reshape(B, H, T, D)

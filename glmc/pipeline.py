@@ -3,8 +3,9 @@
 Reading PIPELINE tells you everything the compiler does to a graph:
 
   canonicalize  drop what only the trace needed (no-op casts, dropout, checks)
-  fuse          (issue: fusion passes)
-  quantize      (issue: quantization passes)
+  fuse          rotary, attention (fp32 softmax, GQA, KV cache), qkv, add+rmsnorm,
+                swiglu, last-token logits: each into a glmc:: op (glmc/ops.py)
+  quantize      (the quantization issue)
   cleanup       dead code left behind by the rewrites
 """
 
@@ -20,15 +21,33 @@ from glmc.errors import GlmcError
 from glmc.ir import PassContext, PassResult, histogram, node_count
 from glmc.passes.eliminate_dead_code import eliminate_dead_code
 from glmc.passes.fold_noops import fold_noops
+from glmc.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
+from glmc.passes.fuse_attention import fuse_attention
+from glmc.passes.fuse_qkv import fuse_qkv
+from glmc.passes.fuse_rotary import fuse_rotary
+from glmc.passes.fuse_swiglu import fuse_swiglu
+from glmc.passes.last_token_logits import last_token_logits
 
 Pass = Callable[[GraphModule, PassContext], PassResult]
 
-PIPELINE: list[tuple[str, Pass]] = [
-    # canonicalize
-    ("fold_noops", fold_noops),
-    # cleanup
-    ("eliminate_dead_code", eliminate_dead_code),
+# (phase, name, pass). Order matters: rotary is matched before attention rewrites
+# its consumers; qkv after both, since it only sees the three linears.
+PIPELINE: list[tuple[str, str, Pass]] = [
+    ("canonicalize", "fold_noops", fold_noops),
+    ("fuse", "fuse_rotary", fuse_rotary),
+    ("fuse", "fuse_attention", fuse_attention),
+    ("fuse", "fuse_qkv", fuse_qkv),
+    ("fuse", "fuse_add_rmsnorm", fuse_add_rmsnorm),
+    ("fuse", "fuse_swiglu", fuse_swiglu),
+    ("fuse", "last_token_logits", last_token_logits),
+    ("cleanup", "eliminate_dead_code", eliminate_dead_code),
 ]
+
+
+def pipeline(ctx: PassContext) -> list[tuple[str, Pass]]:
+    """The passes to run for this compile: all of PIPELINE, less `fuse` under --no-fuse."""
+    fuse = ctx.options.get("fuse", True)
+    return [(name, fn) for phase, name, fn in PIPELINE if fuse or phase != "fuse"]
 
 
 @dataclass
@@ -60,7 +79,7 @@ def run_pipeline(
     """Run each pass in order; lint the graph after each one when `check`."""
     records: list[PassRecord] = []
     done: list[str] = []
-    for name, fn in PIPELINE if passes is None else passes:
+    for name, fn in pipeline(ctx) if passes is None else passes:
         before = histogram(gm)
         n_before = node_count(gm)
         t0 = time.perf_counter()

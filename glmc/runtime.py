@@ -80,16 +80,20 @@ class Runtime:
             out.append([int(t) for t in ids])
         return out
 
-    def _prefill(self, prompts: list[list[int]]):
+    def _pad(self, prompts: list[list[int]]):
         B, T = len(prompts), max(len(p) for p in prompts)
         ids = np.full((B, T), self.pad_id, np.int64)
         mask = np.zeros((B, T), np.int64)
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = p
             mask[b, : len(p)] = 1
-        cache = self.executor.new_cache(B)
-        logits = self.executor.prefill(cache, ids, mask)
-        return cache, logits
+        return ids, mask
+
+    def _prefill(self, prompts: list[list[int]]):
+        """A fresh cache holding the prompts, and (B, V) logits of each prompt's last token."""
+        ids, mask = self._pad(prompts)
+        cache = self.executor.new_cache(len(prompts))
+        return cache, self.executor.prefill(cache, ids, mask)
 
     # ---- API ----------------------------------------------------------------------------
 
@@ -97,7 +101,7 @@ class Runtime:
         """Logits for every position: (T, V) for one prompt, a list of them for a batch."""
         single = isinstance(ids, str) or (isinstance(ids, Sequence) and ids and isinstance(ids[0], (int, np.integer)))
         prompts = self._prompts(ids, 0)
-        _, logits = self._prefill(prompts)
+        logits = self.executor.score(*self._pad(prompts))
         out = [logits[b, : len(p)].copy() for b, p in enumerate(prompts)]
         return out[0] if single else out
 
@@ -136,9 +140,8 @@ class Runtime:
         if max_new_tokens == 0:
             return
         rng = np.random.default_rng(seed) if temperature > 0 else None
-        cache, logits = self._prefill(prompts)
+        cache, last = self._prefill(prompts)                                         # last: (B, V)
         B = len(prompts)
-        last = np.stack([logits[b, len(p) - 1] for b, p in enumerate(prompts)])   # (B, V)
         position = np.array([len(p) for p in prompts], np.int64)
         running = [True] * B
         for step in range(max_new_tokens):

@@ -106,7 +106,7 @@ def kv_names(prefix: str, n_layers: int) -> list[str]:
     return [f"{prefix}{kind}_{i}" for i in range(n_layers) for kind in ("k", "v")]
 
 
-def trace_prefill(model, config: dict, max_seq_len: int, hidden_states: bool = False) -> Traced:
+def trace_prefill(model, config: dict, max_seq_len: int, hidden_states: bool = False, name: str = "prefill") -> Traced:
     L, _, _ = _shape(config)
     B, T = Dim("batch", min=1, max=256), Dim("seq", min=1, max=max_seq_len)
     args = (torch.randint(3, config["vocab_size"], (2, 5)), torch.ones(2, 5, dtype=torch.int64))
@@ -116,7 +116,7 @@ def trace_prefill(model, config: dict, max_seq_len: int, hidden_states: bool = F
     outputs = ["logits", *kv_names("present_", L)]
     if hidden_states:
         outputs += [f"hidden_{i}" for i in range(L + 1)]
-    return Traced("prefill", ep.module(), args, dyn, ["input_ids", "attention_mask"], outputs)
+    return Traced(name, ep.module(), args, dyn, ["input_ids", "attention_mask"], outputs)
 
 
 def trace_decode(model, config: dict, max_seq_len: int) -> Traced:

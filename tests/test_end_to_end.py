@@ -22,12 +22,14 @@ def test_prefill_and_every_decode_step_match_transformers(variant, artifacts, ch
     model = glmc.load(artifacts(variant))
     ref = reference(checkpoints(variant))
     prompts = PROMPTS
-    cache, logits = model._prefill(prompts)
+    full = model.logits(prompts)                    # every position, ragged batch
+    cache, last = model._prefill(prompts)           # generation's prefill: last token per row
     seqs = [list(p) for p in prompts]
     with torch.no_grad():
         for b, p in enumerate(prompts):
             want = ref(input_ids=torch.tensor([p])).logits[0].numpy()
-            np.testing.assert_allclose(logits[b, : len(p)], want, rtol=0, atol=ATOL)
+            np.testing.assert_allclose(full[b], want, rtol=0, atol=ATOL)
+            np.testing.assert_allclose(last[b], want[-1], rtol=0, atol=ATOL)
             seqs[b].append(int(want[-1].argmax()))
         position = np.array([len(p) for p in prompts])
         for _ in range(12):

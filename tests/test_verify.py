@@ -9,7 +9,10 @@ import torch
 import glmc
 from glmc.errors import VerificationError
 from glmc.ir import PassResult
-from glmc.pipeline import PIPELINE
+from glmc.ir import PassContext
+from glmc.pipeline import pipeline
+
+PIPELINE = pipeline(PassContext())
 
 
 def _corrupt_layer(layer: int):

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from glmc.backends.cpu.ops import OPSET, translation_table
 from glmc.ir import PassContext
 from glmc.safetensors_check import data_start, read_header
 from glmc.trace import Traced
@@ -44,6 +45,8 @@ def export_onnx(traced: Traced) -> onnx.ModelProto:
             output_names=traced.output_names,
             dynamo=True,
             optimize=True,
+            opset_version=OPSET,
+            custom_translation_table=translation_table(),
             verbose=False,
         )
     model = program.model_proto

@@ -68,14 +68,26 @@ class CpuExecutor:
         return KVCache(batch, self.n_layers, self.kv_heads, self.capacity, self.head_dim)
 
     def prefill(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """(B, T) ids and mask -> (B, T, V) logits; fills cache slots [0, T)."""
+        """(B, T) right-padded ids and mask -> (B, V) logits of each row's last real token.
+
+        Fills cache slots [0, T). The prefill graph returns (B, 1, V) when
+        last_token_logits rewrote it, else (B, T, V).
+        """
         T = input_ids.shape[1]
         outs = self.sessions["prefill"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
         for i in range(self.n_layers):
             cache.k[i][:, :, :T] = outs[1 + 2 * i]
             cache.v[i][:, :, :T] = outs[2 + 2 * i]
         cache.mask[:, :T] = attention_mask
-        return outs[0]
+        logits = outs[0]
+        if logits.shape[1] == 1:
+            return logits[:, 0]
+        return logits[np.arange(len(logits)), attention_mask.sum(1) - 1]
+
+    def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(B, T) -> (B, T, V) logits for every position (no cache)."""
+        name = "score" if "score" in self.sessions else "prefill"
+        return self.sessions[name].run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
     def decode(self, cache: KVCache, input_ids: np.ndarray, position: np.ndarray) -> np.ndarray:
         """(B, 1) ids at (B,) positions -> (B, 1, V) logits; writes slot `position`."""

@@ -1,0 +1,127 @@
+"""ONNX lowerings of the glmc:: fused ops for onnxruntime's CPU provider.
+
+  glmc::rms_norm      -> RMSNormalization (ONNX opset 23)
+  glmc::add_rms_norm  -> com.microsoft.SkipSimplifiedLayerNormalization (output 0 = norm, 3 = sum)
+  glmc::rotary        -> com.microsoft.RotaryEmbedding (BNSH input, interleaved=1,
+                         rotary_embedding_dim=R for GLM's partial rotary)
+  glmc::attention     -> grouped-query attention as com.microsoft.FusedMatMul (transB, alpha=scale)
+                         + Softmax in fp32: q is viewed (B, Hkv, rep*T, D) so K/V heads are
+                         never repeated, and past/new keys are scored separately so the cache
+                         is never concatenated (read once per step, never copied)
+  glmc::swiglu        -> Split + Sigmoid + Mul (onnxruntime has no CPU SwiGLU kernel)
+
+Contrib-op semantics (attribute names, layouts, interleaving) follow the onnxruntime
+contrib operator docs and are checked against glmc/ops.py in tests/backends.
+GroupQueryAttention is not used: its CPU kernel wants the KV cache as a shared
+in-place past/present buffer with seqlens, which is the runtime's next step.
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnx.defs import OpSchema
+from onnxscript import opset23 as op
+from onnxscript.values import Opset
+
+import glmc.ops  # noqa: F401  (registers torch.ops.glmc)
+
+OPSET = 23
+MS = "com.microsoft"
+msft = Opset(MS, 1)
+_BIG = 2**62
+
+
+def _contrib_schemas() -> list[OpSchema]:
+    """Schemas for the contrib ops we emit, so onnxscript can build nodes for them."""
+    FP, Opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    A = OpSchema.AttrType
+    return [
+        OpSchema("SkipSimplifiedLayerNormalization", MS, 1,
+                 inputs=[FP("input", "T"), FP("skip", "T"), FP("gamma", "T"), FP("bias", "T", param_option=Opt)],
+                 outputs=[FP("output", "T"), FP("mean", "U", param_option=Opt),
+                          FP("inv_std_var", "U", param_option=Opt), FP("input_skip_bias_sum", "T", param_option=Opt)],
+                 type_constraints=[("T", floats, ""), ("U", ["tensor(float)"], "")],
+                 attributes=[OpSchema.Attribute("epsilon", A.FLOAT, "")]),
+        OpSchema("RotaryEmbedding", MS, 1,
+                 inputs=[FP("input", "T"), FP("position_ids", "M"), FP("cos_cache", "T"), FP("sin_cache", "T")],
+                 outputs=[FP("output", "T")],
+                 type_constraints=[("T", floats, ""), ("M", ["tensor(int64)"], "")],
+                 attributes=[OpSchema.Attribute("interleaved", A.INT, ""), OpSchema.Attribute("num_heads", A.INT, ""),
+                             OpSchema.Attribute("rotary_embedding_dim", A.INT, ""), OpSchema.Attribute("scale", A.FLOAT, ""),
+                             OpSchema.Attribute("is_packed_batching", A.INT, "")]),
+        OpSchema("FusedMatMul", MS, 1,
+                 inputs=[FP("A", "T"), FP("B", "T")], outputs=[FP("Y", "T")],
+                 type_constraints=[("T", floats, "")],
+                 attributes=[OpSchema.Attribute("alpha", A.FLOAT, ""), OpSchema.Attribute("transA", A.INT, ""),
+                             OpSchema.Attribute("transB", A.INT, ""), OpSchema.Attribute("transBatchA", A.INT, ""),
+                             OpSchema.Attribute("transBatchB", A.INT, "")]),
+    ]
+
+
+def register_contrib_schemas() -> None:
+    for schema in _contrib_schemas():
+        if not onnx.defs.has(schema.name, schema.domain):
+            onnx.defs.register_schema(schema)
+
+
+def _ints(*values):
+    return op.Constant(value_ints=list(values))
+
+
+def rms_norm(x, weight, eps: float):
+    return op.RMSNormalization(x, weight, axis=-1, epsilon=eps)
+
+
+def add_rms_norm(x, residual, weight, eps: float):
+    y, _mean, _inv_std, h = msft.SkipSimplifiedLayerNormalization(x, residual, weight, epsilon=eps, _num_outputs=4)
+    return y, h
+
+
+def swiglu(gate_up):
+    gate, up = op.Split(gate_up, axis=-1, num_outputs=2)
+    return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
+
+
+def rotary(x, positions, cos_table, sin_table):
+    heads = x.shape[1]
+    rot_dim = 2 * cos_table.shape[1]
+    return msft.RotaryEmbedding(x, positions, cos_table, sin_table, interleaved=1,
+                                num_heads=heads, rotary_embedding_dim=rot_dim)
+
+
+def attention(q, k, v, mask, scale: float, past_k=None, past_v=None):
+    H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
+    rep = H // Hkv
+    B = op.Shape(q, start=0, end=1)
+    T = op.Shape(q, start=2, end=3)
+    f32 = onnx.TensorProto.FLOAT
+    # scores in fp32 from the start (the casts vanish in fp32 graphs)
+    qg = op.Cast(op.Reshape(q, op.Concat(B, _ints(Hkv, -1, D), axis=0)), to=f32)   # (B, Hkv, rep*T, D)
+    scores = msft.FusedMatMul(qg, op.Cast(k, to=f32), alpha=scale, transB=1)        # (B, Hkv, rep*T, T)
+    if past_k is not None:
+        past = msft.FusedMatMul(qg, op.Cast(past_k, to=f32), alpha=scale, transB=1)  # (B, Hkv, rep*T, S)
+        scores = op.Concat(past, scores, axis=-1)
+    grouped = op.Reshape(scores, op.Concat(B, _ints(Hkv, rep), T, _ints(-1), axis=0))    # (B, Hkv, rep, T, Tk)
+    p = op.Softmax(op.Add(grouped, op.Unsqueeze(op.Cast(mask, to=onnx.TensorProto.FLOAT), _ints(1))), axis=-1)
+    p = op.CastLike(op.Reshape(p, op.Concat(B, _ints(Hkv, -1), op.Shape(scores, start=-1), axis=0)), v)
+    if past_k is not None:
+        S = op.Shape(past_k, start=2, end=3)
+        out = op.Add(op.MatMul(op.Slice(p, _ints(0), S, _ints(-1)), past_v),
+                     op.MatMul(op.Slice(p, S, _ints(_BIG), _ints(-1)), v))
+    else:
+        out = op.MatMul(p, v)                                                    # (B, Hkv, rep*T, D)
+    return op.Reshape(out, op.Concat(B, _ints(H), T, _ints(D), axis=0))
+
+
+def translation_table() -> dict:
+    register_contrib_schemas()
+    g = torch.ops.glmc
+    return {
+        g.rms_norm.default: rms_norm,
+        g.add_rms_norm.default: add_rms_norm,
+        g.swiglu.default: swiglu,
+        g.rotary.default: rotary,
+        g.attention.default: attention,
+    }

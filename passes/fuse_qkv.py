@@ -1,0 +1,71 @@
+"""Fuse the linear projections that read the same input (q, k, v) into one matmul.
+
+before:  q = linear(x, Wq, bq);  k = linear(x, Wk, bk);  v = linear(x, Wv, bv)
+after:   qkv = linear(x, cat[Wq; Wk; Wv], cat[bq; bk; bv]);  q, k, v = split(qkv, [Nq, Nk, Nv], -1)
+The weights are concatenated once, at compile time. A projection without bias
+gets zeros when its siblings have one.
+declines: fewer than two linears on the input; a weight that is not a constant;
+weights of different K or dtype.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule
+
+from glmc.ir import PassContext, PassResult
+from glmc.match import add_constant, aten, attr_tensor, is_op, val
+
+
+def _siblings(gm: GraphModule, x):
+    group = []
+    for u in x.users:
+        if is_op(u, aten.linear.default) and u.args[0] is x:
+            w = attr_tensor(gm, u.args[1])
+            b = attr_tensor(gm, u.args[2]) if len(u.args) > 2 and u.args[2] is not None else None
+            if w is None or (len(u.args) > 2 and u.args[2] is not None and b is None):
+                continue
+            group.append((u, w, b))
+    if len(group) < 2 or len({(w.shape[1], w.dtype) for _, w, _ in group}) != 1:
+        return None
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(group, key=lambda g: order[g[0]])
+
+
+def fuse_qkv(gm: GraphModule, ctx: PassContext) -> PassResult:
+    matches = 0
+    inputs = {n.args[0] for n in gm.graph.nodes if is_op(n, aten.linear.default)}
+    for x in inputs:
+        group = _siblings(gm, x)
+        if group is None:
+            continue
+        weight = torch.cat([w for _, w, _ in group], 0)
+        bias = None
+        if any(b is not None for _, _, b in group):
+            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for _, w, b in group], 0)
+        sizes = [w.shape[0] for _, w, _ in group]
+        graph = gm.graph
+        w_node = add_constant(gm, "fused_qkv_weight", weight)
+        b_node = add_constant(gm, "fused_qkv_bias", bias) if bias is not None else None
+        first = group[0][0]
+        with graph.inserting_before(first):
+            fused = graph.call_function(aten.linear.default, (x, w_node, b_node))
+            parts = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
+        xv = val(x)
+        if xv is not None:
+            fused.meta["val"] = xv.new_empty((*xv.shape[:-1], sum(sizes)))
+        pieces = []
+        with graph.inserting_before(first):
+            for i, (lin, _, _) in enumerate(group):
+                pieces.append(graph.call_function(operator.getitem, (parts, i)))
+                pieces[-1].meta["val"] = val(lin)
+        for piece, (lin, _, _) in zip(pieces, group):
+            lin.replace_all_uses_with(piece)
+            graph.erase_node(lin)
+        matches += 1
+    if matches:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return PassResult(gm, matches)
