@@ -60,8 +60,8 @@ class GlmcProvider:
     def decode_steps(self, ids, n):
         """Seconds per decode step (excluding the prefill) and the tokens."""
         ex = self.rt.executor
-        cache, logits = self.rt._prefill([ids])
-        tok = int(logits[0, -1].argmax())
+        cache, last = self.rt._prefill([ids])         # (1, V): the last token's logits
+        tok = int(last[0].argmax())
         toks, pos = [tok], np.array([len(ids)])
         t0 = time.perf_counter()
         for _ in range(n):

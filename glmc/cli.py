@@ -56,7 +56,15 @@ def _parse_target(ctx, param, value: str) -> str:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the artifact against transformers before writing it.")
 @click.option("--fuse/--no-fuse", default=True, show_default=True, help="Run the fusion passes.")
-def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, verify, fuse):
+@click.option("--calibrate", default=0, show_default=True, type=int,
+              help="int4: search activation-aware scales on N calibration sequences (0 = round-to-nearest).")
+@click.option("--asym", is_flag=True, help="int4 with zero points (asymmetric) instead of symmetric.")
+@click.option("--lm-head", default="int8", show_default=True, type=click.Choice(["int8", "none"]),
+              help="Quantize the lm_head to int8 (with --quant) or keep it fp32.")
+@click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
+              help="cpu int4/int8 matmuls: 4 = int8 activations inside the kernel (fast), 0 = fp32 activations.")
+def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, verify, fuse, calibrate, asym,
+            lm_head, accuracy_level):
     """Compile MODEL (a checkpoint directory or a preset name) into an artifact."""
     import json
 
@@ -66,13 +74,20 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
         raise GlmcError("--tune is not built yet (the autotuner is a separate issue); use --no-tune")
     t0 = time.perf_counter()
     out = do_compile(model, output, target=target, dtype=dtype, quant=quant, group_size=group_size,
-                     max_seq_len=max_seq_len, verify=verify, fuse=fuse, progress=sys.stderr.isatty())
+                     max_seq_len=max_seq_len, verify=verify, fuse=fuse, progress=sys.stderr.isatty(),
+                     calibrate=calibrate, symmetric=not asym, lm_head=lm_head, accuracy_level=accuracy_level)
     report = json.loads((out / "report.json").read_text())
     v = report["verify"]
     verdict = (f"verified: max |logits diff| {v['max_abs_diff']:.2e} <= {v['allowed']:.2e}"
                if isinstance(v, dict) else "not verified (--no-verify)")
     click.echo(f"wrote {out} ({report['artifact_bytes'] / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
                f"{verdict}; peak RSS {report['peak_rss_mb']:.0f} MiB")
+    q = report.get("quantization")
+    if q:
+        agree = f"; top-1 agreement with fp32 {v['top1_agreement']:.0%}" if isinstance(v, dict) else ""
+        click.echo(f"{q['quant']}: linear weights {q['linear_bytes_fp32'] / 2**20:.1f} MiB fp32 -> "
+                   f"{q['linear_bytes_packed'] / 2**20:.1f} MiB packed ({q['packed_over_fp16']:.0%} of fp16); "
+                   f"max per-layer relative error {q['max_relative_error']:.3f}{agree}")
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -13,7 +13,6 @@ import resource
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,8 @@ from glmc.artifact import staging_dir, write_manifest
 from glmc.backends import get_backend
 from glmc.errors import GlmcError, VerificationError
 from glmc.ir import PassContext
-from glmc.pipeline import pipeline as default_pipeline, run_pipeline
+from glmc.pipeline import pipeline as default_pipeline
+from glmc.pipeline import run_pipeline
 
 DTYPES = ("fp32", "fp16", "bf16")
 QUANTS = ("none", "int8", "int4")
@@ -52,10 +52,8 @@ def check_options(target: str, dtype: str, quant: str, group_size: int) -> None:
     get_backend(target)
     if target.startswith("cpu") and dtype != "fp32":
         raise GlmcError(f"--dtype {dtype} is not supported on the cpu target yet (cpu compiles fp32)")
-    if quant != "none":
-        raise GlmcError(f"--quant {quant} is not implemented yet (only --quant none)")
-    if not isinstance(group_size, int) or group_size <= 0 or group_size % 16:
-        raise GlmcError(f"--group-size must be a positive multiple of 16, got {group_size!r}")
+    if not isinstance(group_size, int) or group_size < 16 or group_size & (group_size - 1):
+        raise GlmcError(f"--group-size must be a power of two >= 16 (e.g. 32, 64, 128), got {group_size!r}")
 
 
 def default_output(model: str, quant: str) -> Path:
@@ -115,11 +113,21 @@ def compile(
     fuse: bool = True,
     progress: bool | None = None,
     passes: list | None = None,
+    calibrate: int = 0,
+    symmetric: bool = True,
+    lm_head: str = "int8",
+    accuracy_level: int = 4,
 ) -> Path:
     """Compile MODEL (checkpoint directory or preset name); return the artifact path."""
     from glmc import checkpoint, trace
 
     check_options(target, dtype, quant, group_size)
+    if lm_head not in ("int8", "none"):
+        raise GlmcError(f"--lm-head must be int8 or none, got {lm_head!r}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise GlmcError(f"--accuracy-level must be 0..4, got {accuracy_level!r}")
+    if not isinstance(calibrate, int) or calibrate < 0 or (calibrate and quant != "int4"):
+        raise GlmcError("--calibrate N takes N >= 1 sequences and applies to --quant int4")
     out = Path(output) if output is not None else default_output(str(model), quant)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -132,8 +140,12 @@ def compile(
         seq = max_seq_len if max_seq_len is not None else min(limit, 2048)
         if not isinstance(seq, int) or not 2 <= seq <= limit:
             raise GlmcError(f"--max-seq-len must be in [2, {limit}] (the model's max_position_embeddings), got {seq}")
-        ctx = PassContext(target=target, dtype=dtype, quant=quant, group_size=group_size, fuse=fuse, max_seq_len=seq)
+        ctx = PassContext(target=target, dtype=dtype, quant=quant, group_size=group_size, fuse=fuse,
+                          max_seq_len=seq, symmetric=symmetric, lm_head=lm_head, accuracy_level=accuracy_level)
         pipeline = default_pipeline(ctx) if passes is None else passes
+        if calibrate:
+            with stages.stage("calibrate"):
+                ctx.options["calibration_rows"] = _calibration_rows(loaded, cfg, ctx, calibrate, seq)
         with stages.stage("trace (torch.export)"):
             graphs = [trace.trace_prefill(loaded.model, cfg, seq), trace.trace_decode(loaded.model, cfg, seq)]
             if any(name == "last_token_logits" for name, _ in pipeline):
@@ -169,6 +181,7 @@ def compile(
                     result = _verify(tmp, loaded.model, graphs, ctx, pipeline, seq, cfg, dtype, quant)
             with stages.stage("write artifact"):
                 n_params = sum(p.numel() for p in loaded.model.parameters())
+                quant_report = ctx.options.get("quant_report", {})
                 report = {
                     "seconds": round(time.perf_counter() - t_start, 2),
                     "stage_seconds": stages.times,
@@ -177,6 +190,8 @@ def compile(
                     "parameter_bytes_fp32": n_params * 4,
                     "artifact_bytes": sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()),
                     "verify": result.as_dict() if result else "skipped (--no-verify)",
+                    "quantization": _quant_summary(quant_report, quant, group_size, symmetric, lm_head,
+                                                   accuracy_level, calibrate),
                     "passes": [r.as_dict(with_histograms=True) for r in records],
                     "warnings": loaded.warnings,
                 }
@@ -184,6 +199,68 @@ def compile(
                 (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
                 write_manifest(tmp, manifest)
     return out
+
+
+def _quant_summary(report: dict, quant, group_size, symmetric, lm_head, accuracy_level, calibrate) -> dict | None:
+    if quant == "none":
+        return None
+    blocks = {k: v for k, v in report.items() if v["bits"] != 8 or quant == "int8"}
+    fp32 = sum(v["bytes_fp32"] for v in report.values())
+    packed = sum(v["bytes_packed"] for v in report.values())
+    return {
+        "quant": quant, "group_size": group_size if quant == "int4" else None,
+        "symmetric": symmetric, "lm_head": lm_head, "accuracy_level": accuracy_level,
+        "calibration_sequences": calibrate,
+        "linear_bytes_fp32": fp32, "linear_bytes_fp16": fp32 // 2, "linear_bytes_packed": packed,
+        "packed_over_fp16": round(packed / max(1, fp32 // 2), 4),
+        "per_layer": report,
+        "max_relative_error": max((v["relative_error"] for v in blocks.values()), default=0.0),
+    }
+
+
+def _calibration_rows(loaded, cfg, ctx, n_seqs: int, seq: int) -> dict:
+    """Activation rows feeding every linear of the fused prefill graph, keyed by weight digest."""
+    import torch
+
+    from glmc.match import attr_tensor
+    from glmc.passes.quantize_weights import _digest
+    from glmc.trace import trace_prefill
+
+    length = min(128, seq)
+    codec = None
+    src = loaded.source
+    text_path = Path(src["name"]) / "calibration.txt" if src["kind"] == "checkpoint" else None
+    if text_path is not None and text_path.is_file() and loaded.tokenizer_json:
+        from glmc.tokenizer import TextCodec
+
+        codec = TextCodec(loaded.tokenizer_json)
+        ids = codec.encode(text_path.read_text())
+        seqs = [ids[i * length:(i + 1) * length] for i in range(n_seqs) if len(ids) >= (i + 1) * length]
+    else:  # no calibration text: random tokens still give per-channel activation magnitudes
+        gen = torch.Generator().manual_seed(0)
+        seqs = [torch.randint(3, cfg["vocab_size"], (length,), generator=gen).tolist() for _ in range(n_seqs)]
+    if not seqs:
+        raise GlmcError(f"{text_path}: too little calibration text for one {length}-token sequence")
+    g = trace_prefill(loaded.model, cfg, seq, name="calibrate")
+    stop = PassContext(ctx.target, ctx.dtype, ctx.quant, **dict(ctx.options, stop_before="quantize"))
+    gm, _ = run_pipeline(g.gm, stop.for_entry("score"), "calibrate", default_pipeline(stop))
+    rows: dict[str, list] = {}
+    gm_ref = gm
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            if n.op == "call_function" and n.target is torch.ops.aten.linear.default:
+                w = attr_tensor(gm_ref, n.args[1])
+                if w is not None:
+                    x = self.env[n.args[0]].detach().reshape(-1, w.shape[1])
+                    rows.setdefault(_digest(w), []).append(x[:: max(1, x.shape[0] // 64)])
+            return result
+
+    with torch.no_grad():
+        for s in seqs:
+            Recorder(gm).run(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.int64))
+    return {k: torch.cat(v)[:512].float() for k, v in rows.items()}
 
 
 def _verify(tmp: Path, model, graphs, ctx, pipeline, seq, cfg, dtype, quant):

@@ -66,3 +66,19 @@ def other(pair, known):
     """Of a two-argument commutative op's args, the one that is not `known`."""
     a, b = pair
     return b if a is known else a if b is known else None
+
+
+def replace(old: Node, new: Node) -> None:
+    """Route every use of `old` to `new` (which computes the same value)."""
+    new.meta["val"] = val(old)
+    old.replace_all_uses_with(new)
+
+
+def finish(gm: GraphModule, matches: int):
+    """The common end of a rewriting pass: drop what the rewrites orphaned, recompile."""
+    from glmc.ir import PassResult
+
+    if matches:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return PassResult(gm, matches)

@@ -100,3 +100,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 @attention.register_fake
 def _(q, k, v, mask, scale, past_k=None, past_v=None):
     return torch.empty_like(q)
+
+
+@custom_op("glmc::linear_nbits", mutates_args=())
+def linear_nbits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None, K: int, bits: int, block_size: int) -> torch.Tensor:
+    """x (..., K) @ dequant(W)^T + bias, W in glmc's packed format (glmc/quant.py)."""
+    from glmc.quant import dequantize_parts
+
+    w = dequantize_parts(qweight, scales, zeros, K, bits, block_size).to(x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+@linear_nbits.register_fake
+def _(x, qweight, scales, zeros, bias, K, bits, block_size):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))

@@ -5,7 +5,8 @@ Reading PIPELINE tells you everything the compiler does to a graph:
   canonicalize  drop what only the trace needed (no-op casts, dropout, checks)
   fuse          rotary, attention (fp32 softmax, GQA, KV cache), qkv, add+rmsnorm,
                 swiglu, last-token logits: each into a glmc:: op (glmc/ops.py)
-  quantize      (the quantization issue)
+  quantize      int8 per-channel / int4 group-wise weights (glmc/quant.py), AWQ-style
+                scales when calibrating
   cleanup       dead code left behind by the rewrites
 """
 
@@ -27,6 +28,7 @@ from glmc.passes.fuse_qkv import fuse_qkv
 from glmc.passes.fuse_rotary import fuse_rotary
 from glmc.passes.fuse_swiglu import fuse_swiglu
 from glmc.passes.last_token_logits import last_token_logits
+from glmc.passes.quantize_weights import quantize_weights
 
 Pass = Callable[[GraphModule, PassContext], PassResult]
 
@@ -40,14 +42,23 @@ PIPELINE: list[tuple[str, str, Pass]] = [
     ("fuse", "fuse_add_rmsnorm", fuse_add_rmsnorm),
     ("fuse", "fuse_swiglu", fuse_swiglu),
     ("fuse", "last_token_logits", last_token_logits),
+    ("quantize", "quantize_weights", quantize_weights),
     ("cleanup", "eliminate_dead_code", eliminate_dead_code),
 ]
 
 
 def pipeline(ctx: PassContext) -> list[tuple[str, Pass]]:
-    """The passes to run for this compile: all of PIPELINE, less `fuse` under --no-fuse."""
+    """The passes to run for this compile: all of PIPELINE, less `fuse` under --no-fuse,
+    up to (not including) the phase named by `stop_before`."""
     fuse = ctx.options.get("fuse", True)
-    return [(name, fn) for phase, name, fn in PIPELINE if fuse or phase != "fuse"]
+    stop = ctx.options.get("stop_before")
+    out = []
+    for phase, name, fn in PIPELINE:
+        if phase == stop:
+            break
+        if fuse or phase != "fuse":
+            out.append((name, fn))
+    return out
 
 
 @dataclass

@@ -14,9 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# (dtype, quant) -> (atol, rtol): |glmc - ref| <= atol + rtol * max|ref| on every logit.
+# (dtype, quant) -> (atol, rtol): |glmc - ref| <= atol + rtol * max|ref| on every logit,
+# ref = transformers' unquantized eager model. fp32 differs only by summation order.
+# Quantized builds carry their quantization noise, so their bound is relative and
+# catches broken builds (wrong packing, wrong scales: errors of the order of max|ref|),
+# not the noise itself; the compile report gives the measured error and top-1 agreement.
 TOLERANCES = {
     ("fp32", "none"): (1e-4, 1e-4),
+    ("fp32", "int8"): (0.0, 0.15),
+    ("fp32", "int4"): (0.0, 0.5),
 }
 DECODE_STEPS = 4
 
@@ -38,10 +44,13 @@ class VerifyResult:
     allowed: float
     ok: bool
     positions: int
+    top1_agreement: float = 1.0
+    max_abs_ref: float = 0.0
 
     def as_dict(self) -> dict:
         return {"max_abs_diff": self.max_abs_diff, "allowed": self.allowed, "ok": self.ok,
-                "positions_checked": self.positions}
+                "positions_checked": self.positions, "top1_agreement": self.top1_agreement,
+                "max_abs_ref_logit": self.max_abs_ref}
 
 
 @torch.no_grad()
@@ -56,13 +65,14 @@ def compare(runtime, model: torch.nn.Module, dtype: str, quant: str) -> VerifyRe
     executor = runtime.executor
     full = runtime.logits(prompts)                       # every position (score entry)
     cache, last = runtime._prefill(prompts)              # the generation path (last token)
-    worst, scale, checked = 0.0, 0.0, 0
+    worst, scale, checked, agree = 0.0, 0.0, 0, 0
     seqs = [list(p) for p in prompts]
     for b, p in enumerate(prompts):
         ref = reference_logits(model, p)
         worst = max(worst, float(np.abs(full[b] - ref).max()), float(np.abs(last[b] - ref[-1]).max()))
         scale = max(scale, float(np.abs(ref).max()))
         checked += len(p)
+        agree += int((full[b].argmax(-1) == ref.argmax(-1)).sum())
         seqs[b].append(int(ref[-1].argmax()))
     position = np.array([len(p) for p in prompts], np.int64)
     for _ in range(DECODE_STEPS):
@@ -74,9 +84,10 @@ def compare(runtime, model: torch.nn.Module, dtype: str, quant: str) -> VerifyRe
             worst = max(worst, float(np.abs(step[b] - ref).max()))
             scale = max(scale, float(np.abs(ref).max()))
             checked += 1
+            agree += int(step[b].argmax() == ref.argmax())
             s.append(int(ref.argmax()))
     allowed = atol + rtol * scale
-    return VerifyResult(worst, allowed, worst <= allowed, checked)
+    return VerifyResult(worst, allowed, worst <= allowed, checked, round(agree / checked, 4), scale)
 
 
 def first_divergent_layer(hidden_glmc: list[np.ndarray], hidden_ref: list[np.ndarray], allowed: float):

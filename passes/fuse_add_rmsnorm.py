@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import operator
 
+import torch
 from torch.fx import GraphModule
 
 from glmc.ir import PassContext, PassResult
-from glmc.match import aten, attr_tensor, is_op, other, scalar, strip_casts, val
+from glmc.match import aten, attr_tensor, finish, is_op, other, scalar, strip_casts, val
 from glmc.ops import add_rms_norm, rms_norm  # noqa: F401  (registers torch.ops.glmc)
-
-import torch
 
 
 def _match(gm: GraphModule, rs):
@@ -83,7 +82,4 @@ def fuse_add_rmsnorm(gm: GraphModule, ctx: PassContext) -> PassResult:
             new_y.meta["val"] = val(y)
             y.replace_all_uses_with(new_y)
         matches += 1
-    if matches:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-    return PassResult(gm, matches)
+    return finish(gm, matches)

@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule
 
 from glmc.ir import PassContext, PassResult
-from glmc.match import aten, is_op, scalar, strip_casts, val
+from glmc.match import aten, finish, is_op, replace, scalar, strip_casts, val
 from glmc.ops import attention  # noqa: F401  (registers torch.ops.glmc)
 
 
@@ -82,10 +82,6 @@ def fuse_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
         q, k, v, mask, scale, past_k, past_v, out = m
         with graph.inserting_before(out):
             fused = graph.call_function(torch.ops.glmc.attention.default, (q, k, v, mask, scale, past_k, past_v))
-        fused.meta["val"] = val(out)
-        out.replace_all_uses_with(fused)
+        replace(out, fused)
         matches += 1
-    if matches:
-        graph.eliminate_dead_code()
-        gm.recompile()
-    return PassResult(gm, matches)
+    return finish(gm, matches)

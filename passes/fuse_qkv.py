@@ -16,7 +16,7 @@ import torch
 from torch.fx import GraphModule
 
 from glmc.ir import PassContext, PassResult
-from glmc.match import add_constant, aten, attr_tensor, is_op, val
+from glmc.match import add_constant, aten, attr_tensor, finish, is_op, val
 
 
 def _siblings(gm: GraphModule, x):
@@ -65,7 +65,4 @@ def fuse_qkv(gm: GraphModule, ctx: PassContext) -> PassResult:
             lin.replace_all_uses_with(piece)
             graph.erase_node(lin)
         matches += 1
-    if matches:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-    return PassResult(gm, matches)
+    return finish(gm, matches)

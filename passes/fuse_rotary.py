@@ -16,7 +16,18 @@ import torch
 from torch.fx import GraphModule
 
 from glmc.ir import PassContext, PassResult
-from glmc.match import add_constant, aten, attr_tensor, is_op, other, scalar, strip_casts, val
+from glmc.match import (
+    add_constant,
+    aten,
+    attr_tensor,
+    finish,
+    is_op,
+    other,
+    replace,
+    scalar,
+    strip_casts,
+    val,
+)
 from glmc.ops import rotary  # noqa: F401  (registers torch.ops.glmc)
 
 _BIG = 2**62
@@ -135,10 +146,6 @@ def fuse_rotary(gm: GraphModule, ctx: PassContext) -> PassResult:
         cos_t, sin_t = tables[key]
         with graph.inserting_before(out):
             fused = graph.call_function(torch.ops.glmc.rotary.default, (x, pos, cos_t, sin_t))
-        fused.meta["val"] = val(out)
-        out.replace_all_uses_with(fused)
+        replace(out, fused)
         matches += 1
-    if matches:
-        graph.eliminate_dead_code()
-        gm.recompile()
-    return PassResult(gm, matches)
+    return finish(gm, matches)

@@ -15,7 +15,16 @@ import torch
 from torch.fx import GraphModule
 
 from glmc.ir import PassContext, PassResult
-from glmc.match import add_constant, aten, attr_tensor, is_op, other, val
+from glmc.match import (
+    add_constant,
+    aten,
+    attr_tensor,
+    finish,
+    is_op,
+    other,
+    replace,
+    val,
+)
 from glmc.ops import swiglu  # noqa: F401  (registers torch.ops.glmc)
 
 
@@ -71,10 +80,6 @@ def fuse_swiglu(gm: GraphModule, ctx: PassContext) -> PassResult:
                 packed.meta["val"] = xv.new_empty((*xv.shape[:-1], 2 * wg.shape[0]))
         with graph.inserting_before(mul):
             fused = graph.call_function(torch.ops.glmc.swiglu.default, (packed,))
-        fused.meta["val"] = val(mul)
-        mul.replace_all_uses_with(fused)
+        replace(mul, fused)
         matches += 1
-    if matches:
-        graph.eliminate_dead_code()
-        gm.recompile()
-    return PassResult(gm, matches)
+    return finish(gm, matches)

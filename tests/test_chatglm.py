@@ -9,7 +9,7 @@ import torch
 
 from glmc.checkpoint import load
 from glmc.errors import GlmcError
-from tests.conftest import make_hf_model, write_checkpoint, VARIANTS
+from tests.conftest import VARIANTS, make_hf_model, write_checkpoint
 
 
 def test_chatglm_layout_gives_identical_logits(tmp_path):

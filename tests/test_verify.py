@@ -8,8 +8,7 @@ import torch
 
 import glmc
 from glmc.errors import VerificationError
-from glmc.ir import PassResult
-from glmc.ir import PassContext
+from glmc.ir import PassContext, PassResult
 from glmc.pipeline import pipeline
 
 PIPELINE = pipeline(PassContext())

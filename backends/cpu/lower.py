@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from glmc.backends.cpu.ops import OPSET, translation_table
 from onnx import numpy_helper
 
-from glmc.backends.cpu.ops import OPSET, translation_table
 from glmc.ir import PassContext
 from glmc.safetensors_check import data_start, read_header
 from glmc.trace import Traced
@@ -31,7 +31,7 @@ INLINE_BYTES = 1024
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def export_onnx(traced: Traced) -> onnx.ModelProto:
+def export_onnx(traced: Traced, accuracy_level: int = 4) -> onnx.ModelProto:
     import torch
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -46,7 +46,7 @@ def export_onnx(traced: Traced) -> onnx.ModelProto:
             dynamo=True,
             optimize=True,
             opset_version=OPSET,
-            custom_translation_table=translation_table(),
+            custom_translation_table=translation_table(accuracy_level),
             verbose=False,
         )
     model = program.model_proto
@@ -103,7 +103,8 @@ def _externalize(models: dict[str, onnx.ModelProto], out_dir: Path) -> dict[str,
 
 def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) -> dict:
     out_dir = Path(out_dir)
-    models = {t.name: export_onnx(t) for t in traced}
+    level = ctx.options.get("accuracy_level", 4)
+    models = {t.name: export_onnx(t, level) for t in traced}
     mapping = _externalize(models, out_dir)
     files = {}
     for name, model in models.items():

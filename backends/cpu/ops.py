@@ -9,6 +9,7 @@
                          never repeated, and past/new keys are scored separately so the cache
                          is never concatenated (read once per step, never copied)
   glmc::swiglu        -> Split + Sigmoid + Mul (onnxruntime has no CPU SwiGLU kernel)
+  glmc::linear_nbits  -> com.microsoft.MatMulNBits (glmc's packed format is its layout)
 
 Contrib-op semantics (attribute names, layouts, interleaving) follow the onnxruntime
 contrib operator docs and are checked against glmc/ops.py in tests/backends.
@@ -51,6 +52,13 @@ def _contrib_schemas() -> list[OpSchema]:
                  attributes=[OpSchema.Attribute("interleaved", A.INT, ""), OpSchema.Attribute("num_heads", A.INT, ""),
                              OpSchema.Attribute("rotary_embedding_dim", A.INT, ""), OpSchema.Attribute("scale", A.FLOAT, ""),
                              OpSchema.Attribute("is_packed_batching", A.INT, "")]),
+        OpSchema("MatMulNBits", MS, 1,
+                 inputs=[FP("A", "T1"), FP("B", "T2"), FP("scales", "T1"), FP("zero_points", "T3", param_option=Opt),
+                         FP("g_idx", "T4", param_option=Opt), FP("bias", "T1", param_option=Opt)],
+                 outputs=[FP("Y", "T1")],
+                 type_constraints=[("T1", floats, ""), ("T2", ["tensor(uint8)"], ""),
+                                   ("T3", ["tensor(uint8)", *floats], ""), ("T4", ["tensor(int32)"], "")],
+                 attributes=[OpSchema.Attribute(a, A.INT, "") for a in ("K", "N", "bits", "block_size", "accuracy_level")]),
         OpSchema("FusedMatMul", MS, 1,
                  inputs=[FP("A", "T"), FP("B", "T")], outputs=[FP("Y", "T")],
                  type_constraints=[("T", floats, "")],
@@ -115,7 +123,21 @@ def attention(q, k, v, mask, scale: float, past_k=None, past_v=None):
     return op.Reshape(out, op.Concat(B, _ints(H), T, _ints(D), axis=0))
 
 
-def translation_table() -> dict:
+def make_linear_nbits(accuracy_level: int):
+    """MatMulNBits with the given accuracy_level: 0 keeps activations fp32; 4 lets the
+    kernel quantize activations to int8 per block on the fly (onnxruntime's fast path)."""
+
+    def linear_nbits(x, qweight, scales, zeros, bias, K: int, bits: int, block_size: int):
+        N = qweight.shape[0]
+        flat_scales = op.Reshape(scales, _ints(-1))
+        flat_zeros = op.Reshape(zeros, _ints(-1)) if zeros is not None else None
+        return msft.MatMulNBits(x, qweight, flat_scales, flat_zeros, None, bias, K=K, N=N, bits=bits,
+                                block_size=block_size, accuracy_level=accuracy_level)
+
+    return linear_nbits
+
+
+def translation_table(accuracy_level: int = 4) -> dict:
     register_contrib_schemas()
     g = torch.ops.glmc
     return {
@@ -124,4 +146,5 @@ def translation_table() -> dict:
         g.swiglu.default: swiglu,
         g.rotary.default: rotary,
         g.attention.default: attention,
+        g.linear_nbits.default: make_linear_nbits(accuracy_level),
     }

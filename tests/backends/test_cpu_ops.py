@@ -9,10 +9,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch.export import Dim
+from glmc.backends.cpu.lower import export_onnx
 
 import glmc.ops  # noqa: F401
-from glmc.backends.cpu.lower import export_onnx
 from glmc.trace import Traced
 
 TOL = 2e-6
@@ -143,3 +142,26 @@ def test_fp16_scores_beyond_fp16_range_stay_finite():
     assert fused.dtype == torch.float16 and torch.isfinite(fused).all()
     exact = torch.softmax(q.double() @ k.double().transpose(-1, -2), -1) @ v.double()
     torch.testing.assert_close(fused.double(), exact, rtol=0, atol=2e-3)  # fp16 output rounding
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, True), (4, 64, False), (8, 128, True)])
+def test_linear_nbits_lowers_to_matmulnbits(bits, group, symmetric):
+    from glmc.quant import quantize
+
+    torch.manual_seed(0)
+    K, N = 200, 48  # K not a multiple of the group: padded blocks
+    p = quantize(torch.randn(N, K), bits, group, symmetric)
+    consts = [p.qweight, p.scales, torch.randn(N)] + ([p.zeros] if p.zeros is not None else [])
+
+    def fn(x, q, s, b, *z):
+        return g.linear_nbits(x, q, s, z[0] if z else None, b, K, bits, group)
+
+    import glmc.backends.cpu.lower as lower
+
+    x = torch.randn(2, 3, K)
+    module = _Call(fn, consts)
+    gm = torch.export.export(module, (x,)).module()
+    proto = lower.export_onnx(Traced("t", gm, (x,), ({},), ["x0"], ["out"]), accuracy_level=0)
+    assert ("com.microsoft", "MatMulNBits") in _ops(proto)
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x0": x.numpy()})[0]
+    np.testing.assert_allclose(got, module(x).numpy(), rtol=0, atol=1e-4)

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from glmc.passes.eliminate_dead_code import eliminate_dead_code
+from glmc.passes.fold_noops import fold_noops
 
 from glmc import checkpoint, trace
 from glmc.ir import PassContext, histogram
-from glmc.passes.eliminate_dead_code import eliminate_dead_code
-from glmc.passes.fold_noops import fold_noops
 
 
 @pytest.fixture(scope="module")
