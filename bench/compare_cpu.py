@@ -31,12 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import glmc  # noqa: E402
-from bench.machine import matmul_tflops, read_bandwidth_gbs  # noqa: E402
+from glmc.benchmark import (EagerProvider, GlmcProvider, OrtPlainProvider, matmul_tflops,  # noqa: E402
+                            read_bandwidth_gbs, stats)
 from glmc.checkpoint import load as load_model  # noqa: E402
-
-
-def stats(xs):
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
 
 
 def time_it(fn, repeats, warmup=1):
@@ -48,85 +45,6 @@ def time_it(fn, repeats, warmup=1):
         fn()
         out.append(time.perf_counter() - t0)
     return out
-
-
-class GlmcProvider:
-    def __init__(self, path):
-        self.rt = glmc.load(path)
-
-    def prefill(self, ids):
-        self.rt._prefill([ids])
-
-    def decode_steps(self, ids, n):
-        """Seconds per decode step (excluding the prefill) and the tokens."""
-        ex = self.rt.executor
-        cache, last = self.rt._prefill([ids])         # (1, V): the last token's logits
-        tok = int(last[0].argmax())
-        toks, pos = [tok], np.array([len(ids)])
-        t0 = time.perf_counter()
-        for _ in range(n):
-            logits = ex.decode(cache, np.array([[tok]]), pos)
-            pos += 1
-            tok = int(logits[0, 0].argmax())
-            toks.append(tok)
-        return (time.perf_counter() - t0) / n, toks
-
-
-class EagerProvider:
-    def __init__(self, model):
-        self.model = model
-
-    @torch.no_grad()
-    def prefill(self, ids):
-        self.model(input_ids=torch.tensor([ids]), use_cache=True)
-
-    @torch.no_grad()
-    def decode_steps(self, ids, n):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
-        tok = int(out.logits[0, -1].argmax())
-        toks = [tok]
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = self.model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
-            tok = int(out.logits[0, -1].argmax())
-            toks.append(tok)
-        return (time.perf_counter() - t0) / n, toks
-
-
-class OrtPlainProvider:
-    def __init__(self, model, workdir):
-        import onnxruntime as ort
-
-        class Plain(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, input_ids):
-                return self.m(input_ids=input_ids, use_cache=False).logits
-
-        path = Path(workdir) / "plain.onnx"
-        T = torch.export.Dim("T", min=1, max=4096)
-        torch.onnx.export(Plain(model), (torch.tensor([[5, 6, 7, 8]]),), str(path), dynamo=True,
-                          dynamic_shapes=({1: T},), input_names=["input_ids"], output_names=["logits"],
-                          external_data=True, verbose=False)
-        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-    def prefill(self, ids):
-        self.sess.run(None, {"input_ids": np.array([ids])})
-
-    def decode_steps(self, ids, n):
-        seq = list(ids)
-        seq.append(int(self.sess.run(None, {"input_ids": np.array([seq])})[0][0, -1].argmax()))
-        toks = [seq[-1]]
-        t0 = time.perf_counter()
-        for _ in range(n):
-            seq.append(int(self.sess.run(None, {"input_ids": np.array([seq])})[0][0, -1].argmax()))
-            toks.append(seq[-1])
-        return (time.perf_counter() - t0) / n, toks
 
 
 def main():

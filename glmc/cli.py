@@ -86,7 +86,8 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
     if q:
         agree = f"; top-1 agreement with fp32 {v['top1_agreement']:.0%}" if isinstance(v, dict) else ""
         click.echo(f"{q['quant']}: linear weights {q['linear_bytes_fp32'] / 2**20:.1f} MiB fp32 -> "
-                   f"{q['linear_bytes_packed'] / 2**20:.1f} MiB packed ({q['packed_over_fp16']:.0%} of fp16); "
+                   f"{q['linear_bytes_packed'] / 2**20:.1f} MiB packed ({q['packed_over_fp16']:.0%} of fp16; "
+                   f"decoder blocks {q['block_packed_over_fp16']:.0%}); "
                    f"max per-layer relative error {q['max_relative_error']:.3f}{agree}")
 
 
@@ -177,6 +178,40 @@ def verify(artifact, source):
                + ("OK" if r.ok else "FAILED"))
     if not r.ok:
         sys.exit(3)
+
+
+@main.command()
+@click.argument("artifact_or_model")
+@click.option("--quick", is_flag=True, help="Short run (CI smoke): fewer lengths and repeats, no torch.compile.")
+@click.option("-o", "--output", "out_dir", default="glmc-bench", show_default=True, type=click.Path(),
+              help="Report directory (report.json, report.md, report.html + PNGs).")
+@click.option("--no-eager", is_flag=True, help="Skip the transformers eager baseline.")
+@click.option("--no-compile", is_flag=True, help="Skip the torch.compile baseline.")
+@click.option("--no-ort", is_flag=True, help="Skip the plain onnxruntime export baseline.")
+def bench(artifact_or_model, quick, out_dir, no_eager, no_compile, no_ort):
+    """Benchmark an artifact (or a model, compiled on the fly) against the baselines."""
+    from pathlib import Path
+
+    from glmc.benchmark import run as run_bench
+
+    skip = tuple(n for n, off in (("eager", no_eager), ("compile", no_compile), ("ort-plain", no_ort)) if off)
+    report = run_bench(artifact_or_model, Path(out_dir), quick=quick, skip=skip)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"glmc bench {artifact_or_model}")
+    for col in ("provider", "prefill ms (longest)", "decode tok/s (shortest ctx)", "roofline (decode)"):
+        table.add_column(col)
+    L = str(report["settings"]["prompt_lengths"][-1])
+    C = str(report["settings"]["contexts"][0])
+    for name, r in report["results"].items():
+        if "error" in r:
+            table.add_row(name, "failed", r["error"][:60], "")
+        else:
+            table.add_row(name, f"{r['prefill'][L]['seconds']['median'] * 1e3:.1f}",
+                          f"{r['decode'][C]['tokens_per_s']:.1f}", f"{r['decode'][C]['roofline_fraction']:.0%}")
+    Console(stderr=False).print(table)
+    click.echo(f"report: {Path(out_dir) / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,8 @@ def compile(
         if not isinstance(seq, int) or not 2 <= seq <= limit:
             raise GlmcError(f"--max-seq-len must be in [2, {limit}] (the model's max_position_embeddings), got {seq}")
         ctx = PassContext(target=target, dtype=dtype, quant=quant, group_size=group_size, fuse=fuse,
-                          max_seq_len=seq, symmetric=symmetric, lm_head=lm_head, accuracy_level=accuracy_level)
+                          max_seq_len=seq, symmetric=symmetric, lm_head=lm_head, accuracy_level=accuracy_level,
+                          quant_cache={}, quant_report={})   # shared by every entry point's copy of ctx
         pipeline = default_pipeline(ctx) if passes is None else passes
         if calibrate:
             with stages.stage("calibrate"):
@@ -204,7 +205,10 @@ def compile(
 def _quant_summary(report: dict, quant, group_size, symmetric, lm_head, accuracy_level, calibrate) -> dict | None:
     if quant == "none":
         return None
+    # the decoder blocks' linears (the lm_head is int8 whatever --quant says)
     blocks = {k: v for k, v in report.items() if v["bits"] != 8 or quant == "int8"}
+    blocks_fp32 = sum(v["bytes_fp32"] for v in blocks.values())
+    blocks_packed = sum(v["bytes_packed"] for v in blocks.values())
     fp32 = sum(v["bytes_fp32"] for v in report.values())
     packed = sum(v["bytes_packed"] for v in report.values())
     return {
@@ -213,6 +217,8 @@ def _quant_summary(report: dict, quant, group_size, symmetric, lm_head, accuracy
         "calibration_sequences": calibrate,
         "linear_bytes_fp32": fp32, "linear_bytes_fp16": fp32 // 2, "linear_bytes_packed": packed,
         "packed_over_fp16": round(packed / max(1, fp32 // 2), 4),
+        "block_linear_bytes_fp16": blocks_fp32 // 2, "block_linear_bytes_packed": blocks_packed,
+        "block_packed_over_fp16": round(blocks_packed / max(1, blocks_fp32 // 2), 4),
         "per_layer": report,
         "max_relative_error": max((v["relative_error"] for v in blocks.values()), default=0.0),
     }

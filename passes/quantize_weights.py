@@ -29,6 +29,15 @@ def _digest(w: torch.Tensor) -> str:
     return hashlib.blake2b(w.detach().contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
 
 
+def _int8_block(K: int) -> int:
+    """int8 is per output channel; its scale is replicated over blocks of this size. The
+    largest power of two <= 128 dividing K avoids padding; 128 (with padding) otherwise."""
+    for b in (128, 64, 32, 16):
+        if K % b == 0:
+            return b
+    return 128
+
+
 def _lm_head(gm: GraphModule):
     out = next(n for n in gm.graph.nodes if n.op == "output")
     first = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
@@ -82,8 +91,8 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
             s, alpha = None, 0.0
             if rows is not None and b_bits == 4:
                 s, _, alpha = _search_scale(wf, rows, b_bits, group, symmetric)
-            packed: Packed = quantize(wf * s if s is not None else wf, b_bits, group if b_bits == 4 else 128,
-                                      symmetric)
+            packed: Packed = quantize(wf * s if s is not None else wf, b_bits,
+                                      group if b_bits == 4 else _int8_block(wf.shape[1]), symmetric)
             deq = dequantize(packed) / (s if s is not None else 1.0)
             cache[key] = (packed, s)
             name = node.args[1].target if node.args[1].op == "get_attr" else str(node.args[1])

@@ -1,0 +1,378 @@
+"""`glmc bench`: how fast is glmc on this machine, against what users would otherwise run.
+
+Providers (same checkpoint, same threads, one run):
+  glmc         the artifact (or the model compiled on the fly)
+  eager        transformers' eager model, KV cache, greedy loop
+  compile      torch.compile of that model (skipped by --quick: its warm-up alone is minutes)
+  ort-plain    onnxruntime on a plain torch.onnx.export of transformers' forward (no KV
+               cache in a plain export, so decode re-runs the sequence)
+Every provider's greedy tokens are checked against eager before it is timed, and a
+provider that fails is reported with its error instead of ending the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SCHEMA_VERSION = 1
+
+
+# ---- machine ceilings ----------------------------------------------------------------------
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def read_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """GB/s of a streaming reduction over a buffer far larger than the caches."""
+    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    return x.numel() * 4 / _best(lambda: x.sum(), repeats) / 1e9
+
+
+def matmul_tflops(n: int = 1536, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / _best(lambda: a @ b, repeats) / 1e12
+
+
+def machine_info(quick: bool) -> dict:
+    import onnxruntime
+
+    import glmc
+
+    info = {
+        "cpu": _cpu_name(), "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "read_bandwidth_gbs": round(read_bandwidth_gbs(256 if quick else 1024), 2),
+        "fp32_matmul_tflops": round(matmul_tflops(1024 if quick else 2048), 4),
+        "versions": {"glmc": glmc.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+    try:
+        import triton
+
+        info["versions"]["triton"] = triton.__version__
+    except ImportError:
+        info["versions"]["triton"] = None
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---- providers -----------------------------------------------------------------------------
+
+class GlmcProvider:
+    name = "glmc"
+
+    def __init__(self, path):
+        import glmc
+
+        self.rt = glmc.load(path)
+
+    def prefill(self, ids):
+        self.rt._prefill([ids])
+
+    def decode_steps(self, ids, n):
+        """Seconds per decode step after a prefill of `ids`, and the greedy tokens."""
+        ex = self.rt.executor
+        cache, last = self.rt._prefill([ids])
+        tok = int(last[0].argmax())
+        toks, pos = [tok], np.array([len(ids)])
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tok = int(ex.decode(cache, np.array([[tok]]), pos)[0, 0].argmax())
+            pos += 1
+            toks.append(tok)
+        return (time.perf_counter() - t0) / max(1, n), toks
+
+
+class EagerProvider:
+    name = "eager"
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def prefill(self, ids):
+        self.model(input_ids=torch.tensor([ids]), use_cache=True)
+
+    @torch.no_grad()
+    def decode_steps(self, ids, n):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        tok = int(out.logits[0, -1].argmax())
+        toks = [tok]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = self.model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+            tok = int(out.logits[0, -1].argmax())
+            toks.append(tok)
+        return (time.perf_counter() - t0) / max(1, n), toks
+
+
+class CompileProvider(EagerProvider):
+    name = "compile"
+
+    def __init__(self, model):
+        super().__init__(torch.compile(model, dynamic=True))
+
+
+class OrtPlainProvider:
+    name = "ort-plain"
+
+    def __init__(self, model, workdir):
+        import contextlib
+        import io
+        import warnings
+
+        import onnxruntime as ort
+
+        class Plain(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, input_ids):
+                return self.m(input_ids=input_ids, use_cache=False).logits
+
+        path = Path(workdir) / "plain.onnx"
+        T = torch.export.Dim("T", min=1, max=4096)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(Plain(model), (torch.tensor([[5, 6, 7, 8]]),), str(path), dynamo=True,
+                              dynamic_shapes=({1: T},), input_names=["input_ids"], output_names=["logits"],
+                              external_data=True, verbose=False)
+        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def _next(self, seq):
+        return int(self.sess.run(None, {"input_ids": np.array([seq])})[0][0, -1].argmax())
+
+    def prefill(self, ids):
+        self.sess.run(None, {"input_ids": np.array([ids])})
+
+    def decode_steps(self, ids, n):
+        seq = list(ids) + [self._next(list(ids))]
+        toks = [seq[-1]]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            seq.append(self._next(seq))
+            toks.append(seq[-1])
+        return (time.perf_counter() - t0) / max(1, n), toks
+
+
+# ---- measurement ---------------------------------------------------------------------------
+
+def stats(xs) -> dict:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
+
+
+@dataclass
+class Settings:
+    prompt_lengths: list[int]
+    contexts: list[int]
+    decode_tokens: int
+    repeats: int
+    baselines: list[str]
+    quick: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def measure(provider, prompt_pool: list[int], s: Settings) -> dict:
+    out = {"prefill": {}, "decode": {}}
+    for L in s.prompt_lengths:
+        ids = prompt_pool[:L]
+        provider.prefill(ids)
+        times = []
+        for _ in range(s.repeats):
+            t0 = time.perf_counter()
+            provider.prefill(ids)
+            times.append(time.perf_counter() - t0)
+        out["prefill"][str(L)] = {"seconds": stats(times), "tokens_per_s": L / statistics.median(times)}
+    for C in s.contexts:
+        ids = prompt_pool[:C]
+        provider.decode_steps(ids, 2)
+        per = [provider.decode_steps(ids, s.decode_tokens)[0] for _ in range(s.repeats)]
+        out["decode"][str(C)] = {"seconds_per_token": stats(per), "tokens_per_s": 1 / statistics.median(per)}
+    return out
+
+
+def decode_op_breakdown(artifact: Path, context: int, steps: int = 8) -> dict[str, float]:
+    """Per-op-type milliseconds of one decode step, from onnxruntime's profiler."""
+    import onnxruntime as ort
+
+    import glmc
+
+    rt = glmc.load(artifact, verify=False)
+    ex = rt.executor
+    backend = rt.manifest["backend"]
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.intra_op_num_threads = ex.threads
+    with tempfile.TemporaryDirectory() as d:
+        opts.profile_file_prefix = os.path.join(d, "decode")
+        for init_name, key in backend["initializers"]["decode"].items():
+            opts.add_initializer(init_name, ex._ort_weights[key])
+        ex.sessions["decode"] = ort.InferenceSession(str(artifact / backend["graphs"]["decode"]), sess_options=opts,
+                                                     providers=["CPUExecutionProvider"])
+        ids = list(range(5, 5 + context))
+        cache, last = rt._prefill([ids])
+        pos, tok = np.array([context]), int(last[0].argmax())
+        for _ in range(steps):
+            tok = int(ex.decode(cache, np.array([[tok]]), pos)[0, 0].argmax())
+            pos += 1
+        prof = ex.sessions["decode"].end_profiling()
+        events = json.loads(Path(prof).read_text())
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / steps
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
+def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progress: bool = True,
+        compile_options: dict | None = None) -> dict:
+    import glmc
+    from glmc.artifact import read_manifest
+    from glmc.checkpoint import load as load_model
+    from glmc.errors import GlmcError
+
+    settings = Settings(
+        prompt_lengths=[8, 32] if quick else [32, 128, 512],
+        contexts=[16] if quick else [32, 256, 1024],
+        decode_tokens=8 if quick else 16,
+        repeats=2 if quick else 3,
+        baselines=[b for b in (["eager", "ort-plain"] if quick else ["eager", "compile", "ort-plain"]) if b not in skip],
+        quick=quick,
+    )
+    say = (lambda msg: print(f"[glmc bench] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    say("measuring the machine (bandwidth, matmul peak)")
+    machine = machine_info(quick)
+    work = tempfile.TemporaryDirectory()
+    try:
+        path = Path(target)
+        if (path / "manifest.json").is_file():
+            artifact = path
+        else:
+            say(f"compiling {target}")
+            artifact = glmc.compile(target, Path(work.name) / "bench.glmc",
+                                    max_seq_len=64 if quick else 2048, **(compile_options or {}))
+        manifest = read_manifest(artifact)
+        cap = manifest["max_seq_len"]
+        settings.prompt_lengths = [L for L in settings.prompt_lengths if L < cap] or [cap // 2]
+        settings.contexts = [C for C in settings.contexts if C + settings.decode_tokens + 4 < cap] or [cap // 4]
+        say(f"loading the reference model ({manifest['source']['name']})")
+        try:
+            loaded = load_model(manifest["source"]["name"])
+        except GlmcError as e:
+            raise GlmcError(f"baselines need the artifact's source model: {e}") from None
+        model = loaded.model
+        cfg = manifest["model"]["config"]
+        n_params = sum(p.numel() for p in model.parameters())
+        emb = model.get_input_embeddings().weight.numel()
+        lm = model.get_output_embeddings().weight.numel()
+        weights_file = artifact / manifest["backend"]["weights"]
+        # bytes a decode step must read: the artifact's weights less the embedding table
+        # (one row per token), plus the KV cache at the measured context
+        emb_bytes = emb * 4
+        decode_weight_bytes = max(1, weights_file.stat().st_size - emb_bytes)
+        kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 4
+        rng = np.random.default_rng(0)
+        pool = rng.integers(3, cfg["vocab_size"], max(settings.prompt_lengths + settings.contexts)).tolist()
+
+        results: dict[str, dict] = {}
+        providers = {"glmc": lambda: GlmcProvider(artifact)}
+        makers = {"eager": lambda: EagerProvider(model), "compile": lambda: CompileProvider(model),
+                  "ort-plain": lambda: OrtPlainProvider(model, work.name)}
+        for b in settings.baselines:
+            providers[b] = makers[b]
+        _, want = EagerProvider(model).decode_steps(pool[:8], 6)
+        for name, make in providers.items():
+            say(f"{name}: build, check, measure")
+            try:
+                p = make()
+                _, got = p.decode_steps(pool[:8], 6)
+                if got != want and manifest["quant"] == "none":
+                    raise RuntimeError(f"greedy tokens differ from eager: {got} vs {want}")
+                results[name] = measure(p, pool, settings)
+            except Exception as e:  # a failing provider is reported, never fatal
+                results[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
+        for name, r in results.items():
+            if "error" in r:
+                continue
+            for L, pr in r["prefill"].items():
+                flops = 2 * (n_params - emb - lm) * int(L) + 2 * lm
+                pr["tflops"] = flops / pr["seconds"]["median"] / 1e12
+                pr["peak_fraction"] = pr["tflops"] / machine["fp32_matmul_tflops"]
+                pr["ttft_ms"] = pr["seconds"]["median"] * 1e3
+            for C, dr in r["decode"].items():
+                read = (decode_weight_bytes if name == "glmc" else 4 * (n_params - emb)) + kv_per_token * int(C)
+                dr["gbs"] = read / dr["seconds_per_token"]["median"] / 1e9
+                dr["roofline_fraction"] = dr["gbs"] / machine["read_bandwidth_gbs"]
+        ratios = {}
+        if "error" not in results.get("glmc", {"error": 1}):
+            for name, r in results.items():
+                if name == "glmc" or "error" in r:
+                    continue
+                ratios[name] = {
+                    "prefill": {L: r["prefill"][L]["seconds"]["median"] / results["glmc"]["prefill"][L]["seconds"]["median"]
+                                for L in results["glmc"]["prefill"]},
+                    "decode": {C: results["glmc"]["decode"][C]["tokens_per_s"] / r["decode"][C]["tokens_per_s"]
+                               for C in results["glmc"]["decode"]},
+                }
+        say("profiling one decode step")
+        try:
+            breakdown = decode_op_breakdown(artifact, settings.contexts[-1])
+        except Exception as e:
+            breakdown = {"error": f"{type(e).__name__}: {e}"}
+        report = {
+            "schema_version": SCHEMA_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "target": target,
+            "artifact": {"path": str(artifact), "target": manifest["target"], "dtype": manifest["dtype"],
+                         "quant": manifest["quant"], "max_seq_len": cap,
+                         "artifact_bytes": sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()),
+                         "weights_bytes": weights_file.stat().st_size},
+            "model": {"parameters": n_params, "config": {k: cfg[k] for k in (
+                "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")}},
+            "machine": machine,
+            "settings": {"prompt_lengths": settings.prompt_lengths, "contexts": settings.contexts,
+                         "decode_tokens": settings.decode_tokens, "repeats": settings.repeats,
+                         "baselines": settings.baselines, "quick": quick},
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "results": results,
+            "speedup_glmc_over": ratios,
+            "decode_op_breakdown_ms": breakdown,
+        }
+    finally:
+        work.cleanup()
+    from glmc.bench_report import write_report
+
+    write_report(report, out_dir)
+    return report
