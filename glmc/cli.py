@@ -61,10 +61,12 @@ def _parse_target(ctx, param, value: str) -> str:
 @click.option("--asym", is_flag=True, help="int4 with zero points (asymmetric) instead of symmetric.")
 @click.option("--lm-head", default="int8", show_default=True, type=click.Choice(["int8", "none"]),
               help="Quantize the lm_head to int8 (with --quant) or keep it fp32.")
+@click.option("--embedding", default="fp32", show_default=True, type=click.Choice(["fp32", "int8"]),
+              help="Embedding table precision with --quant (int8: per-row scales; saves memory, not decode time).")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
               help="cpu int4/int8 matmuls: 4 = int8 activations inside the kernel (fast), 0 = fp32 activations.")
 def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, verify, fuse, calibrate, asym,
-            lm_head, accuracy_level):
+            lm_head, embedding, accuracy_level):
     """Compile MODEL (a checkpoint directory or a preset name) into an artifact."""
     import json
 
@@ -75,11 +77,16 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
     t0 = time.perf_counter()
     out = do_compile(model, output, target=target, dtype=dtype, quant=quant, group_size=group_size,
                      max_seq_len=max_seq_len, verify=verify, fuse=fuse, progress=sys.stderr.isatty(),
-                     calibrate=calibrate, symmetric=not asym, lm_head=lm_head, accuracy_level=accuracy_level)
+                     calibrate=calibrate, symmetric=not asym, lm_head=lm_head, accuracy_level=accuracy_level,
+                     embedding=embedding)
     report = json.loads((out / "report.json").read_text())
     v = report["verify"]
-    verdict = (f"verified: max |logits diff| {v['max_abs_diff']:.2e} <= {v['allowed']:.2e}"
-               if isinstance(v, dict) else "not verified (--no-verify)")
+    if not isinstance(v, dict):
+        verdict = "not verified (--no-verify)"
+    elif v["measure"] == "max_abs_diff":
+        verdict = f"verified: max |logits diff| {v['max_abs_diff']:.2e} <= {v['allowed']:.2e}"
+    else:
+        verdict = f"verified: relative RMS logits error vs fp32 {v['relative_rms']:.3f} <= {v['allowed']}"
     click.echo(f"wrote {out} ({report['artifact_bytes'] / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
                f"{verdict}; peak RSS {report['peak_rss_mb']:.0f} MiB")
     q = report.get("quantization")
@@ -174,8 +181,10 @@ def verify(artifact, source):
     if ref.source["sha256"] != src["sha256"]:
         raise GlmcError(f"{name}: is not the checkpoint {artifact} was compiled from (sha256 differs)")
     r = compare(rt, ref.model, rt.manifest["dtype"], rt.manifest["quant"])
-    click.echo(f"max |logits diff| {r.max_abs_diff:.3e} over {r.positions} positions (allowed {r.allowed:.3e}): "
-               + ("OK" if r.ok else "FAILED"))
+    measured = (f"{r.relative_rms:.3f} relative RMS logits error" if r.measure == "relative_rms"
+                else f"{r.max_abs_diff:.3e}")
+    click.echo(f"max |logits diff| {r.max_abs_diff:.3e} over {r.positions} positions; checked {measured} "
+               f"(allowed {r.allowed:.3e}); top-1 agreement {r.top1_agreement:.0%}: " + ("OK" if r.ok else "FAILED"))
     if not r.ok:
         sys.exit(3)
 

@@ -117,11 +117,14 @@ def compile(
     symmetric: bool = True,
     lm_head: str = "int8",
     accuracy_level: int = 4,
+    embedding: str = "fp32",
 ) -> Path:
     """Compile MODEL (checkpoint directory or preset name); return the artifact path."""
     from glmc import checkpoint, trace
 
     check_options(target, dtype, quant, group_size)
+    if embedding not in ("fp32", "int8") or (embedding == "int8" and quant == "none"):
+        raise GlmcError("--embedding int8 needs --quant int8 or int4 (choices: fp32, int8)")
     if lm_head not in ("int8", "none"):
         raise GlmcError(f"--lm-head must be int8 or none, got {lm_head!r}")
     if accuracy_level not in (0, 1, 2, 3, 4):
@@ -141,7 +144,7 @@ def compile(
         if not isinstance(seq, int) or not 2 <= seq <= limit:
             raise GlmcError(f"--max-seq-len must be in [2, {limit}] (the model's max_position_embeddings), got {seq}")
         ctx = PassContext(target=target, dtype=dtype, quant=quant, group_size=group_size, fuse=fuse,
-                          max_seq_len=seq, symmetric=symmetric, lm_head=lm_head, accuracy_level=accuracy_level,
+                          max_seq_len=seq, symmetric=symmetric, lm_head=lm_head, accuracy_level=accuracy_level, embedding=embedding,
                           quant_cache={}, quant_report={})   # shared by every entry point's copy of ctx
         pipeline = default_pipeline(ctx) if passes is None else passes
         if calibrate:
@@ -277,10 +280,11 @@ def _verify(tmp: Path, model, graphs, ctx, pipeline, seq, cfg, dtype, quant):
     result = compare(runtime, model, dtype, quant)
     if not result.ok:
         where = _diagnose(model, ctx, pipeline, seq, cfg, result.allowed)
+        measured = (f"max abs logits diff {result.max_abs_diff:.3g}" if result.measure == "max_abs_diff"
+                    else f"relative RMS logits error {result.relative_rms:.3g}")
         raise VerificationError(
-            f"compiled model disagrees with transformers: max abs logits diff {result.max_abs_diff:.3g} "
-            f"> allowed {result.allowed:.3g} ({dtype}, quant {quant}); {where}; artifact not written "
-            "(--no-verify skips this check)"
+            f"compiled model disagrees with transformers: {measured} > allowed {result.allowed:.3g} "
+            f"({dtype}, quant {quant}); {where}; artifact not written (--no-verify skips this check)"
         )
     return result
 

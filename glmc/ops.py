@@ -115,3 +115,14 @@ def linear_nbits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 @linear_nbits.register_fake
 def _(x, qweight, scales, zeros, bias, K, bits, block_size):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@custom_op("glmc::embedding_int8", mutates_args=())
+def embedding_int8(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Rows of an int8 table (V, H) with one fp32 scale per row (V,)."""
+    return qweight[ids].float() * scales[ids].unsqueeze(-1)
+
+
+@embedding_int8.register_fake
+def _(ids, qweight, scales):
+    return torch.empty((*ids.shape, qweight.shape[1]), dtype=torch.float32, device=ids.device)

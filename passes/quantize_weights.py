@@ -5,8 +5,10 @@ before:  y = linear(x, W, b)
 after:   y = glmc.linear_nbits(x, Q, S, Z, b, K, bits, group)             round-to-nearest
          y = glmc.linear_nbits(x * (1/s), Q(W * s), ..., b, ...)          with calibration
 Runs after fusion, so the packed qkv and gate_up weights quantize as one matrix.
-The lm_head is quantized to int8 unless ctx.options["lm_head"] == "none" (the
-embedding table is never quantized: decode reads one row of it per token).
+The lm_head is quantized to int8 unless ctx.options["lm_head"] == "none". The
+embedding table stays fp32 unless ctx.options["embedding"] == "int8" (decode reads
+one row of it per token, so int8 there saves memory and disk, not time):
+         e = embedding(W, ids)  ->  e = glmc.embedding_int8(ids, Q, row_scales)
 declines: quant "none"; non-constant weights; K < 16.
 """
 
@@ -19,7 +21,7 @@ from torch.fx import GraphModule
 
 from glmc.ir import PassContext, PassResult
 from glmc.match import add_constant, aten, attr_tensor, finish, is_op, replace, val
-from glmc.ops import linear_nbits  # noqa: F401  (registers torch.ops.glmc)
+from glmc.ops import embedding_int8, linear_nbits  # noqa: F401  (registers torch.ops.glmc)
 from glmc.quant import Packed, dequantize, quantize
 
 ALPHAS = [i / 10 for i in range(11)]
@@ -60,6 +62,27 @@ def _search_scale(w: torch.Tensor, x: torch.Tensor, bits: int, group: int, symme
     return best
 
 
+def _quantize_embeddings(gm: GraphModule, cache: dict) -> int:
+    hits = 0
+    for node in [n for n in gm.graph.nodes if is_op(n, aten.embedding.default)]:
+        w = attr_tensor(gm, node.args[0])
+        if w is None or w.dim() != 2:
+            continue
+        key = (_digest(w), "embedding")
+        if key not in cache:
+            wf = w.detach().float()
+            scale = (wf.abs().amax(dim=1) / 127).clamp_min(1e-12)
+            cache[key] = (torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8), scale)
+        q, scale = cache[key]
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(torch.ops.glmc.embedding_int8.default,
+                                           (node.args[1], add_constant(gm, "qembedding", q),
+                                            add_constant(gm, "qembedding_scales", scale)))
+        replace(node, fused)
+        hits += 1
+    return hits
+
+
 def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
     quant = ctx.quant
     if quant == "none":
@@ -75,6 +98,8 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
     lm_mode = ctx.options.get("lm_head", "int8")
     matches = 0
     graph = gm.graph
+    if ctx.options.get("embedding") == "int8":
+        matches += _quantize_embeddings(gm, cache)
     for node in [n for n in graph.nodes if is_op(n, aten.linear.default)]:
         w = attr_tensor(gm, node.args[1])
         if w is None or w.dim() != 2 or w.shape[1] < 16:

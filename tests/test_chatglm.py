@@ -39,3 +39,32 @@ def test_chatglm_unsupported_option_is_named(tmp_path):
     (chat_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(GlmcError, match="add_bias_linear"):
         load(chat_dir)
+
+
+def test_sharded_checkpoint_loads_identically(tmp_path):
+    from tests.conftest import VARIANTS as V
+
+    model = make_hf_model(V["glm-gqa"])
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    a, b = load(tmp_path / "one"), load(tmp_path / "sharded")
+    ids = torch.tensor([[5, 9, 200, 7]])
+    with torch.no_grad():
+        assert torch.equal(a.model(input_ids=ids).logits, b.model(input_ids=ids).logits)
+
+
+def test_unsupported_model_type_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(GlmcError, match="model_type 'llama' is not supported"):
+        load(tmp_path)
+
+
+def test_pickle_only_checkpoint_is_refused_with_a_conversion_hint(tmp_path):
+    from tests.conftest import VARIANTS as V
+
+    make_hf_model(V["glm-gqa"]).config.save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(GlmcError, match="safetensors only.*Convert with"):
+        load(tmp_path)

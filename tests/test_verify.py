@@ -57,3 +57,24 @@ def test_no_verify_skips_the_check(checkpoints, tmp_path):
     out = glmc.compile(checkpoints("glm-gqa"), tmp_path / "u.glmc", max_seq_len=32, verify=False,
                        passes=[*PIPELINE, ("corrupt", _corrupt_layer(0))])
     assert (out / "manifest.json").is_file()
+
+
+def test_broken_quantized_build_is_refused(checkpoints, tmp_path):
+    """Scrambled int4 codes (what a wrong packing order gives) must not pass as quantization noise."""
+
+    def scramble(gm, ctx):
+        hits = 0
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.target.startswith("qweight"):
+                t = getattr(gm, node.target)
+                # swap nibbles (every code lands in the wrong slot); a new tensor, since the
+                # packed weights are shared between entry points
+                gm.register_buffer(node.target, ((t >> 4) | (t << 4)).clone())
+                hits += 1
+        return PassResult(gm, hits)
+
+    ctx = PassContext(quant="int4")
+    with pytest.raises(VerificationError, match="relative RMS logits error"):
+        glmc.compile(checkpoints("glm-gqa"), tmp_path / "q.glmc", max_seq_len=32, quant="int4",
+                     passes=[*pipeline(ctx), ("scramble", scramble)])
+    assert not (tmp_path / "q.glmc").exists()

@@ -10,6 +10,7 @@
                          is never concatenated (read once per step, never copied)
   glmc::swiglu        -> Split + Sigmoid + Mul (onnxruntime has no CPU SwiGLU kernel)
   glmc::linear_nbits  -> com.microsoft.MatMulNBits (glmc's packed format is its layout)
+  glmc::embedding_int8 -> Gather (int8 rows) + Cast + Mul by the gathered row scales
 
 Contrib-op semantics (attribute names, layouts, interleaving) follow the onnxruntime
 contrib operator docs and are checked against glmc/ops.py in tests/backends.
@@ -137,6 +138,11 @@ def make_linear_nbits(accuracy_level: int):
     return linear_nbits
 
 
+def embedding_int8(ids, qweight, scales):
+    rows = op.Cast(op.Gather(qweight, ids, axis=0), to=onnx.TensorProto.FLOAT)
+    return op.Mul(rows, op.Unsqueeze(op.Gather(scales, ids, axis=0), _ints(-1)))
+
+
 def translation_table(accuracy_level: int = 4) -> dict:
     register_contrib_schemas()
     g = torch.ops.glmc
@@ -147,4 +153,5 @@ def translation_table(accuracy_level: int = 4) -> dict:
         g.rotary.default: rotary,
         g.attention.default: attention,
         g.linear_nbits.default: make_linear_nbits(accuracy_level),
+        g.embedding_int8.default: embedding_int8,
     }

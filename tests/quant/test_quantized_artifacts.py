@@ -102,3 +102,13 @@ def test_calibration_reduces_the_error_against_fp32(fixture_ppl):
     _, kl = fixture_ppl
     assert kl["int8"] < kl["int4"], kl
     assert kl["int4-cal"] < kl["int4"], kl
+
+
+def test_int8_embedding_option(artifacts, checkpoints, reference):
+    fp = artifacts("glm-gqa", quant="int8")
+    path = artifacts("glm-gqa", quant="int8", embedding="int8")
+    model = glmc.load(path)
+    assert _agreement(model, reference(checkpoints("glm-gqa"))) >= 0.9
+    assert (path / "weights.safetensors").stat().st_size < (fp / "weights.safetensors").stat().st_size
+    hist = json.loads((path / "manifest.json").read_text())["backend"]["op_histogram"]["decode"]
+    assert "Gather" in hist
