@@ -156,12 +156,10 @@ def test_linear_nbits_lowers_to_matmulnbits(bits, group, symmetric):
     def fn(x, q, s, b, *z):
         return g.linear_nbits(x, q, s, z[0] if z else None, b, K, bits, group)
 
-    import glmc.backends.cpu.lower as lower
-
     x = torch.randn(2, 3, K)
     module = _Call(fn, consts)
     gm = torch.export.export(module, (x,)).module()
-    proto = lower.export_onnx(Traced("t", gm, (x,), ({},), ["x0"], ["out"]), accuracy_level=0)
+    proto = export_onnx(Traced("t", gm, (x,), ({},), ["x0"], ["out"]), accuracy_level=0)
     assert ("com.microsoft", "MatMulNBits") in _ops(proto)
     got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x0": x.numpy()})[0]
     np.testing.assert_allclose(got, module(x).numpy(), rtol=0, atol=1e-4)

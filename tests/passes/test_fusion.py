@@ -117,7 +117,7 @@ def test_pipeline_twice_equals_once(traced):
 
 def test_no_fuse_leaves_only_canonicalization():
     names = [n for n, _ in pipeline(PassContext(fuse=False))]
-    assert names == ["fold_noops", "eliminate_dead_code"]
+    assert names == ["fold_noops", "quantize_weights", "eliminate_dead_code"]
 
 
 def test_swiglu_two_linear_form_is_packed():
