@@ -236,6 +236,7 @@ def decode_op_breakdown(artifact: Path, context: int, steps: int = 8) -> dict[st
     opts.intra_op_num_threads = ex.threads
     with tempfile.TemporaryDirectory() as d:
         opts.profile_file_prefix = os.path.join(d, "decode")
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         for init_name, key in backend["initializers"]["decode"].items():
             opts.add_initializer(init_name, ex._ort_weights[key])
         ex.sessions["decode"] = ort.InferenceSession(str(artifact / backend["graphs"]["decode"]), sess_options=opts,

@@ -58,54 +58,64 @@ def export_onnx(traced: Traced, accuracy_level: int = 4) -> onnx.ModelProto:
     return model
 
 
-def _externalize(models: dict[str, onnx.ModelProto], out_dir: Path) -> dict[str, dict[str, str]]:
-    """Move big initializers into weights.safetensors; return {model: {init name: key}}."""
-    from safetensors.numpy import save_file
+class _WeightStore:
+    """Initializers moved out of the ONNX protos as soon as each graph is exported,
+    deduplicated by content, so a compile holds one copy of the weights (not one per
+    entry point) before they are written to weights.safetensors."""
 
-    by_digest: dict[str, str] = {}
-    arrays: dict[str, np.ndarray] = {}
-    mapping: dict[str, dict[str, str]] = {}
-    for model_name, model in models.items():
-        mapping[model_name] = {}
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+        self._by_digest: dict[str, str] = {}
+        self.mapping: dict[str, dict[str, str]] = {}
+
+    def take(self, model_name: str, model: onnx.ModelProto) -> None:
+        names = self.mapping.setdefault(model_name, {})
         for init in model.graph.initializer:
             arr = numpy_helper.to_array(init)
             if arr.nbytes <= INLINE_BYTES:
                 continue
             arr = np.ascontiguousarray(arr)
             digest = hashlib.sha256(arr.tobytes()).hexdigest() + str(arr.dtype) + str(arr.shape)
-            key = by_digest.get(digest)
+            key = self._by_digest.get(digest)
             if key is None:
-                key = f"w{len(arrays)}"
-                by_digest[digest] = key
-                arrays[key] = arr
-            mapping[model_name][init.name] = key
-    path = out_dir / WEIGHTS_FILE
-    save_file(arrays, str(path))
-    header = read_header(path)
-    base = data_start(path)
-    for model_name, model in models.items():
-        names = mapping[model_name]
-        for init in model.graph.initializer:
-            key = names.get(init.name)
-            if key is None:
-                continue
-            begin, end = header[key]["data_offsets"]
+                key = self._by_digest[digest] = f"w{len(self.arrays)}"
+                self.arrays[key] = arr
+            names[init.name] = key
             init.ClearField("raw_data")
             for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                 init.ClearField(f)
-            del init.external_data[:]
-            for k, v in (("location", WEIGHTS_FILE), ("offset", str(base + begin)), ("length", str(end - begin))):
-                entry = init.external_data.add()
-                entry.key, entry.value = k, v
-            init.data_location = onnx.TensorProto.EXTERNAL
-    return mapping
+
+    def write(self, models: dict[str, onnx.ModelProto], out_dir: Path) -> None:
+        """Save weights.safetensors and point each model's initializers at their byte ranges."""
+        from safetensors.numpy import save_file
+
+        path = out_dir / WEIGHTS_FILE
+        save_file(self.arrays, str(path))
+        header = read_header(path)
+        base = data_start(path)
+        for model_name, model in models.items():
+            names = self.mapping[model_name]
+            for init in model.graph.initializer:
+                key = names.get(init.name)
+                if key is None:
+                    continue
+                begin, end = header[key]["data_offsets"]
+                del init.external_data[:]
+                for k, v in (("location", WEIGHTS_FILE), ("offset", str(base + begin)), ("length", str(end - begin))):
+                    entry = init.external_data.add()
+                    entry.key, entry.value = k, v
+                init.data_location = onnx.TensorProto.EXTERNAL
 
 
 def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) -> dict:
     out_dir = Path(out_dir)
     level = ctx.options.get("accuracy_level", 4)
-    models = {t.name: export_onnx(t, level) for t in traced}
-    mapping = _externalize(models, out_dir)
+    store = _WeightStore()
+    models = {}
+    for t in traced:
+        models[t.name] = export_onnx(t, level)
+        store.take(t.name, models[t.name])
+    store.write(models, out_dir)
     files = {}
     for name, model in models.items():
         fname = f"{name}.onnx"
@@ -115,7 +125,7 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
         "kind": "onnxruntime",
         "graphs": files,
         "weights": WEIGHTS_FILE,
-        "initializers": mapping,
+        "initializers": store.mapping,
         "io": {t.name: {"inputs": t.input_names, "outputs": t.output_names} for t in traced},
         "op_histogram": {name: _onnx_histogram(m) for name, m in models.items()},
     }

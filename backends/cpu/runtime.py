@@ -35,6 +35,23 @@ class KVCache:
         self.ort_mask = ort.OrtValue.ortvalue_from_numpy(self.mask)
 
 
+class _LazySessions(dict):
+    """name -> InferenceSession, built by `make(name)` the first time it is asked for."""
+
+    def __init__(self, make, names):
+        super().__init__()
+        self._make, self._names = make, set(names)
+
+    def __contains__(self, name):
+        return name in self._names
+
+    def __missing__(self, name):
+        if name not in self._names:
+            raise KeyError(name)
+        self[name] = session = self._make(name)
+        return session
+
+
 class CpuExecutor:
     def __init__(self, artifact_dir: Path, manifest: dict, threads: int | None = None):
         from safetensors.numpy import load_file
@@ -50,19 +67,23 @@ class CpuExecutor:
         # one copy of the weights in memory, shared by both sessions
         self._weights = load_file(str(artifact_dir / backend["weights"]))
         self._ort_weights = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in self._weights.items()}
-        self.sessions = {}
-        for name, fname in backend["graphs"].items():
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = self.threads
-            opts.inter_op_num_threads = 1
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.log_severity_level = 3
-            for init_name, key in backend["initializers"][name].items():
-                opts.add_initializer(init_name, self._ort_weights[key])
-            self.sessions[name] = ort.InferenceSession(
-                str(artifact_dir / fname), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
+        self._dir = artifact_dir
+        self._backend = backend
+        # sessions are created on first use: each holds its own pre-packed copy of the
+        # matmul weights, and generation never needs the full-logits "score" entry
+        self.sessions = _LazySessions(self._make_session, backend["graphs"])
         self.io = backend["io"]
+
+    def _make_session(self, name: str):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        for init_name, key in self._backend["initializers"][name].items():
+            opts.add_initializer(init_name, self._ort_weights[key])
+        return ort.InferenceSession(str(self._dir / self._backend["graphs"][name]), sess_options=opts,
+                                    providers=["CPUExecutionProvider"])
 
     def new_cache(self, batch: int) -> KVCache:
         return KVCache(batch, self.n_layers, self.kv_heads, self.capacity, self.head_dim)
