@@ -25,6 +25,7 @@ setup(
         "numpy>=1.26",
         "click>=8.1",
         "rich>=13",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],

@@ -135,7 +135,7 @@ def compile(
     if progress is None:
         progress = sys.stderr.isatty()
     t_start = time.perf_counter()
-    with _Stages(progress, total=6) as stages:
+    with _Stages(progress, total=7 if calibrate else 6) as stages:
         with stages.stage("load checkpoint"):
             loaded = checkpoint.load(model)
         cfg = loaded.config
