@@ -47,8 +47,11 @@ def fuse_qkv(gm: GraphModule, ctx: PassContext) -> PassResult:
             bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for _, w, b in group], 0)
         sizes = [w.shape[0] for _, w, _ in group]
         graph = gm.graph
-        w_node = add_constant(gm, "fused_qkv_weight", weight)
-        b_node = add_constant(gm, "fused_qkv_bias", bias) if bias is not None else None
+        # named after the first projection's weight, so reports still say which layer it is
+        first_w = group[0][0].args[1]
+        base = first_w.target if first_w.op == "get_attr" else "fused"
+        w_node = add_constant(gm, f"{base}_qkv", weight)
+        b_node = add_constant(gm, f"{base}_qkv_bias", bias) if bias is not None else None
         first = group[0][0]
         with graph.inserting_before(first):
             fused = graph.call_function(aten.linear.default, (x, w_node, b_node))
