@@ -224,23 +224,12 @@ def measure(provider, prompt_pool: list[int], s: Settings) -> dict:
 
 def decode_op_breakdown(artifact: Path, context: int, steps: int = 8) -> dict[str, float]:
     """Per-op-type milliseconds of one decode step, from onnxruntime's profiler."""
-    import onnxruntime as ort
-
     import glmc
 
     rt = glmc.load(artifact, verify=False)
     ex = rt.executor
-    backend = rt.manifest["backend"]
-    opts = ort.SessionOptions()
-    opts.enable_profiling = True
-    opts.intra_op_num_threads = ex.threads
     with tempfile.TemporaryDirectory() as d:
-        opts.profile_file_prefix = os.path.join(d, "decode")
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        for init_name, key in backend["initializers"]["decode"].items():
-            opts.add_initializer(init_name, ex._ort_weights[key])
-        ex.sessions["decode"] = ort.InferenceSession(str(artifact / backend["graphs"]["decode"]), sess_options=opts,
-                                                     providers=["CPUExecutionProvider"])
+        ex.profile("decode", os.path.join(d, "decode"))
         ids = list(range(5, 5 + context))
         cache, last = rt._prefill([ids])
         pos, tok = np.array([context]), int(last[0].argmax())

@@ -181,8 +181,7 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str, tied: bool) -> list[str]:
-    warnings = []
+def _assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str, tied: bool) -> None:
     expected = model.state_dict()
     if tied:
         expected.pop("lm_head.weight", None)
@@ -208,7 +207,6 @@ def _assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], wh
     if tied:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
-    return warnings
 
 
 def _new_model(model_type: str, config) -> torch.nn.Module:
@@ -261,14 +259,13 @@ def _load_checkpoint(ckpt: Path) -> LoadedModel:
     if layout == "chatglm":
         tensors = chatglm.weights_from_chatglm(tensors, cfg)
     model = _new_model(model_type, config)
-    warnings = _assign_weights(model, tensors, str(ckpt), tied=bool(config.tie_word_embeddings))
+    _assign_weights(model, tensors, str(ckpt), tied=bool(config.tie_word_embeddings))
     tok = ckpt / "tokenizer.json"
     return LoadedModel(
         model=model, model_type=model_type, source_layout=layout, config=cfg,
         source={"kind": "checkpoint", "name": str(ckpt.resolve()),
                 "sha256": _sha256_files([ckpt / "config.json", *files])},
         tokenizer_json=tok.read_text() if tok.is_file() else None,
-        warnings=warnings,
     )
 
 

@@ -74,8 +74,11 @@ class CpuExecutor:
         self.sessions = _LazySessions(self._make_session, backend["graphs"])
         self.io = backend["io"]
 
-    def _make_session(self, name: str):
+    def _make_session(self, name: str, profile_prefix: str | None = None):
         opts = ort.SessionOptions()
+        if profile_prefix is not None:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -84,6 +87,10 @@ class CpuExecutor:
             opts.add_initializer(init_name, self._ort_weights[key])
         return ort.InferenceSession(str(self._dir / self._backend["graphs"][name]), sess_options=opts,
                                     providers=["CPUExecutionProvider"])
+
+    def profile(self, name: str, prefix: str) -> None:
+        """Replace session `name` with one that writes onnxruntime's profile to `prefix`*.json."""
+        self.sessions[name] = self._make_session(name, profile_prefix=prefix)
 
     def new_cache(self, batch: int) -> KVCache:
         return KVCache(batch, self.n_layers, self.kv_heads, self.capacity, self.head_dim)
