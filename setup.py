@@ -12,7 +12,8 @@ setup(
     version="0.1.0",
     description="Compiler for GLM-family language models (CPU via ONNX Runtime; CUDA/ROCm via Triton)",
     python_requires=">=3.10",
-    packages=["glmc", "glmc.passes", "glmc.backends", "glmc.backends.cpu"],
+    packages=["glmc", "glmc.passes", "glmc.backends", "glmc.backends.cpu", "glmc.backends.gpu",
+              "glmc.backends.cuda", "glmc.backends.rocm", "glmc.backends.triton"],
     package_dir={"glmc": "glmc", "glmc.passes": "passes", "glmc.backends": "backends"},
     install_requires=[
         "torch>=2.6",
@@ -26,6 +27,7 @@ setup(
         "click>=8.1",
         "rich>=13",
         "matplotlib>=3.7",
+        "triton>=3.2",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],

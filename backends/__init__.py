@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from glmc.errors import GlmcError
 
-TARGETS = ("cpu",)
+TARGETS = ("cpu", "cuda", "rocm")
 
 
 def get_backend(target: str):
@@ -19,5 +19,18 @@ def get_backend(target: str):
 
         return cpu
     if kind in ("cuda", "rocm"):
-        raise GlmcError(f"target {target!r}: the {kind} backend is not built yet (supported: cpu)")
-    raise GlmcError(f"unknown target {target!r} (supported: cpu)")
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise GlmcError(f"target {target!r} needs Triton: pip install 'glmc[gpu]'") from None
+        from glmc.backends.triton.aot import parse_target
+
+        parse_target(target)
+        if kind == "cuda":
+            from glmc.backends import cuda
+
+            return cuda
+        from glmc.backends import rocm
+
+        return rocm
+    raise GlmcError(f"unknown target {target!r} (supported: cpu, cuda[:sm_80,sm_90], rocm[:gfx906,gfx90a,gfx942])")

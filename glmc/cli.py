@@ -49,7 +49,7 @@ def _parse_target(ctx, param, value: str) -> str:
               help="cpu | cuda[:sm_80,sm_90] | rocm[:gfx906,gfx90a,gfx942]")
 @click.option("--quant", default="none", show_default=True, help="none | int8 | int4")
 @click.option("--group-size", default=128, show_default=True, type=int, help="int4 group size.")
-@click.option("--dtype", default="fp32", show_default=True, help="fp32 | fp16 | bf16")
+@click.option("--dtype", default=None, help="fp32 | fp16 | bf16 (default: fp32 on cpu, fp16 on cuda/rocm)")
 @click.option("--max-seq-len", type=int, default=None,
               help="KV-cache capacity (prompt + generated). Default: min(max_position_embeddings, 2048).")
 @click.option("--tune/--no-tune", default=False, show_default=True, help="Autotune kernel configs (not built yet).")
@@ -82,7 +82,7 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
     report = json.loads((out / "report.json").read_text())
     v = report["verify"]
     if not isinstance(v, dict):
-        verdict = "not verified (--no-verify)"
+        verdict = f"not verified ({v})" if v.startswith("skipped: no") else "not verified (--no-verify)"
     elif v["measure"] == "max_abs_diff":
         verdict = f"verified: max |logits diff| {v['max_abs_diff']:.2e} <= {v['allowed']:.2e}"
     else:

@@ -50,7 +50,7 @@ def check_options(target: str, dtype: str, quant: str, group_size: int) -> None:
     if quant not in QUANTS:
         raise GlmcError(f"unknown quant {quant!r} (choose from {', '.join(QUANTS)})")
     get_backend(target)
-    if target.startswith("cpu") and dtype != "fp32":
+    if target.split(":", 1)[0] == "cpu" and dtype != "fp32":
         raise GlmcError(f"--dtype {dtype} is not supported on the cpu target yet (cpu compiles fp32)")
     if not isinstance(group_size, int) or group_size < 16 or group_size & (group_size - 1):
         raise GlmcError(f"--group-size must be a power of two >= 16 (e.g. 32, 64, 128), got {group_size!r}")
@@ -105,7 +105,7 @@ def compile(
     model: str | os.PathLike,
     output: str | os.PathLike | None = None,
     target: str = "cpu",
-    dtype: str = "fp32",
+    dtype: str | None = None,
     quant: str = "none",
     group_size: int = 128,
     max_seq_len: int | None = None,
@@ -122,6 +122,8 @@ def compile(
     """Compile MODEL (checkpoint directory or preset name); return the artifact path."""
     from glmc import checkpoint, trace
 
+    if dtype is None:
+        dtype = "fp32" if target.split(":", 1)[0] == "cpu" else "fp16"
     check_options(target, dtype, quant, group_size)
     if embedding not in ("fp32", "int8") or (embedding == "int8" and quant == "none"):
         raise GlmcError("--embedding int8 needs --quant int8 or int4 (choices: fp32, int8)")
@@ -145,7 +147,7 @@ def compile(
             raise GlmcError(f"--max-seq-len must be in [2, {limit}] (the model's max_position_embeddings), got {seq}")
         ctx = PassContext(target=target, dtype=dtype, quant=quant, group_size=group_size, fuse=fuse,
                           max_seq_len=seq, symmetric=symmetric, lm_head=lm_head, accuracy_level=accuracy_level, embedding=embedding,
-                          quant_cache={}, quant_report={})   # shared by every entry point's copy of ctx
+                          quant_cache={}, quant_report={}, model_config=cfg)   # shared by every entry point's copy of ctx
         pipeline = default_pipeline(ctx) if passes is None else passes
         if calibrate:
             with stages.stage("calibrate"):
@@ -181,7 +183,10 @@ def compile(
             write_manifest(tmp, manifest)
             result = None
             with stages.stage("verify vs transformers"):
-                if verify:
+                no_device = _no_device_reason(target) if verify else None
+                if no_device:
+                    result = None
+                elif verify:
                     result = _verify(tmp, loaded.model, graphs, ctx, pipeline, seq, cfg, dtype, quant)
             with stages.stage("write artifact"):
                 n_params = sum(p.numel() for p in loaded.model.parameters())
@@ -193,7 +198,8 @@ def compile(
                     "parameters": n_params,
                     "parameter_bytes_fp32": n_params * 4,
                     "artifact_bytes": sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()),
-                    "verify": result.as_dict() if result else "skipped (--no-verify)",
+                    "verify": result.as_dict() if result else (
+                        f"skipped: {no_device}" if no_device else "skipped (--no-verify)"),
                     "quantization": _quant_summary(quant_report, quant, group_size, symmetric, lm_head,
                                                    accuracy_level, calibrate),
                     "passes": [r.as_dict(with_histograms=True) for r in records],
@@ -203,6 +209,20 @@ def compile(
                 (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
                 write_manifest(tmp, manifest)
     return out
+
+
+def _no_device_reason(target: str) -> str | None:
+    """Why a GPU artifact cannot be verified on this machine (None when it can)."""
+    if target.split(":", 1)[0] == "cpu":
+        return None
+    import torch
+
+    from glmc.backends.triton._common import interpreting
+
+    if torch.cuda.is_available() or interpreting():
+        return None
+    return (f"no GPU on this machine to run the {target} kernels; run `glmc verify ARTIFACT` where the "
+            f"GPU is (or set TRITON_INTERPRET=1 to verify in the interpreter)")
 
 
 def _quant_summary(report: dict, quant, group_size, symmetric, lm_head, accuracy_level, calibrate) -> dict | None:

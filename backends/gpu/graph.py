@@ -1,0 +1,128 @@
+"""The rewritten FX graph as plain JSON, and an interpreter that runs it on a GPU.
+
+An artifact holds no pickle and no Python: each node is an op name (resolved at
+load only within torch.ops.aten / torch.ops.glmc, plus operator.getitem) with
+JSON-encoded arguments; weights live in weights.safetensors.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+
+from glmc.errors import GlmcError
+
+NAMESPACES = ("aten", "glmc")
+
+
+def _encode(a):
+    if isinstance(a, torch.fx.Node):
+        return {"node": a.name}
+    if isinstance(a, (list, tuple)):
+        return {"list": [_encode(x) for x in a], "tuple": isinstance(a, tuple)}
+    if isinstance(a, bool) or a is None or isinstance(a, (int, str)):
+        return a
+    if isinstance(a, float):
+        return a if math.isfinite(a) else {"float": repr(a)}
+    if isinstance(a, torch.dtype):
+        return {"dtype": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.device):
+        return {"device": a.type}
+    if isinstance(a, torch.layout):
+        return {"layout": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.memory_format):
+        return {"memory_format": str(a).removeprefix("torch.")}
+    raise GlmcError(f"cannot serialise graph argument of type {type(a).__name__} ({a!r})")
+
+
+def _target_name(target) -> str:
+    if target is operator.getitem:
+        return "getitem"
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)   # e.g. aten.linear.default
+    raise GlmcError(f"cannot serialise call to {target!r}: only aten/glmc ops and getitem")
+
+
+def to_json(gm: torch.fx.GraphModule) -> dict:
+    nodes = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target == "_guards_fn":   # torch.export's input guard: shapes are checked by the runtime
+            continue
+        if n.op == "placeholder":
+            nodes.append({"op": "input", "name": n.name})
+        elif n.op == "get_attr":
+            nodes.append({"op": "weight", "name": n.name, "target": n.target})
+        elif n.op == "call_function":
+            nodes.append({"op": "call", "name": n.name, "target": _target_name(n.target),
+                          "args": _encode(n.args), "kwargs": {k: _encode(v) for k, v in n.kwargs.items()}})
+        elif n.op == "output":
+            nodes.append({"op": "output", "args": _encode(n.args[0])})
+        else:
+            raise GlmcError(f"cannot serialise graph node {n.name} ({n.op})")
+    return {"nodes": nodes}
+
+
+def resolve(name: str):
+    if name == "getitem":
+        return operator.getitem
+    parts = name.split(".")
+    if len(parts) != 3 or parts[0] not in NAMESPACES:
+        raise GlmcError(f"graph names op {name!r}: only aten.* / glmc.* ops are allowed in an artifact")
+    try:
+        return getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
+    except (AttributeError, RuntimeError):
+        raise GlmcError(f"graph names unknown op {name!r}") from None
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
+           "int32": torch.int32, "bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8}
+
+
+def decode_arg(a, env, device, compute_dtype):
+    if isinstance(a, dict):
+        if "node" in a:
+            return env[a["node"]]
+        if "list" in a:
+            items = [decode_arg(x, env, device, compute_dtype) for x in a["list"]]
+            return tuple(items) if a.get("tuple") else items
+        if "float" in a:
+            return float(a["float"])
+        if "dtype" in a:
+            if a["dtype"] not in _DTYPES:
+                raise GlmcError(f"graph uses unsupported dtype {a['dtype']!r}")
+            return _DTYPES[a["dtype"]]
+        if "device" in a:
+            return device
+        if "layout" in a:
+            return getattr(torch, a["layout"])
+        if "memory_format" in a:
+            return getattr(torch, a["memory_format"])
+        raise GlmcError(f"graph argument {a!r} is not understood")
+    return a
+
+
+class Program:
+    """A loaded graph: ops resolved once, run node by node; glmc ops and linears go to `kernels`."""
+
+    def __init__(self, graph: dict, weights: dict[str, torch.Tensor], kernels: dict, device, compute_dtype):
+        self.device, self.compute_dtype = device, compute_dtype
+        self.inputs = [n["name"] for n in graph["nodes"] if n["op"] == "input"]
+        self.consts = {n["name"]: weights[n["target"]] for n in graph["nodes"] if n["op"] == "weight"}
+        self.steps = []
+        for n in graph["nodes"]:
+            if n["op"] == "call":
+                fn = kernels.get(n["target"]) or resolve(n["target"])
+                self.steps.append((n["name"], fn, n["args"], n["kwargs"]))
+            elif n["op"] == "output":
+                self.output = n["args"]
+
+    def __call__(self, *inputs):
+        env = dict(self.consts)
+        env.update(zip(self.inputs, inputs))
+        dev, dt = self.device, self.compute_dtype
+        for name, fn, args, kwargs in self.steps:
+            env[name] = fn(*decode_arg(args, env, dev, dt),
+                           **{k: decode_arg(v, env, dev, dt) for k, v in kwargs.items()})
+        return decode_arg(self.output, env, dev, dt)
