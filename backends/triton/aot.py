@@ -10,6 +10,7 @@ JIT-compiles glmc's installed kernel source.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -30,6 +31,16 @@ ARCHS = {
 DEFAULT_ARCHS = {"cuda": ["sm_80", "sm_90"], "rocm": ["gfx906", "gfx90a", "gfx942"]}
 BINARY_EXT = {"cuda": "cubin", "hip": "hsaco"}
 KERNEL_SOURCES = ("_common.py", "rms_norm.py", "rotary.py", "swiglu.py", "attention.py", "matmul.py")
+KERNEL_MODULES = ("rms_norm", "rotary", "swiglu", "attention", "matmul")
+
+
+def jit_kernels() -> dict:
+    """Kernel name -> JITFunction (the compilable form; not available under TRITON_INTERPRET=1)."""
+    import importlib
+
+    mods = [importlib.import_module(f"glmc.backends.triton.{m}") for m in KERNEL_MODULES]
+    return {name: fn for mod in mods for name, fn in vars(mod).items()
+            if name.endswith("_kernel") and hasattr(fn, "arg_names")}
 
 
 def parse_target(target: str) -> tuple[str, list[str]]:
@@ -82,37 +93,63 @@ def copy_sources(dest: Path) -> None:
         (dest / name).write_bytes((here / name).read_bytes())
 
 
-def compile_launches(launches: list[Launch], archs: list[str], out_dir: Path, progress=None) -> list[dict]:
-    """Cross-compile each distinct launch for each arch into out_dir; return the index entries."""
-    unique = {}
+def compile_launches(launches: list[Launch], archs: list[str], out_dir: Path) -> list[dict]:
+    """Cross-compile each distinct launch for each arch into out_dir; return the index entries.
+
+    Under TRITON_INTERPRET=1 (tests without a GPU) the kernels in this process are interpreter
+    functions, which cannot be compiled: the compilation runs in a child process without it."""
+    jobs = {}
     for launch in launches:
-        unique.setdefault(launch_key(launch), launch)
+        jobs.setdefault(launch_key(launch), {
+            "key": launch_key(launch), "kernel": launch.kernel.__name__, "signature": _signature(launch),
+            "constexprs": dict(launch.constexprs), "num_warps": launch.config.num_warps,
+            "num_stages": launch.config.num_stages})
+    jobs = list(jobs.values())
+    from glmc.backends.triton._common import interpreting
+
+    if not interpreting():
+        return compile_jobs(jobs, archs, out_dir)
+    import os
+    import subprocess
+    import sys
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "jobs.json").write_text(json.dumps({"jobs": jobs, "archs": archs}))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "glmc.backends.triton.aot", str(out_dir)], env=env,
+                       capture_output=True, text=True)
+    (out_dir / "jobs.json").unlink()
+    if r.returncode != 0:
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        raise GlmcError(f"AOT kernel compilation failed: {lines[-1] if lines else 'exit ' + str(r.returncode)}")
+    result = out_dir / "entries.json"
+    entries = json.loads(result.read_text())
+    result.unlink()
+    return entries
+
+
+def compile_jobs(jobs: list[dict], archs: list[str], out_dir: Path) -> list[dict]:
+    fns = jit_kernels()
     entries = []
     for arch in archs:
         target = gpu_target(arch)
         ext = BINARY_EXT[target.backend]
         (out_dir / arch).mkdir(parents=True, exist_ok=True)
-        for key, launch in unique.items():
-            src = ASTSource(fn=launch.kernel, signature=_signature(launch), constexprs=dict(launch.constexprs))
-            options = {"num_warps": launch.config.num_warps, "num_stages": launch.config.num_stages}
+        for job in jobs:
+            src = ASTSource(fn=fns[job["kernel"]], signature=job["signature"], constexprs=job["constexprs"])
+            options = {"num_warps": job["num_warps"], "num_stages": job["num_stages"]}
             try:
                 compiled = triton.compile(src, target=target, options=options)
             except Exception as e:   # a config the arch cannot build (e.g. shared memory): say which
-                raise GlmcError(f"AOT compile of {launch.kernel.__name__} for {arch} failed: "
-                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-            stem = f"{launch.kernel.__name__}-{key}"
-            binary = out_dir / arch / f"{stem}.{ext}"
-            binary.write_bytes(compiled.asm[ext])
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise GlmcError(f"AOT compile of {job['kernel']} for {arch} failed: {type(e).__name__}: {first}") from e
+            stem = f"{job['kernel']}-{job['key']}"
+            (out_dir / arch / f"{stem}.{ext}").write_bytes(compiled.asm[ext])
             meta = compiled.metadata._asdict()
             meta["target"] = {"backend": target.backend, "arch": target.arch, "warp_size": target.warp_size}
             (out_dir / arch / f"{stem}.json").write_text(json.dumps(meta, default=_jsonable, sort_keys=True))
-            entries.append({"key": key, "arch": arch, "kernel": launch.kernel.__name__,
-                            "binary": f"{arch}/{stem}.{ext}", "metadata": f"{arch}/{stem}.json",
-                            "signature": _signature(launch), "constexprs": dict(launch.constexprs),
-                            "num_warps": launch.config.num_warps, "num_stages": launch.config.num_stages,
-                            "shared_bytes": meta.get("shared", 0), "hash": compiled.hash})
-            if progress:
-                progress()
+            entries.append(dict(job, arch=arch, binary=f"{arch}/{stem}.{ext}", metadata=f"{arch}/{stem}.json",
+                                shared_bytes=meta.get("shared", 0), hash=compiled.hash))
     return entries
 
 
@@ -138,13 +175,9 @@ def load_prebuilt(kernels_dir: Path, index: dict, arch: str) -> dict:
     """Launch key -> runner for every stored binary of `arch`, when built by this Triton version."""
     from triton.compiler.compiler import CompiledKernel
 
-    from glmc.backends.triton import attention, matmul, rms_norm, rotary, swiglu
-
     if index.get("triton_version") != triton.__version__:
         return {}
-    fns = {f.__name__: f for f in (rms_norm._rms_norm_kernel, rotary._rotary_kernel, swiglu._swiglu_kernel,
-                                   attention._attention_kernel, attention._attention_combine_kernel,
-                                   matmul._matmul_kernel, matmul._gemv_kernel)}
+    fns = jit_kernels()
     runners = {}
     for e in index["entries"]:
         if e["arch"] != arch:
@@ -160,3 +193,16 @@ def load_prebuilt(kernels_dir: Path, index: dict, arch: str) -> dict:
 
         runners[e["key"]] = run
     return runners
+
+
+if __name__ == "__main__":      # the child process of compile_launches under TRITON_INTERPRET=1
+    import sys
+
+    _out = Path(sys.argv[1])
+    _spec = json.loads((_out / "jobs.json").read_text())
+    try:
+        _entries = compile_jobs(_spec["jobs"], _spec["archs"], _out)
+    except GlmcError as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)
+    (_out / "entries.json").write_text(json.dumps(_entries))
