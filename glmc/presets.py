@@ -45,6 +45,16 @@ PRESETS: dict[str, Preset] = {
                 partial_rotary_factor=0.5, rope_theta=10000.0, **_SPECIALS,
             ),
         ),
+        Preset(
+            "glm-1b",
+            "16 layers, hidden 2048, 16 heads / 2 KV heads, head_dim 128, vocab 65024 (~1.0B params; GPU benchmarks)",
+            dict(
+                model_type="glm", vocab_size=65024, hidden_size=2048, intermediate_size=6144,
+                num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=2, head_dim=128,
+                max_position_embeddings=8192, rms_norm_eps=1e-5, attention_bias=True,
+                partial_rotary_factor=0.5, rope_theta=10000.0, **_SPECIALS,
+            ),
+        ),
     ]
 }
 
