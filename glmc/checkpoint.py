@@ -109,8 +109,9 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def weight_files(ckpt: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, validated to stay inside it."""
+def weight_files(ckpt: Path, allow_pickle: bool = False) -> list[Path]:
+    """The safetensors files of a checkpoint, validated to stay inside it (safetensors win
+    over pickle files; pickle files only with allow_pickle)."""
     index = ckpt / "model.safetensors.index.json"
     single = ckpt / "model.safetensors"
     root = ckpt.resolve()
@@ -137,11 +138,18 @@ def weight_files(ckpt: Path) -> list[Path]:
     if shards:
         return shards
     pickles = [p.name for p in ckpt.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+    if pickles and allow_pickle:
+        files = [ckpt / name for name in sorted(pickles)]
+        for p in files:
+            if not p.resolve().is_relative_to(root):
+                raise GlmcError(f"{p}: is a link out of the checkpoint directory")
+        return files
     if pickles:
         raise GlmcError(
             f"{ckpt}: only pickle weights ({', '.join(sorted(pickles))}); glmc loads safetensors only. "
             "Convert with: python -c \"import torch,safetensors.torch as s; "
-            "s.save_file(torch.load('pytorch_model.bin', weights_only=True), 'model.safetensors')\""
+            "s.save_file(torch.load('pytorch_model.bin', weights_only=True), 'model.safetensors')\" "
+            "(or pass --allow-pickle to load it with torch.load(weights_only=True))"
         )
     raise GlmcError(f"{ckpt}: no model.safetensors or *.safetensors weights")
 
@@ -169,6 +177,9 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
     tensors: dict[str, torch.Tensor] = {}
     for p in files:
+        if p.suffix in _PICKLE_SUFFIXES:
+            _read_pickle(p, tensors)
+            continue
         read_header(p)
         try:
             with safe_open(p, framework="pt") as f:
@@ -179,6 +190,66 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
         except SafetensorError as e:
             raise GlmcError(f"{p}: unreadable safetensors ({e})") from None
     return tensors
+
+
+def _read_pickle(p: Path, tensors: dict) -> None:
+    """--allow-pickle: torch.load with weights_only=True (tensors and plain containers only;
+    any other object in the pickle is refused by torch, never constructed)."""
+    import pickle
+
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GlmcError(f"{p}: refused by torch.load(weights_only=True): {first}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise GlmcError(f"{p}: not a state dict of named tensors")
+    for name, t in state.items():
+        if name in tensors:
+            raise GlmcError(f"{p}: tensor '{name}' appears in more than one file")
+        tensors[name] = t
+
+
+def count_parameters(cfg: dict) -> int:
+    """Parameters a GLM config implies (before reading any weights)."""
+    V, H, I, L = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    D = cfg.get("head_dim") or H // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * D, cfg["num_key_value_heads"] * D
+    per_layer = H * (q + 2 * kv) + q * H + 3 * H * I + 2 * H
+    if cfg.get("attention_bias"):
+        per_layer += q + 2 * kv
+    if cfg.get("model_type") == "glm4":
+        per_layer += 2 * H           # post-attention / post-mlp norms
+    return V * H * (1 if cfg.get("tie_word_embeddings") else 2) + H + L * per_layer
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (GLMC_MEMORY_LIMIT_GB overrides it), None if unknown."""
+    limit = os.environ.get("GLMC_MEMORY_LIMIT_GB")
+    if limit:
+        try:
+            return int(float(limit) * 2**30)
+        except ValueError:
+            raise GlmcError(f"GLMC_MEMORY_LIMIT_GB={limit!r} is not a number") from None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(cfg: dict, where: str, bytes_per_param: float, what: str) -> None:
+    """Refuse up front (with the estimate) a model this machine cannot hold."""
+    need = count_parameters(cfg) * bytes_per_param
+    have = available_memory_bytes()
+    if have is not None and need > have:
+        raise GlmcError(f"{where}: {what} needs about {need / 2**30:.1f} GiB ({count_parameters(cfg) / 1e6:.0f}M "
+                        f"parameters x {bytes_per_param:g} bytes), this machine has {have / 2**30:.1f} GiB available")
 
 
 def _assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str, tied: bool) -> None:
@@ -213,22 +284,27 @@ def _new_model(model_type: str, config) -> torch.nn.Module:
     return _model_class(model_type)(config).eval().to(torch.float32)
 
 
-def load(spec: str | os.PathLike) -> LoadedModel:
-    """Load MODEL (checkpoint directory or preset name) as transformers' eager model."""
+def load(spec: str | os.PathLike, allow_pickle: bool = False, bytes_per_param: float = 8.0,
+         purpose: str = "loading") -> LoadedModel:
+    """Load MODEL (checkpoint directory or preset name) as transformers' eager model.
+
+    Refuses up front, before reading weights, a model needing more than `bytes_per_param`
+    x parameters of memory than the machine has available."""
     path = Path(spec)
     if path.is_dir():
-        return _load_checkpoint(path)
+        return _load_checkpoint(path, allow_pickle, bytes_per_param, purpose)
     if path.exists():
         raise GlmcError(f"{path}: is a file; MODEL must be a checkpoint directory or a preset name")
     if os.sep in str(spec) or str(spec).startswith("."):
         raise GlmcError(f"{spec}: no such checkpoint directory")
-    return _load_preset(str(spec))
+    return _load_preset(str(spec), bytes_per_param, purpose)
 
 
-def _load_preset(name: str) -> LoadedModel:
+def _load_preset(name: str, bytes_per_param: float = 8.0, purpose: str = "loading") -> LoadedModel:
     from glmc.tokenizer import byte_tokenizer_json
 
     preset = get_preset(name)
+    check_memory(dict(preset.config), name, bytes_per_param, purpose)
     config = build_config(preset.config)
     torch.manual_seed(preset.seed)
     model = _new_model("glm", config)
@@ -240,7 +316,8 @@ def _load_preset(name: str) -> LoadedModel:
     )
 
 
-def _load_checkpoint(ckpt: Path) -> LoadedModel:
+def _load_checkpoint(ckpt: Path, allow_pickle: bool = False, bytes_per_param: float = 8.0,
+                     purpose: str = "loading") -> LoadedModel:
     raw = _read_json(ckpt / "config.json", "config.json")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -254,7 +331,8 @@ def _load_checkpoint(ckpt: Path) -> LoadedModel:
         model_type = "glm"
     config = build_config(raw)
     cfg = config.to_dict()
-    files = weight_files(ckpt)
+    check_memory(dict(cfg, model_type=model_type), str(ckpt), bytes_per_param, purpose)
+    files = weight_files(ckpt, allow_pickle)
     tensors = _read_tensors(files)
     if layout == "chatglm":
         tensors = chatglm.weights_from_chatglm(tensors, cfg)

@@ -65,8 +65,10 @@ def _parse_target(ctx, param, value: str) -> str:
               help="Embedding table precision with --quant (int8: per-row scales; saves memory, not decode time).")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
               help="cpu int4/int8 matmuls: 4 = int8 activations inside the kernel (fast), 0 = fp32 activations.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept .bin/.pt weights, loaded only through torch.load(weights_only=True).")
 def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, verify, fuse, calibrate, asym,
-            lm_head, embedding, accuracy_level):
+            lm_head, embedding, accuracy_level, allow_pickle):
     """Compile MODEL (a checkpoint directory or a preset name) into an artifact."""
     import json
 
@@ -78,7 +80,7 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
     out = do_compile(model, output, target=target, dtype=dtype, quant=quant, group_size=group_size,
                      max_seq_len=max_seq_len, verify=verify, fuse=fuse, progress=sys.stderr.isatty(),
                      calibrate=calibrate, symmetric=not asym, lm_head=lm_head, accuracy_level=accuracy_level,
-                     embedding=embedding)
+                     embedding=embedding, allow_pickle=allow_pickle)
     report = json.loads((out / "report.json").read_text())
     v = report["verify"]
     if not isinstance(v, dict):

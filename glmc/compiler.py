@@ -26,6 +26,7 @@ from glmc.pipeline import pipeline as default_pipeline
 from glmc.pipeline import run_pipeline
 
 DTYPES = ("fp32", "fp16", "bf16")
+COMPILE_PEAK_OVER_WEIGHTS = 7.0
 QUANTS = ("none", "int8", "int4")
 
 
@@ -118,6 +119,7 @@ def compile(
     lm_head: str = "int8",
     accuracy_level: int = 4,
     embedding: str = "fp32",
+    allow_pickle: bool = False,
 ) -> Path:
     """Compile MODEL (checkpoint directory or preset name); return the artifact path."""
     from glmc import checkpoint, trace
@@ -139,7 +141,10 @@ def compile(
     t_start = time.perf_counter()
     with _Stages(progress, total=7 if calibrate else 6) as stages:
         with stages.stage("load checkpoint"):
-            loaded = checkpoint.load(model)
+            # compile peaks at ~6.5x the fp32 weights (measured on small-glm: report.json's
+            # peak_rss_over_fp32_weights); refuse up front what cannot fit
+            loaded = checkpoint.load(model, allow_pickle=allow_pickle, bytes_per_param=4 * COMPILE_PEAK_OVER_WEIGHTS,
+                                     purpose="compiling")
         cfg = loaded.config
         limit = cfg["max_position_embeddings"]
         seq = max_seq_len if max_seq_len is not None else min(limit, 2048)
