@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -52,7 +53,9 @@ def _parse_target(ctx, param, value: str) -> str:
 @click.option("--dtype", default=None, help="fp32 | fp16 | bf16 (default: fp32 on cpu, fp16 on cuda/rocm)")
 @click.option("--max-seq-len", type=int, default=None,
               help="KV-cache capacity (prompt + generated). Default: min(max_position_embeddings, 2048).")
-@click.option("--tune/--no-tune", default=False, show_default=True, help="Autotune kernel configs (not built yet).")
+@click.option("--tune/--no-tune", default=False, show_default=True,
+              help="Measure on this machine (cpu: thread count and prefill chunk size) and store it in the artifact.")
+@click.option("--tune-budget", default=120.0, show_default=True, type=float, help="Seconds tuning may take.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the artifact against transformers before writing it.")
 @click.option("--fuse/--no-fuse", default=True, show_default=True, help="Run the fusion passes.")
@@ -67,20 +70,20 @@ def _parse_target(ctx, param, value: str) -> str:
               help="cpu int4/int8 matmuls: 4 = int8 activations inside the kernel (fast), 0 = fp32 activations.")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept .bin/.pt weights, loaded only through torch.load(weights_only=True).")
-def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, verify, fuse, calibrate, asym,
-            lm_head, embedding, accuracy_level, allow_pickle):
+def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, tune_budget, verify, fuse, calibrate,
+            asym, lm_head, embedding, accuracy_level, allow_pickle):
     """Compile MODEL (a checkpoint directory or a preset name) into an artifact."""
     import json
 
     from glmc.compiler import compile as do_compile
 
-    if tune:
-        raise GlmcError("--tune is not built yet (the autotuner is a separate issue); use --no-tune")
+    if tune and target.split(":", 1)[0] != "cpu":
+        raise GlmcError(f"--tune for {target} needs its GPU and is not built yet; compile without --tune")
     t0 = time.perf_counter()
     out = do_compile(model, output, target=target, dtype=dtype, quant=quant, group_size=group_size,
                      max_seq_len=max_seq_len, verify=verify, fuse=fuse, progress=sys.stderr.isatty(),
                      calibrate=calibrate, symmetric=not asym, lm_head=lm_head, accuracy_level=accuracy_level,
-                     embedding=embedding, allow_pickle=allow_pickle)
+                     embedding=embedding, allow_pickle=allow_pickle, tune=tune, tune_budget=tune_budget)
     report = json.loads((out / "report.json").read_text())
     v = report["verify"]
     if not isinstance(v, dict):
@@ -189,6 +192,22 @@ def verify(artifact, source):
                f"(allowed {r.allowed:.3e}); top-1 agreement {r.top1_agreement:.0%}: " + ("OK" if r.ok else "FAILED"))
     if not r.ok:
         sys.exit(3)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--report", "report_dir", type=click.Path(), default=None,
+              help="Also write a report (JSON + matmul throughput heat-map PNG) into this directory.")
+@click.option("--tune-budget", default=120.0, show_default=True, type=float, help="Seconds tuning may take.")
+def tune(artifact, report_dir, tune_budget):
+    """Re-tune ARTIFACT on this machine (cpu: thread count, prefill chunk size)."""
+    from glmc.autotune import tune_artifact
+
+    r = tune_artifact(Path(artifact), budget_s=tune_budget, report_dir=Path(report_dir) if report_dir else None)
+    best = max(r["prefill_tokens_per_s"].values()) if r["prefill_tokens_per_s"] else 0
+    click.echo(f"{artifact}: threads {r['threads']}, prefill chunk {r['prefill_chunk']} tokens "
+               f"(best prefill {best:.0f} tok/s); {r['measured']} measured, {r['reused']} reused from the "
+               f"tuning database" + (f"; report in {r['report']}" if "report" in r else ""))
 
 
 @main.command()

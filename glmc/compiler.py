@@ -120,6 +120,8 @@ def compile(
     accuracy_level: int = 4,
     embedding: str = "fp32",
     allow_pickle: bool = False,
+    tune: bool = False,
+    tune_budget: float = 120.0,
 ) -> Path:
     """Compile MODEL (checkpoint directory or preset name); return the artifact path."""
     from glmc import checkpoint, trace
@@ -139,7 +141,7 @@ def compile(
     if progress is None:
         progress = sys.stderr.isatty()
     t_start = time.perf_counter()
-    with _Stages(progress, total=7 if calibrate else 6) as stages:
+    with _Stages(progress, total=6 + bool(calibrate) + bool(tune)) as stages:
         with stages.stage("load checkpoint"):
             # compile peaks at ~6.5x the fp32 weights (measured on small-glm: report.json's
             # peak_rss_over_fp32_weights); refuse up front what cannot fit
@@ -193,6 +195,12 @@ def compile(
                     result = None
                 elif verify:
                     result = _verify(tmp, loaded.model, graphs, ctx, pipeline, seq, cfg, dtype, quant)
+            tuning = None
+            if tune:
+                with stages.stage("tune"):
+                    from glmc.autotune import tune_artifact
+
+                    tuning = tune_artifact(tmp, budget_s=tune_budget)
             with stages.stage("write artifact"):
                 n_params = sum(p.numel() for p in loaded.model.parameters())
                 quant_report = ctx.options.get("quant_report", {})
@@ -209,6 +217,7 @@ def compile(
                                                    accuracy_level, calibrate),
                     "passes": [r.as_dict(with_histograms=True) for r in records],
                     "warnings": loaded.warnings,
+                    "tuning": tuning,
                 }
                 report["peak_rss_over_fp32_weights"] = round(report["peak_rss_mb"] * 2**20 / max(1, n_params * 4), 2)
                 (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -24,6 +24,17 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def _tuned_threads(artifact_dir: Path) -> int | None:
+    """The thread count `glmc tune` measured for this artifact (tuning.json), if any and still valid here."""
+    import json
+
+    try:
+        tuned = json.loads((Path(artifact_dir) / "tuning.json").read_text()).get("threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return tuned if isinstance(tuned, int) and 1 <= tuned <= default_threads() else None
+
+
 class KVCache:
     def __init__(self, batch: int, n_layers: int, kv_heads: int, capacity: int, head_dim: int):
         shape = (batch, kv_heads, capacity, head_dim)
@@ -63,7 +74,7 @@ class CpuExecutor:
         self.head_dim = cfg["head_dim"]
         self.vocab = cfg["vocab_size"]
         self.capacity = manifest["max_seq_len"]
-        self.threads = threads or default_threads()
+        self.threads = threads or _tuned_threads(artifact_dir) or default_threads()
         # one copy of the weights in memory, shared by both sessions
         self._weights = load_file(str(artifact_dir / backend["weights"]))
         self._ort_weights = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in self._weights.items()}

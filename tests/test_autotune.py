@@ -1,0 +1,197 @@
+"""Autotuner and tuning database: deterministic fake timers, database keys, reuse,
+concurrency and corruption handling, `glmc tune` and `compile --tune` on the CPU target."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import glmc
+from glmc import autotune
+from glmc.autotune import DeviceKey, Tuner, TuningDB, choose_chunk, entry_key
+from glmc.cli import main
+
+DEV = DeviceKey("Test GPU", "sm_90", "cuda 12.4", "3.9.0")
+
+
+class FakeClock:
+    """Time advances only when a candidate runs, by that candidate's cost."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def run(self, cost):
+        def go():
+            self.now += cost
+        return go
+
+
+def _tuner(db, clock, device=DEV, budget=1e9):
+    return Tuner(db, device, budget_s=budget, timer=clock, clock=clock, repeats=3)
+
+
+def test_fastest_candidate_wins_and_is_recorded(tmp_path):
+    clock = FakeClock()
+    db = TuningDB(tmp_path / "t.json")
+    t = _tuner(db, clock)
+    r = t.choose("matmul", (128, 4096, 4096), "fp16", "int4",
+                 {"a": clock.run(3e-3), "b": clock.run(1e-3), "torch": clock.run(2e-3)})
+    assert r["choice"] == "b" and r["timings"] == pytest.approx({"a": 3e-3, "b": 1e-3, "torch": 2e-3})
+    t.save()
+    stored = db.get(entry_key(DEV, "matmul", (128, 4096, 4096), "fp16", "int4"))
+    assert stored["choice"] == "b"
+
+
+def test_second_tune_on_same_device_measures_nothing(tmp_path):
+    clock = FakeClock()
+    db = TuningDB(tmp_path / "t.json")
+    cands = {"a": clock.run(2.0), "b": clock.run(1.0)}
+    first = _tuner(db, clock)
+    first.choose("matmul", (1, 64, 64), "fp16", "none", cands)
+    first.save()
+    again = _tuner(db, clock)
+    before = clock.now
+    assert again.choose("matmul", (1, 64, 64), "fp16", "none", cands)["choice"] == "b"
+    assert again.measured == 0 and again.reused == 1 and clock.now == before
+
+
+@pytest.mark.parametrize("other", [
+    DeviceKey("Other GPU", "sm_90", "cuda 12.4", "3.9.0"), DeviceKey("Test GPU", "sm_80", "cuda 12.4", "3.9.0"),
+    DeviceKey("Test GPU", "sm_90", "cuda 12.6", "3.9.0"), DeviceKey("Test GPU", "sm_90", "cuda 12.4", "3.6.0"),
+])
+def test_entries_from_another_device_arch_or_version_are_never_reused(tmp_path, other):
+    clock = FakeClock()
+    db = TuningDB(tmp_path / "t.json")
+    t = _tuner(db, clock)
+    t.choose("matmul", (1, 64, 64), "fp16", "none", {"a": clock.run(1.0)})
+    t.save()
+    t2 = _tuner(db, clock, device=other)
+    t2.choose("matmul", (1, 64, 64), "fp16", "none", {"a": clock.run(1.0)})
+    assert t2.measured == 1 and t2.reused == 0
+
+
+def test_key_separates_op_shape_dtype_quant():
+    keys = {entry_key(DEV, op, shape, dt, q) for op in ("matmul", "attention") for shape in ((1, 2), (2, 1))
+            for dt in ("fp16", "bf16") for q in ("none", "int4")}
+    assert len(keys) == 16
+
+
+def test_budget_bounds_the_search(tmp_path):
+    clock = FakeClock()
+    t = _tuner(None, clock, budget=5.0)
+    r = t.choose("matmul", (1, 8, 8), "fp16", "none", {f"c{i}": clock.run(1.0) for i in range(10)})
+    assert len(r["timings"]) < 10 and not r["complete"] and r["timings"]
+
+
+def test_cache_flush_runs_between_repeats(tmp_path):
+    clock, flushes = FakeClock(), []
+    _tuner(None, clock).choose("gemv", (1, 8, 8), "fp16", "int4", {"a": clock.run(1.0)},
+                               flush=lambda: flushes.append(1))
+    assert len(flushes) == 3
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\x00\xff" * 10, b'{"version": 99, "entries": {}}', b"[]"])
+def test_corrupt_or_foreign_database_is_ignored_and_rebuilt(tmp_path, capsys, content):
+    path = tmp_path / "t.json"
+    path.write_bytes(content)
+    db = TuningDB(path)
+    assert db.get("anything") is None
+    assert "ignoring it, it will be rebuilt" in capsys.readouterr().err
+    assert db.update({"k": {"choice": "a"}})
+    assert json.loads(path.read_text()) == {"version": 1, "entries": {"k": {"choice": "a"}}}
+
+
+def test_unwritable_location_warns_and_changes_nothing(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    db = TuningDB(blocker / "glmc" / "t.json")            # parent is a file: cannot create the directory
+    assert db.update({"k": {"choice": "a"}}) is False
+    assert "cannot write the tuning database" in capsys.readouterr().err
+
+
+def test_full_disk_leaves_the_old_database_intact(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "t.json"
+    db = TuningDB(path)
+    db.update({"old": {"choice": "a"}})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert db.update({"new": {"choice": "b"}}) is False
+    assert "No space left on device" in capsys.readouterr().err
+    assert TuningDB(path).entries() == {"old": {"choice": "a"}}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".t.json.")] == []
+
+
+def _writer(path: str, tag: str, n: int) -> None:
+    db = TuningDB(Path(path))
+    for i in range(n):
+        db.update({f"{tag}-{i}": {"choice": tag}})
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path):
+    path = tmp_path / "t.json"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(path), tag, 60)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    entries = TuningDB(path).entries()
+    assert len(entries) == 120 and {v["choice"] for v in entries.values()} == {"a", "b"}
+
+
+def test_choose_chunk_picks_smallest_efficient_token_count():
+    assert choose_chunk({16: 100.0, 32: 180.0, 64: 196.0, 128: 200.0, 256: 199.0}) == 64
+    assert choose_chunk({16: 10.0}) == 16
+    assert autotune.token_counts(300) == [16, 32, 64, 128, 256]
+
+
+def test_glmc_tune_cpu_artifact_and_report(artifacts, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    art = tmp_path / "a.glmc"
+    shutil.copytree(artifacts("tiny-glm"), art)
+    r = CliRunner().invoke(main, ["tune", str(art), "--report", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    assert "0 reused" in r.output
+    tuning = json.loads((art / "tuning.json").read_text())
+    assert tuning["threads"] >= 1 and str(tuning["prefill_chunk"]) in tuning["prefill_tokens_per_s"]
+    assert (tmp_path / "rep" / "matmul_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "xdg" / "glmc" / "tuning.json").is_file()
+    glmc.load(art)                                      # manifest rewritten: every sha256 still matches
+    r = CliRunner().invoke(main, ["tune", str(art)])
+    assert r.exit_code == 0 and " 0 measured" in r.output, r.output
+
+
+def test_two_compiles_share_one_tuning_database(checkpoints, tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    outs = [tmp_path / "a.glmc", tmp_path / "b.glmc"]
+    models = ["tiny-glm", str(checkpoints("glm-gqa"))]
+    procs = [subprocess.Popen([sys.executable, "-m", "glmc.cli", "compile", m, "-o", str(o), "--tune",
+                               "--no-verify", "--max-seq-len", "64"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for m, o in zip(models, outs)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    entries = TuningDB(tmp_path / "xdg" / "glmc" / "tuning.json").entries()
+    hidden = {json.loads((o / "manifest.json").read_text())["model"]["config"]["hidden_size"] for o in outs}
+    for h in hidden:        # both models' measurements landed
+        assert any(f"|cpu_prefill|{h}x" in k for k in entries), (h, list(entries)[:4])
+    for o in outs:
+        glmc.load(o)
+        assert json.loads((o / "tuning.json").read_text())["threads"] >= 1
