@@ -16,11 +16,12 @@ def compile(model, output=None, **options):
     return _compile(model, output, **options)
 
 
-def load(path, verify: bool = True, threads: int | None = None):
-    """Load a compiled artifact and return a glmc.runtime.Runtime."""
+def load(path, verify: bool = True, threads: int | None = None, prefill_chunk: int | None = None):
+    """Load a compiled artifact and return a glmc.runtime.Runtime (threads and prefill_chunk
+    default to what `glmc tune` measured for the artifact, else all CPUs / one call)."""
     from glmc.runtime import load as _load
 
-    return _load(path, verify=verify, threads=threads)
+    return _load(path, verify=verify, threads=threads, prefill_chunk=prefill_chunk)
 
 
 __all__ = ["compile", "load", "__version__"]

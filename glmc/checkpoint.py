@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,6 +214,23 @@ def _read_pickle(p: Path, tensors: dict) -> None:
         tensors[name] = t
 
 
+_CONFIG_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_warnings(raw: dict, tensors: dict, where: Path) -> list[str]:
+    """A config dtype that contradicts the stored tensors: warn (weights load as fp32 either way)."""
+    declared = raw.get("torch_dtype") or raw.get("dtype")
+    stored = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if not isinstance(declared, str) or declared not in _CONFIG_DTYPES or not stored:
+        return []
+    if stored != {_CONFIG_DTYPES[declared]}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored))
+        message = f"{where}: dtype {declared} contradicts the tensors ({names}); loading the tensors as stored"
+        print(f"glmc: warning: {message}", file=sys.stderr)
+        return [message]
+    return []
+
+
 def count_parameters(cfg: dict) -> int:
     """Parameters a GLM config implies (before reading any weights)."""
     V, H, I, L = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
@@ -336,10 +354,11 @@ def _load_checkpoint(ckpt: Path, allow_pickle: bool = False, bytes_per_param: fl
     tensors = _read_tensors(files)
     if layout == "chatglm":
         tensors = chatglm.weights_from_chatglm(tensors, cfg)
+    warnings = _dtype_warnings(raw, tensors, ckpt / "config.json")
     model = _new_model(model_type, config)
     _assign_weights(model, tensors, str(ckpt), tied=bool(config.tie_word_embeddings))
     tok = ckpt / "tokenizer.json"
-    return LoadedModel(
+    return LoadedModel(warnings=warnings,
         model=model, model_type=model_type, source_layout=layout, config=cfg,
         source={"kind": "checkpoint", "name": str(ckpt.resolve()),
                 "sha256": _sha256_files([ckpt / "config.json", *files])},

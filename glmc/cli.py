@@ -204,6 +204,12 @@ def tune(artifact, report_dir, tune_budget):
     from glmc.autotune import tune_artifact
 
     r = tune_artifact(Path(artifact), budget_s=tune_budget, report_dir=Path(report_dir) if report_dir else None)
+    if "configs" in r:
+        vendor = sum(1 for v in r["configs"].values() if v == "torch")
+        click.echo(f"{artifact}: tuned {r['tuned']} of {r['shapes']} kernel shapes on {r['device']} "
+                   f"({vendor} use the vendor library); {r['measured']} measured, {r['reused']} reused from the "
+                   f"tuning database" + (f"; report in {r['report']}" if "report" in r else ""))
+        return
     best = max(r["prefill_tokens_per_s"].values()) if r["prefill_tokens_per_s"] else 0
     click.echo(f"{artifact}: threads {r['threads']}, prefill chunk {r['prefill_chunk']} tokens "
                f"(best prefill {best:.0f} tok/s); {r['measured']} measured, {r['reused']} reused from the "

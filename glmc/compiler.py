@@ -160,7 +160,8 @@ def compile(
             with stages.stage("calibrate"):
                 ctx.options["calibration_rows"] = _calibration_rows(loaded, cfg, ctx, calibrate, seq)
         with stages.stage("trace (torch.export)"):
-            graphs = [trace.trace_prefill(loaded.model, cfg, seq), trace.trace_decode(loaded.model, cfg, seq)]
+            graphs = [trace.trace_prefill(loaded.model, cfg, seq), trace.trace_decode(loaded.model, cfg, seq),
+                      trace.trace_extend(loaded.model, cfg, seq)]        # chunked prefill of long prompts
             if any(name == "last_token_logits" for name, _ in pipeline):
                 # generation prefills for the last token only; logits() needs every position
                 graphs.append(trace.trace_prefill(loaded.model, cfg, seq, name="score"))

@@ -104,7 +104,7 @@ def dequantize_parts(qweight, scales, zeros, K: int, bits: int, block_size: int)
     codes = _unpack_nibbles(qweight) if bits == 4 else qweight
     codes = codes.view(N, n_blocks, block_size).float()
     if zeros is None:
-        zp = torch.full((N, n_blocks), 2.0 ** (bits - 1))
+        zp = torch.full((N, n_blocks), 2.0 ** (bits - 1), device=scales.device)
     else:
         zp = (_unpack_nibbles(zeros) if bits == 4 else zeros)[:, :n_blocks].float()
     w = (codes - zp[..., None]) * scales[..., None]

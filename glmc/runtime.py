@@ -28,7 +28,8 @@ class Token:
 
 
 class Runtime:
-    def __init__(self, path: str | os.PathLike, verify: bool = True, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, verify: bool = True, threads: int | None = None,
+                 prefill_chunk: int | None = None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, verify=verify)
         self.config = self.manifest["model"]["config"]
@@ -40,6 +41,13 @@ class Runtime:
         tok = self.path / "tokenizer.json"
         self.codec = TextCodec(tok.read_text()) if tok.is_file() else None
         self.executor = get_backend(self.manifest["target"]).load(self.path, self.manifest, threads)
+        # long prompts are prefilled in chunks of this many tokens (the size `glmc tune`
+        # measured to keep the matmuls efficient); None or 0: one call
+        if prefill_chunk is None:
+            prefill_chunk = _tuned_chunk(self.path)
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 0):
+            raise GlmcError(f"prefill_chunk must be an integer >= 0, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk if prefill_chunk and hasattr(self.executor, "extend") else None
 
     # ---- inputs -------------------------------------------------------------------------
 
@@ -93,7 +101,26 @@ class Runtime:
         """A fresh cache holding the prompts, and (B, V) logits of each prompt's last token."""
         ids, mask = self._pad(prompts)
         cache = self.executor.new_cache(len(prompts))
-        return cache, self.executor.prefill(cache, ids, mask)
+        C, T = self.prefill_chunk, ids.shape[1]
+        if not C or T <= C:
+            return cache, self.executor.prefill(cache, ids, mask)
+        # chunked: the first chunk by prefill, the rest by extend over the cache; each row's
+        # logits come from the chunk holding its last real token
+        lengths = mask.sum(1)
+        bounds = list(range(0, T, C)) + [T]
+        if bounds[-1] - bounds[-2] == 1:          # extend takes >= 2 tokens: fold a 1-token tail in
+            del bounds[-2]
+        last = np.empty((len(prompts), self.vocab_size), np.float32)
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if start == 0:
+                logits = self.executor.prefill(cache, ids[:, :end], mask[:, :end])[:, None]   # (B, 1, V)
+                rows = np.nonzero(lengths <= end)[0]
+                last[rows] = logits[rows, 0]
+                continue
+            logits = self.executor.extend(cache, ids[:, start:end], mask[:, start:end], start)
+            rows = np.nonzero((lengths > start) & (lengths <= end))[0]
+            last[rows] = logits[rows, lengths[rows] - 1 - start]
+        return cache, last
 
     # ---- API ----------------------------------------------------------------------------
 
@@ -159,5 +186,16 @@ class Runtime:
             position += 1
 
 
-def load(path: str | os.PathLike, verify: bool = True, threads: int | None = None) -> Runtime:
-    return Runtime(path, verify=verify, threads=threads)
+def _tuned_chunk(path: Path) -> int | None:
+    import json
+
+    try:
+        chunk = json.loads((path / "tuning.json").read_text()).get("prefill_chunk")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return chunk if isinstance(chunk, int) and chunk >= 2 else None
+
+
+def load(path: str | os.PathLike, verify: bool = True, threads: int | None = None,
+         prefill_chunk: int | None = None) -> Runtime:
+    return Runtime(path, verify=verify, threads=threads, prefill_chunk=prefill_chunk)

@@ -7,6 +7,9 @@ Both entry points call only the model's public forward. The KV cache is explicit
   decode(input_ids (B,1) i64, position (B,) i64, cache_mask (B,S) i64,
          past_k_0, past_v_0, ...)                              each (B,Hkv,S,D)
       -> logits (B,1,V), new_k_0, new_v_0, ...                  each (B,Hkv,1,D)
+  extend(input_ids (B,C) i64, attention_mask (B,C) i64, position (B,) i64,
+         cache_mask (B,S) i64, past_k_0, past_v_0, ...)        a prompt chunk after the cache
+      -> logits (B,C,V), new_k_0, new_v_0, ...                  each (B,Hkv,C,D)
 
 Prompts are right-padded: attention_mask marks real tokens, positions are
 0..T-1 for every row. The decode cache has a fixed capacity S (max_seq_len); slot
@@ -83,6 +86,38 @@ class DecodeEntry(torch.nn.Module):
         return (out.logits, *kv)
 
 
+class ExtendEntry(torch.nn.Module):
+    """C more prompt tokens at positions position..position+C-1 after a cache (chunked prefill)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position, cache_mask, *past):
+        from transformers import DynamicCache
+
+        B, C = input_ids.shape
+        S = cache_mask.shape[1]
+        n_layers = len(past) // 2
+        cache = DynamicCache(
+            ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)],
+            config=self.model.config,
+        )
+        causal = torch.ones(C, C, dtype=torch.bool).tril().unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+        allowed = torch.cat([cache_mask.bool().unsqueeze(1).expand(B, C, S), causal], dim=2)   # (B, C, S+C)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=_additive_mask(allowed).unsqueeze(1),                               # (B, 1, C, S+C)
+            position_ids=position.unsqueeze(1) + torch.arange(C).unsqueeze(0),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        kv = []
+        for layer in out.past_key_values.layers:
+            kv += [layer.keys.narrow(2, S, C), layer.values.narrow(2, S, C)]
+        return (out.logits, *kv)
+
+
 @dataclass
 class Traced:
     """One traced entry point: the graph and what it takes to re-export it."""
@@ -134,5 +169,27 @@ def trace_decode(model, config: dict, max_seq_len: int) -> Traced:
     return Traced(
         "decode", ep.module(), args, flat_dyn,
         ["input_ids", "position", "cache_mask", *kv_names("past_", L)],
+        ["logits", *kv_names("new_", L)],
+    )
+
+
+def trace_extend(model, config: dict, max_seq_len: int) -> Traced:
+    L, Hkv, D = _shape(config)
+    # Dim.DYNAMIC: the exporter adds a harmless guard on the cache-plus-chunk length that
+    # a named Dim's range check cannot prove; the runtime bounds chunks by the capacity
+    B, C = Dim("batch", min=1, max=256), Dim.DYNAMIC
+    S = max_seq_len
+    past = tuple(torch.zeros(2, Hkv, S, D) for _ in range(2 * L))
+    cache_mask = torch.zeros(2, S, dtype=torch.int64)
+    cache_mask[:, :4] = 1
+    args = (torch.randint(3, config["vocab_size"], (2, 3)), torch.ones(2, 3, dtype=torch.int64),
+            torch.tensor([4, 4]), cache_mask, *past)
+    dyn = ({0: B, 1: C}, {0: B, 1: C}, {0: B}, {0: B}, tuple({0: B} for _ in past))
+    with torch.no_grad():
+        ep = torch.export.export(ExtendEntry(model), args, dynamic_shapes=dyn, strict=False)
+    flat_dyn = (dyn[0], dyn[1], dyn[2], dyn[3], *dyn[4])
+    return Traced(
+        "extend", ep.module(), args, flat_dyn,
+        ["input_ids", "attention_mask", "position", "cache_mask", *kv_names("past_", L)],
         ["logits", *kv_names("new_", L)],
     )

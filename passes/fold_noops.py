@@ -4,7 +4,7 @@ before:  y = dropout(x, p=0.0, train=False); z = alias(y); w = to(z, float32)  #
 after:   uses of y, z and w read x
 Also drops `_assert_tensor_metadata` checks left by torch.export (they guard the
 trace, not the computation), `lift_fresh_copy` of constants nobody mutates, and
-empty operands of `cat` (transformers' cache starts from an empty tensor, so
+full-range slices, and empty operands of `cat` (transformers' cache starts from an empty tensor, so
 each decode step traced `cat([empty, past])`: a full copy of the KV cache).
 declines: dropout in training mode with p > 0; a dtype cast that changes dtype.
 """
@@ -32,6 +32,17 @@ def _is_noop_cast(node: torch.fx.Node) -> bool:
         return False
     extra = {k for k in node.kwargs if k not in ("dtype",)}
     return not extra and out.dtype == src_val.dtype
+
+
+def _is_full_slice(node: torch.fx.Node) -> bool:
+    """x[..., 0:MAX:1] along one dim (torch.export writes `K[:, :, None]` that way under dynamic shapes)."""
+    if node.target != aten.slice.Tensor:
+        return False
+    args = list(node.args) + [None] * (5 - len(node.args))
+    start = node.kwargs.get("start", args[2])
+    end = node.kwargs.get("end", args[3])
+    step = node.kwargs.get("step", args[4] if args[4] is not None else 1)
+    return start in (None, 0) and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62))
 
 
 def _is_noop_dropout(node: torch.fx.Node) -> bool:
@@ -82,7 +93,7 @@ def fold_noops(gm: GraphModule, ctx: PassContext) -> PassResult:
         if node.target in _CHECKS:
             gm.graph.erase_node(node)
             matches += 1
-        elif node.target in _IDENTITY or _is_noop_dropout(node) or _is_noop_cast(node):
+        elif node.target in _IDENTITY or _is_noop_dropout(node) or _is_noop_cast(node) or _is_full_slice(node):
             replace_with_input(node, node.args[0])
             matches += 1
         elif _fold_empty_cat(gm, node):

@@ -195,3 +195,40 @@ def test_two_compiles_share_one_tuning_database(checkpoints, tmp_path):
     for o in outs:
         glmc.load(o)
         assert json.loads((o / "tuning.json").read_text())["threads"] >= 1
+
+
+def test_gpu_artifact_tuning_flow_in_the_interpreter(artifacts, tmp_path, monkeypatch):
+    """`glmc tune` on a --target cuda artifact: every kernel shape gets candidates from its
+    config space (+ torch for matmuls), wrong configs are dropped, choices land in the
+    manifest and the AOT binaries are rebuilt for them. A fake timer makes the choice
+    deterministic: the interpreter's timings mean nothing."""
+    import shutil
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU this flow runs for real in tests/gpu")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    art = tmp_path / "g.glmc"
+    shutil.copytree(artifacts("glm-gqa", target="cuda:sm_90"), art)
+    clock = FakeClock()
+    manifest = json.loads((art / "manifest.json").read_text())
+
+    def timer():            # every measured call costs 1 ms of fake time
+        clock.now += 5e-4
+        return clock.now
+
+    result = autotune.tune_gpu(art, manifest, budget_s=1e9, db=TuningDB(tmp_path / "db.json"), timer=timer,
+                               clock=clock, repeats=1, max_candidates=2)
+    ops = {k.split(":")[0] for k in result["configs"]}
+    assert {"rms_norm", "rotary", "swiglu", "attention", "matmul"} <= ops
+    assert result["tuned"] == result["shapes"] and result["measured"] == result["shapes"]
+    autotune.apply_gpu_tuning(art, manifest, result["configs"])
+    from glmc.artifact import write_manifest
+
+    write_manifest(art, {k: v for k, v in manifest.items() if k not in ("files", "format_version")})
+    rt = glmc.load(art)                              # hashes rewritten; the tuned configs run
+    assert rt.manifest["backend"]["tuned_configs"] == result["configs"]
+    index = json.loads((art / "kernels" / "index.json").read_text())
+    assert index["archs"] == ["sm_90"] and not (art / ".kernels-new").exists()
+    assert len(rt.generate([[5, 6, 7]], max_new_tokens=3, stop_at_eos=False)[0]) == 3

@@ -194,3 +194,13 @@ def test_fuzz_manifest(tmp_path_factory, content):
         read_manifest(d)
     except GlmcError:
         pass
+
+
+def test_config_dtype_contradicting_tensors_is_a_warning(tmp_path, capsys):
+    from glmc.checkpoint import load
+
+    ckpt = _valid(tmp_path)
+    _edit_config(ckpt, torch_dtype="bfloat16", dtype="bfloat16")     # tensors are float32
+    loaded = load(ckpt)
+    assert "dtype bfloat16 contradicts the tensors (float32)" in capsys.readouterr().err
+    assert loaded.warnings and "contradicts" in loaded.warnings[0]

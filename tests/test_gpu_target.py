@@ -42,6 +42,13 @@ def test_cuda_fp16_artifact_matches_transformers(cuda_artifact, checkpoints, ref
     assert rt.generate([prompt], max_new_tokens=10, stop_at_eos=False)[0] == want.tolist()
 
 
+def test_cuda_chunked_prefill_equals_one_call(cuda_artifact):
+    prompts = [list(range(5, 45)), list(range(7, 12))]
+    _, want = glmc.load(cuda_artifact, prefill_chunk=0)._prefill(prompts)
+    _, got = glmc.load(cuda_artifact, prefill_chunk=16)._prefill(prompts)
+    assert np.abs(got - want).max() < 2e-2          # fp16: verify.TOLERANCES
+
+
 def test_cuda_artifact_stores_binaries_per_arch(cuda_artifact):
     index = json.loads((cuda_artifact / "kernels" / "index.json").read_text())
     assert set(index["archs"]) == {"sm_80", "sm_90"}

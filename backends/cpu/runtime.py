@@ -123,6 +123,19 @@ class CpuExecutor:
             return logits[:, 0]
         return logits[np.arange(len(logits)), attention_mask.sum(1) - 1]
 
+    def extend(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray, start: int) -> np.ndarray:
+        """(B, C) more prompt tokens at positions start.. -> (B, C, V) logits; fills slots [start, start+C)."""
+        B, C = input_ids.shape
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "position": np.full(B, start, np.int64), "cache_mask": cache.mask}
+        feeds.update(zip(self.io["extend"]["inputs"][4:], (a for pair in zip(cache.k, cache.v) for a in pair)))
+        outs = self.sessions["extend"].run(None, feeds)
+        for i in range(self.n_layers):
+            cache.k[i][:, :, start:start + C] = outs[1 + 2 * i]
+            cache.v[i][:, :, start:start + C] = outs[2 + 2 * i]
+        cache.mask[:, start:start + C] = attention_mask
+        return outs[0]
+
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """(B, T) -> (B, T, V) logits for every position (no cache)."""
         name = "score" if "score" in self.sessions else "prefill"

@@ -15,6 +15,9 @@ import torch
 from glmc.errors import GlmcError
 
 NAMESPACES = ("aten", "glmc")
+# integer arithmetic on symbolic sizes that torch.export leaves as Python operator calls
+OPERATORS = {f"operator.{n}": getattr(operator, n) for n in ("add", "sub", "mul", "floordiv", "mod", "neg", "getitem")}
+_OPERATOR_NAMES = {fn: name for name, fn in OPERATORS.items()}
 
 
 def _encode(a):
@@ -40,6 +43,8 @@ def _encode(a):
 def _target_name(target) -> str:
     if target is operator.getitem:
         return "getitem"
+    if target in _OPERATOR_NAMES:
+        return _OPERATOR_NAMES[target]
     if isinstance(target, torch._ops.OpOverload):
         return str(target)   # e.g. aten.linear.default
     raise GlmcError(f"cannot serialise call to {target!r}: only aten/glmc ops and getitem")
@@ -67,6 +72,8 @@ def to_json(gm: torch.fx.GraphModule) -> dict:
 def resolve(name: str):
     if name == "getitem":
         return operator.getitem
+    if name in OPERATORS:
+        return OPERATORS[name]
     parts = name.split(".")
     if len(parts) != 3 or parts[0] not in NAMESPACES:
         raise GlmcError(f"graph names op {name!r}: only aten.* / glmc.* ops are allowed in an artifact")

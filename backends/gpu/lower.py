@@ -70,33 +70,52 @@ def collect_weights(traced: list[Traced], dtype: torch.dtype) -> tuple[dict, dic
     return stored, mapping
 
 
-def record_launches(graphs: dict, stored: dict, mapping: dict, traced: list[Traced], ctx: PassContext,
-                    configs: Configs) -> list:
-    """Run every graph once on the meta device at representative shapes; collect the kernel launches."""
-    dtype = DTYPES[ctx.dtype]
-    cfg = ctx.options["model_config"]
-    L = cfg["num_hidden_layers"]
-    Hkv = cfg["num_key_value_heads"]
-    D = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    S = ctx.options["max_seq_len"]
-    meta_weights = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in stored.items()}
+def record_launches(graphs: dict, weight_shapes: dict, mapping: dict, dtype_name: str, model_config: dict,
+                    max_seq_len: int, configs: Configs) -> list:
+    """Run every graph once on the meta device at representative shapes; collect the kernel launches.
+
+    weight_shapes: stored key -> (shape, torch dtype); mapping: entry -> {graph weight name: key}."""
+    dtype = DTYPES[dtype_name]
+    L = model_config["num_hidden_layers"]
+    Hkv = model_config["num_key_value_heads"]
+    D = model_config.get("head_dim") or model_config["hidden_size"] // model_config["num_attention_heads"]
+    S = max_seq_len
+    meta_weights = {k: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in weight_shapes.items()}
     table = kernel_table(configs)
-    launches = []
+
+    def meta(*shape, dt=torch.int64):
+        return torch.empty(shape, dtype=dt, device="meta")
+
     with LAUNCHER.recording() as rec:
-        for t in traced:
-            weights = {target: meta_weights[key] for target, key in mapping[t.name].items()}
-            program = Program(graphs[t.name], weights, table, torch.device("meta"), dtype)
-            if t.name == "decode":
-                past = [torch.empty((1, Hkv, S, D), dtype=dtype, device="meta") for _ in range(2 * L)]
-                program(torch.empty((1, 1), dtype=torch.int64, device="meta"),
-                        torch.empty((1,), dtype=torch.int64, device="meta"),
-                        torch.empty((1, S), dtype=torch.int64, device="meta"), *past)
-            else:
-                for T in sorted({min(T, S) for T in AOT_TOKENS}):
-                    ids = torch.empty((1, T), dtype=torch.int64, device="meta")
-                    program(ids, torch.empty((1, T), dtype=torch.int64, device="meta"))
+        for name, graph in graphs.items():
+            weights = {target: meta_weights[key] for target, key in mapping[name].items()}
+            program = Program(graph, weights, table, torch.device("meta"), dtype)
+            past = [meta(1, Hkv, S, D, dt=dtype) for _ in range(2 * L)]
+            for T in sorted({min(T, S) for T in AOT_TOKENS}):
+                if name == "decode":
+                    program(meta(1, 1), meta(1), meta(1, S), *past)
+                    break
+                if name == "extend":
+                    if T >= 2:
+                        program(meta(1, T), meta(1, T), meta(1), meta(1, S), *past)
+                    continue
+                program(meta(1, T), meta(1, T))
         launches = list(rec)
     return launches
+
+
+def compile_kernels(out_dir: Path, graphs: dict, weight_shapes: dict, mapping: dict, dtype_name: str,
+                    model_config: dict, max_seq_len: int, archs: list[str], tuned: dict | None) -> dict:
+    """kernels/: AOT binaries of every launch for every arch, their index, the kernel source."""
+    launches = record_launches(graphs, weight_shapes, mapping, dtype_name, model_config, max_seq_len,
+                               Configs(tuned))
+    kernels_dir = out_dir / "kernels"
+    entries = aot.compile_launches(launches, archs, kernels_dir)
+    aot.copy_sources(kernels_dir / "src")
+    index = {"triton_version": triton.__version__, "source_sha256": aot.source_sha256(), "archs": archs,
+             "entries": entries}
+    (kernels_dir / "index.json").write_text(json.dumps(index, indent=1))
+    return {"index": "kernels/index.json", "binaries": len(entries), "distinct_launches": len({e["key"] for e in entries})}
 
 
 def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) -> dict:
@@ -112,14 +131,9 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
         graphs[t.name] = to_json(t.gm)
         files[t.name] = f"{t.name}.graph.json"
         (out_dir / files[t.name]).write_text(json.dumps(graphs[t.name]))
-    configs = Configs(ctx.options.get("tuned_configs"))
-    launches = record_launches(graphs, stored, mapping, traced, ctx, configs)
-    kernels_dir = out_dir / "kernels"
-    entries = aot.compile_launches(launches, archs, kernels_dir)
-    aot.copy_sources(kernels_dir / "src")
-    index = {"triton_version": triton.__version__, "source_sha256": aot.source_sha256(), "archs": archs,
-             "entries": entries}
-    (kernels_dir / "index.json").write_text(json.dumps(index, indent=1))
+    tuned = ctx.options.get("tuned_configs") or {}
+    kernels = compile_kernels(out_dir, graphs, {k: (tuple(v.shape), v.dtype) for k, v in stored.items()}, mapping,
+                              ctx.dtype, ctx.options["model_config"], ctx.options["max_seq_len"], archs, tuned)
     hist = {}
     for name, g in graphs.items():
         h: dict[str, int] = {}
@@ -131,8 +145,7 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
         "kind": "triton", "vendor": kind, "archs": archs, "dtype": ctx.dtype,
         "graphs": files, "weights": WEIGHTS_FILE, "weight_names": mapping,
         "io": {t.name: {"inputs": t.input_names, "outputs": t.output_names} for t in traced},
-        "kernels": {"index": "kernels/index.json", "binaries": len(entries),
-                    "distinct_launches": len({e["key"] for e in entries})},
-        "tuned_configs": {k: v for k, v in (ctx.options.get("tuned_configs") or {}).items()},
+        "kernels": kernels,
+        "tuned_configs": dict(tuned),
         "op_histogram": hist,
     }

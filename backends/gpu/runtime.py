@@ -53,7 +53,7 @@ class KVCache:
 
 
 class GpuExecutor:
-    def __init__(self, artifact_dir: Path, manifest: dict, threads: int | None = None):
+    def __init__(self, artifact_dir: Path, manifest: dict, threads: int | None = None, observer=None):
         from safetensors.torch import load_file
 
         self._dir = Path(artifact_dir)
@@ -68,7 +68,7 @@ class GpuExecutor:
         self.notes: list[str] = []
         self._use_prebuilt(backend)
         weights = load_file(str(self._dir / backend["weights"]), device=str(self.device))
-        self._table = kernel_table(Configs(backend.get("tuned_configs")))
+        self._table = kernel_table(Configs(backend.get("tuned_configs")), observer)
         self._programs = {}
         for name, fname in backend["graphs"].items():
             graph = json.loads((self._dir / fname).read_text())
@@ -125,6 +125,18 @@ class GpuExecutor:
             if logits.shape[1] != 1:
                 logits = logits[torch.arange(len(logits)), mask.sum(1) - 1].unsqueeze(1)
         return logits[:, 0].float().cpu().numpy()
+
+    def extend(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray, start: int) -> np.ndarray:
+        B, C = input_ids.shape
+        mask = self._t(attention_mask)
+        with torch.no_grad():
+            pos = torch.full((B,), start, dtype=torch.int64, device=self.device)
+            outs = self._programs["extend"](self._t(input_ids), mask, pos, cache.mask, *cache.past)
+            for i in range(self.n_layers):
+                cache.k[i][:, :, start:start + C] = outs[1 + 2 * i]
+                cache.v[i][:, :, start:start + C] = outs[2 + 2 * i]
+            cache.mask[:, start:start + C] = mask
+        return outs[0].float().cpu().numpy()
 
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         name = "score" if "score" in self._programs else "prefill"
