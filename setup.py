@@ -30,7 +30,7 @@ setup(
         "triton>=3.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3.5", "hypothesis>=6"],
         "gpu": ["triton>=3.2"],
     },
     entry_points={"console_scripts": ["glmc=glmc.cli:main"]},

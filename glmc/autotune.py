@@ -358,7 +358,8 @@ def gpu_device_key(arch: str) -> DeviceKey:
 
 
 def tune_gpu(artifact: Path, manifest: dict, budget_s: float, db: TuningDB | None, timer=time.perf_counter,
-             clock=time.monotonic, repeats: int = 5, max_candidates: int | None = None) -> dict:
+             clock=time.monotonic, repeats: int = 5, max_candidates: int | None = None,
+             prompt_tokens: tuple = (16, 128, 512)) -> dict:
     """Tune every kernel call the graphs make (prefill at several token counts, decode):
     each config of its space, plus the vendor library for matmuls; wrong outputs are
     discarded before timing. Returns {shape key: chosen config dict | "torch"} and stats."""
@@ -379,7 +380,7 @@ def tune_gpu(artifact: Path, manifest: dict, budget_s: float, db: TuningDB | Non
 
     ex = GpuExecutor(artifact, manifest, observer=observe)
     S = manifest["max_seq_len"]
-    for T in sorted({min(t, S - 1) for t in (16, 128, 512)}):
+    for T in sorted({min(t, S - 1) for t in prompt_tokens}):
         cache = ex.new_cache(1)
         ids = np.full((1, T), 5, np.int64)
         ex.prefill(cache, ids, np.ones_like(ids))

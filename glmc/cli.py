@@ -68,10 +68,12 @@ def _parse_target(ctx, param, value: str) -> str:
               help="Embedding table precision with --quant (int8: per-row scales; saves memory, not decode time).")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
               help="cpu int4/int8 matmuls: 4 = int8 activations inside the kernel (fast), 0 = fp32 activations.")
+@click.option("--chunked-prefill/--no-chunked-prefill", default=True, show_default=True,
+              help="Build the extend entry point so long prompts are prefilled in (tuned) chunks.")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept .bin/.pt weights, loaded only through torch.load(weights_only=True).")
 def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, tune_budget, verify, fuse, calibrate,
-            asym, lm_head, embedding, accuracy_level, allow_pickle):
+            asym, lm_head, embedding, accuracy_level, chunked_prefill, allow_pickle):
     """Compile MODEL (a checkpoint directory or a preset name) into an artifact."""
     import json
 
@@ -83,7 +85,8 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
     out = do_compile(model, output, target=target, dtype=dtype, quant=quant, group_size=group_size,
                      max_seq_len=max_seq_len, verify=verify, fuse=fuse, progress=sys.stderr.isatty(),
                      calibrate=calibrate, symmetric=not asym, lm_head=lm_head, accuracy_level=accuracy_level,
-                     embedding=embedding, allow_pickle=allow_pickle, tune=tune, tune_budget=tune_budget)
+                     embedding=embedding, allow_pickle=allow_pickle, tune=tune, tune_budget=tune_budget,
+                     chunked_prefill=chunked_prefill)
     report = json.loads((out / "report.json").read_text())
     v = report["verify"]
     if not isinstance(v, dict):

@@ -122,6 +122,7 @@ def compile(
     allow_pickle: bool = False,
     tune: bool = False,
     tune_budget: float = 120.0,
+    chunked_prefill: bool = True,
 ) -> Path:
     """Compile MODEL (checkpoint directory or preset name); return the artifact path."""
     from glmc import checkpoint, trace
@@ -160,8 +161,9 @@ def compile(
             with stages.stage("calibrate"):
                 ctx.options["calibration_rows"] = _calibration_rows(loaded, cfg, ctx, calibrate, seq)
         with stages.stage("trace (torch.export)"):
-            graphs = [trace.trace_prefill(loaded.model, cfg, seq), trace.trace_decode(loaded.model, cfg, seq),
-                      trace.trace_extend(loaded.model, cfg, seq)]        # chunked prefill of long prompts
+            graphs = [trace.trace_prefill(loaded.model, cfg, seq), trace.trace_decode(loaded.model, cfg, seq)]
+            if chunked_prefill:     # long prompts prefilled chunk by chunk over the cache
+                graphs.append(trace.trace_extend(loaded.model, cfg, seq))
             if any(name == "last_token_logits" for name, _ in pipeline):
                 # generation prefills for the last token only; logits() needs every position
                 graphs.append(trace.trace_prefill(loaded.model, cfg, seq, name="score"))

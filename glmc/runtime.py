@@ -47,7 +47,8 @@ class Runtime:
             prefill_chunk = _tuned_chunk(self.path)
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 0):
             raise GlmcError(f"prefill_chunk must be an integer >= 0, got {prefill_chunk!r}")
-        self.prefill_chunk = prefill_chunk if prefill_chunk and hasattr(self.executor, "extend") else None
+        has_extend = "extend" in self.manifest.get("backend", {}).get("graphs", {})
+        self.prefill_chunk = prefill_chunk if prefill_chunk and has_extend else None
 
     # ---- inputs -------------------------------------------------------------------------
 

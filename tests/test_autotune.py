@@ -183,7 +183,7 @@ def test_two_compiles_share_one_tuning_database(checkpoints, tmp_path):
     outs = [tmp_path / "a.glmc", tmp_path / "b.glmc"]
     models = ["tiny-glm", str(checkpoints("glm-gqa"))]
     procs = [subprocess.Popen([sys.executable, "-m", "glmc.cli", "compile", m, "-o", str(o), "--tune",
-                               "--no-verify", "--max-seq-len", "64"], env=env, stdout=subprocess.PIPE,
+                               "--no-verify", "--no-chunked-prefill", "--max-seq-len", "64"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for m, o in zip(models, outs)]
     for p in procs:
         _, err = p.communicate(timeout=300)
@@ -219,7 +219,7 @@ def test_gpu_artifact_tuning_flow_in_the_interpreter(artifacts, tmp_path, monkey
         return clock.now
 
     result = autotune.tune_gpu(art, manifest, budget_s=1e9, db=TuningDB(tmp_path / "db.json"), timer=timer,
-                               clock=clock, repeats=1, max_candidates=2)
+                               clock=clock, repeats=1, max_candidates=2, prompt_tokens=(8,))
     ops = {k.split(":")[0] for k in result["configs"]}
     assert {"rms_norm", "rotary", "swiglu", "attention", "matmul"} <= ops
     assert result["tuned"] == result["shapes"] and result["measured"] == result["shapes"]

@@ -20,7 +20,7 @@ PROMPTS = [list(range(5, 75)), list(range(9, 14)), list(range(200, 232))]
     (23, [23, 24]),                    # 70 = 3 x 23 + 1: the one-token tail folds into the last chunk
 ])
 def test_chunked_equals_one_call_and_transformers(artifacts, checkpoints, reference, variant, chunk, extends):
-    art = artifacts(variant)
+    art = artifacts(variant, chunked_prefill=True)
     whole = glmc.load(art, prefill_chunk=0)
     chunked = glmc.load(art, prefill_chunk=chunk)
     calls = []
@@ -42,7 +42,7 @@ def test_chunk_comes_from_tuning_json(artifacts, tmp_path):
     import shutil
 
     art = tmp_path / "a.glmc"
-    shutil.copytree(artifacts("glm-gqa"), art)
+    shutil.copytree(artifacts("glm-gqa", chunked_prefill=True), art)
     (art / "tuning.json").write_text(json.dumps({"version": 1, "prefill_chunk": 32, "threads": 1}))
     rt = glmc.load(art, verify=False)
     assert rt.prefill_chunk == 32 and rt.executor.threads == 1
@@ -51,4 +51,10 @@ def test_chunk_comes_from_tuning_json(artifacts, tmp_path):
 
 def test_bad_chunk_is_a_clear_error(artifacts):
     with pytest.raises(GlmcError, match="prefill_chunk must be an integer >= 0"):
-        glmc.load(artifacts("glm-gqa"), prefill_chunk=-3)
+        glmc.load(artifacts("glm-gqa", chunked_prefill=True), prefill_chunk=-3)
+
+
+def test_without_the_extend_entry_prefill_is_one_call(artifacts):
+    rt = glmc.load(artifacts("glm-gqa"), prefill_chunk=16)       # compiled --no-chunked-prefill
+    assert rt.prefill_chunk is None
+    assert len(rt.generate([list(range(5, 45))], 2)[0]) == 2

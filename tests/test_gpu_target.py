@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and no
 
 @pytest.fixture(scope="module")
 def cuda_artifact(artifacts):
-    return artifacts("glm-gqa", target="cuda:sm_80,sm_90")
+    return artifacts("glm-gqa", target="cuda:sm_80,sm_90", chunked_prefill=True)
 
 
 def test_cuda_fp16_artifact_matches_transformers(cuda_artifact, checkpoints, reference):

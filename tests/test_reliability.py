@@ -81,10 +81,12 @@ def test_count_parameters_matches_transformers():
             p.numel() for p in loaded.model.parameters())
 
 
-def test_sigkill_mid_compile_leaves_target_untouched(tmp_path):
+def test_sigkill_mid_compile_leaves_target_untouched(tmp_path, artifacts):
     """kill -9 while compiling over an existing artifact: the old artifact stays, intact."""
+    import shutil
+
     target = tmp_path / "t.glmc"
-    glmc.compile("tiny-glm", target, max_seq_len=32, verify=False)
+    shutil.copytree(artifacts("tiny-glm"), target)
     before = (target / "manifest.json").read_text()
     proc = subprocess.Popen([sys.executable, "-m", "glmc.cli", "compile", "tiny-glm", "-o", str(target),
                              "--quant", "int8", "--max-seq-len", "32"], cwd=tmp_path,

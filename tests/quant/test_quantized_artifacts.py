@@ -75,7 +75,9 @@ def fixture_ppl(tmp_path_factory):
     out = {}
     for name, opts in {"fp32": {}, "int8": dict(quant="int8"), "int4": dict(quant="int4", group_size=128),
                        "int4-cal": dict(quant="int4", group_size=128, calibrate=8)}.items():
-        out[name] = _ppl(glmc.compile(FIXTURE, root / f"{name}.glmc", max_seq_len=256, **opts), ids)
+        # perplexity is the check here; compile-time verification is tested elsewhere
+        out[name] = _ppl(glmc.compile(FIXTURE, root / f"{name}.glmc", max_seq_len=256, verify=False,
+                                      chunked_prefill=False, **opts), ids)
     base = out["fp32"][1]
     # error against the fp32 model: mean KL(fp32 || quantized) per held-out token
     kl = {k: float((np.exp(base) * (base - v[1])).sum(-1).mean()) for k, v in out.items()}
