@@ -38,7 +38,8 @@ def test_allow_pickle_loads_plain_tensors(tmp_path):
     ckpt, model = _pickle_checkpoint(tmp_path)
     with pytest.raises(GlmcError, match="--allow-pickle"):
         glmc.compile(ckpt, tmp_path / "a.glmc", max_seq_len=32)
-    art = glmc.compile(ckpt, tmp_path / "a.glmc", max_seq_len=32, allow_pickle=True, verify=False)
+    art = glmc.compile(ckpt, tmp_path / "a.glmc", max_seq_len=32, allow_pickle=True, verify=False,
+                       chunked_prefill=False)
     ids = [5, 6, 7, 8]
     want = model(input_ids=torch.tensor([ids])).logits[0, -1].detach().numpy()
     got = glmc.load(art).logits(ids)[-1]

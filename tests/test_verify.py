@@ -36,7 +36,7 @@ def test_wrong_graph_is_refused_and_the_layer_named(checkpoints, tmp_path):
     out = tmp_path / "bad.glmc"
     passes = [*PIPELINE, ("corrupt", _corrupt_layer(1))]
     with pytest.raises(VerificationError) as err:
-        glmc.compile(checkpoints("glm4-mqa"), out, max_seq_len=32, passes=passes)
+        glmc.compile(checkpoints("glm4-mqa"), out, max_seq_len=32, passes=passes, chunked_prefill=False)
     msg = str(err.value)
     assert "max abs logits diff" in msg
     assert "first diverges at decoder layer 1" in msg
@@ -45,16 +45,17 @@ def test_wrong_graph_is_refused_and_the_layer_named(checkpoints, tmp_path):
 
 
 def test_failed_compile_leaves_an_existing_artifact_untouched(checkpoints, tmp_path):
-    out = glmc.compile(checkpoints("glm-gqa"), tmp_path / "a.glmc", max_seq_len=32)
+    out = glmc.compile(checkpoints("glm-gqa"), tmp_path / "a.glmc", max_seq_len=32, chunked_prefill=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(VerificationError):
-        glmc.compile(checkpoints("glm-gqa"), out, max_seq_len=32, passes=[*PIPELINE, ("corrupt", _corrupt_layer(0))])
+        glmc.compile(checkpoints("glm-gqa"), out, max_seq_len=32, chunked_prefill=False,
+                     passes=[*PIPELINE, ("corrupt", _corrupt_layer(0))])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.glmc"]
 
 
 def test_no_verify_skips_the_check(checkpoints, tmp_path):
-    out = glmc.compile(checkpoints("glm-gqa"), tmp_path / "u.glmc", max_seq_len=32, verify=False,
+    out = glmc.compile(checkpoints("glm-gqa"), tmp_path / "u.glmc", max_seq_len=32, verify=False, chunked_prefill=False,
                        passes=[*PIPELINE, ("corrupt", _corrupt_layer(0))])
     assert (out / "manifest.json").is_file()
 
@@ -75,6 +76,6 @@ def test_broken_quantized_build_is_refused(checkpoints, tmp_path):
 
     ctx = PassContext(quant="int4")
     with pytest.raises(VerificationError, match="relative RMS logits error"):
-        glmc.compile(checkpoints("glm-gqa"), tmp_path / "q.glmc", max_seq_len=32, quant="int4",
+        glmc.compile(checkpoints("glm-gqa"), tmp_path / "q.glmc", max_seq_len=32, quant="int4", chunked_prefill=False,
                      passes=[*pipeline(ctx), ("scramble", scramble)])
     assert not (tmp_path / "q.glmc").exists()
