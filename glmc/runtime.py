@@ -120,7 +120,9 @@ class Runtime:
                 continue
             logits = self.executor.extend(cache, ids[:, start:end], mask[:, start:end], start)
             rows = np.nonzero((lengths > start) & (lengths <= end))[0]
-            last[rows] = logits[rows, lengths[rows] - 1 - start]
+            # (B, 1, V) when last_token_logits rewrote the extend graph, else (B, C, V)
+            at = 0 if logits.shape[1] == 1 else lengths[rows] - 1 - start
+            last[rows] = logits[rows, at]
         return cache, last
 
     # ---- API ----------------------------------------------------------------------------
