@@ -42,7 +42,8 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        art = glmc.compile(args.model, Path(d) / "m.glmc", max_seq_len=args.prompt + 8, verify=False)
+        art = glmc.compile(args.model, Path(d) / "m.glmc", max_seq_len=args.prompt + 8, verify=False,
+                           chunked_prefill=True)
         tuning = tune_artifact(art, budget_s=300)
         ids = [list(np.random.default_rng(0).integers(3, 1000, args.prompt))]
         variants = {f"tuned ({tuning['prefill_chunk']})": tuning["prefill_chunk"], "one call": 0,

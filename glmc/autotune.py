@@ -262,6 +262,9 @@ def tune_cpu(artifact: Path, tuner: Tuner, max_m: int = 512) -> dict:
         throughput[m] = m / r["seconds"]
     tuner.save()
     chunk = choose_chunk(throughput) if throughput else None
+    if "extend" not in manifest["backend"]["graphs"]:
+        warn(f"{artifact}: built without --chunked-prefill: the chunk size is recorded but the runtime "
+             "prefills in one call")
     return {"target": "cpu", "device": tuner.device.prefix(), "threads": best_threads,
             "thread_timings_s": threads["timings"], "prefill_tokens_per_s": throughput,
             "prefill_chunk": chunk, "measured": tuner.measured, "reused": tuner.reused}

@@ -68,8 +68,9 @@ def _parse_target(ctx, param, value: str) -> str:
               help="Embedding table precision with --quant (int8: per-row scales; saves memory, not decode time).")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
               help="cpu int4/int8 matmuls: 4 = int8 activations inside the kernel (fast), 0 = fp32 activations.")
-@click.option("--chunked-prefill/--no-chunked-prefill", default=True, show_default=True,
-              help="Build the extend entry point so long prompts are prefilled in (tuned) chunks.")
+@click.option("--chunked-prefill/--no-chunked-prefill", default=None,
+              help="Build the extend entry point so long prompts are prefilled in (tuned) chunks "
+                   "(default: on for cuda/rocm, off for cpu).")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept .bin/.pt weights, loaded only through torch.load(weights_only=True).")
 def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, tune_budget, verify, fuse, calibrate,
