@@ -10,7 +10,6 @@ JIT-compiles glmc's installed kernel source.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
