@@ -199,7 +199,12 @@ def _read_pickle(p: Path, tensors: dict) -> None:
     import pickle
 
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:      # the legacy (pre-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GlmcError(f"{p}: refused by torch.load(weights_only=True): {first}") from None
