@@ -13,25 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 import glmc
-from glmc.autotune import tune_artifact
-
-
-def timed(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"min": min(times), "median": statistics.median(times), "max": max(times)}
+from glmc.autotune import measure, tune_artifact
 
 
 def main():
@@ -57,7 +45,7 @@ def main():
             err = float(np.abs(last - ref).max())
             if err > 1e-3:
                 raise SystemExit(f"{name}: logits differ from the tuned run by {err}")
-            t = timed(lambda rt=rt: rt._prefill(ids), args.repeats)
+            t = measure(lambda rt=rt: rt._prefill(ids), repeats=args.repeats)
             rows[name] = {"chunk": chunk, "seconds": t, "tokens_per_s": args.prompt / t["median"],
                           "max_abs_logit_diff_vs_tuned": err}
     tuned = next(k for k in rows if k.startswith("tuned"))

@@ -134,6 +134,15 @@ class TuningDB:
             return False
 
 
+def read_tuning(artifact: Path) -> dict:
+    """An artifact's tuning.json (what `glmc tune` measured), or {} when absent or unreadable."""
+    try:
+        data = json.loads((Path(artifact) / DB_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 # ---- measuring ------------------------------------------------------------------------------
 
 def measure(fn: Callable[[], None], repeats: int = 5, warmup: int = 1, flush: Callable[[], None] | None = None,
@@ -470,31 +479,29 @@ def tune_artifact(artifact: Path, budget_s: float = 120.0, report_dir: Path | No
     manifest = read_manifest(artifact, verify=True)
     db = db if db is not None else TuningDB(cache_dir() / DB_NAME)
     kind = manifest["target"].split(":", 1)[0]
+    tuner = None
     if kind != "cpu":
         result = tune_gpu(artifact, manifest, budget_s, db, timer=timer)
         apply_gpu_tuning(artifact, manifest, result["configs"])
-        (artifact / DB_NAME).write_text(json.dumps({"version": DB_VERSION, **result}, indent=1) + "\n")
-        write_manifest(artifact, {k: v for k, v in manifest.items() if k not in ("files", "format_version")})
-        if report_dir is not None and result["matmul_tflops"]:
-            report_dir = Path(report_dir)
-            report_dir.mkdir(parents=True, exist_ok=True)
-            values = {tuple(int(x) for x in k.split("x")): v for k, v in result["matmul_tflops"].items()}
-            heatmap(report_dir / "matmul_heatmap.png", values, "TFLOP/s", f"tuned matmul TFLOP/s, {result['device']}")
-            (report_dir / "tune_report.json").write_text(json.dumps(result, indent=1) + "\n")
-            result["report"] = str(report_dir)
-        return result
-    tuner = Tuner(db, cpu_device_key(), budget_s, timer=timer)
-    result = tune_cpu(artifact, tuner)
+    else:
+        tuner = Tuner(db, cpu_device_key(), budget_s, timer=timer)
+        result = tune_cpu(artifact, tuner)
     (artifact / DB_NAME).write_text(json.dumps({"version": DB_VERSION, **result}, indent=1) + "\n")
-    write_manifest(artifact, {k: v for k, v in manifest.items() if k not in ("files", "format_version")})
-    if report_dir is not None:
-        report_dir = Path(report_dir)
-        report_dir.mkdir(parents=True, exist_ok=True)
+    write_manifest(artifact, manifest)          # recomputes every file's sha256
+    if report_dir is None or (kind != "cpu" and not result["matmul_tflops"]):
+        return result
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    if kind != "cpu":
+        values = {tuple(int(x) for x in k.split("x")): v for k, v in result["matmul_tflops"].items()}
+        heatmap(report_dir / "matmul_heatmap.png", values, "TFLOP/s", f"tuned matmul TFLOP/s, {result['device']}")
+        report = result
+    else:
         values = matmul_heatmap_cpu(manifest["model"]["config"], result["threads"], tuner,
                                     max_m=min(512, manifest["max_seq_len"]))
         heatmap(report_dir / "matmul_heatmap.png", values, "GFLOP/s",
                 f"onnxruntime MatMul GFLOP/s, {result['threads']} threads; prefill chunk {result['prefill_chunk']}")
-        (report_dir / "tune_report.json").write_text(json.dumps(
-            dict(result, matmul_gflops={f"{m}x{n}": v for (m, n), v in values.items()}), indent=1) + "\n")
-        result["report"] = str(report_dir)
+        report = dict(result, matmul_gflops={f"{m}x{n}": v for (m, n), v in values.items()})
+    (report_dir / "tune_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    result["report"] = str(report_dir)
     return result

@@ -190,12 +190,9 @@ class Runtime:
 
 
 def _tuned_chunk(path: Path) -> int | None:
-    import json
+    from glmc.autotune import read_tuning
 
-    try:
-        chunk = json.loads((path / "tuning.json").read_text()).get("prefill_chunk")
-    except (OSError, ValueError, AttributeError):
-        return None
+    chunk = read_tuning(path).get("prefill_chunk")
     return chunk if isinstance(chunk, int) and chunk >= 2 else None
 
 

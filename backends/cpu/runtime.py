@@ -26,12 +26,9 @@ def default_threads() -> int:
 
 def _tuned_threads(artifact_dir: Path) -> int | None:
     """The thread count `glmc tune` measured for this artifact (tuning.json), if any and still valid here."""
-    import json
+    from glmc.autotune import read_tuning
 
-    try:
-        tuned = json.loads((Path(artifact_dir) / "tuning.json").read_text()).get("threads")
-    except (OSError, ValueError, AttributeError):
-        return None
+    tuned = read_tuning(artifact_dir).get("threads")
     return tuned if isinstance(tuned, int) and 1 <= tuned <= default_threads() else None
 
 

@@ -35,7 +35,7 @@ def matmul_m_bucket(M: int) -> int:
     return M if M <= matmul.GEMV_MAX_M else 1 << (M - 1).bit_length()
 
 
-# op -> (kernel module, shape arguments its config spaces take)
+# op -> the kernel module whose configs_cuda()/configs_rocm() take that op's shape key
 SPACES = {"rms_norm": rms_norm, "swiglu": swiglu, "rotary": rotary, "attention": attention, "matmul": matmul,
           "matmul_int4": matmul, "matmul_int8": matmul}
 
