@@ -12,6 +12,17 @@ from glmc.errors import GlmcError
 TARGETS = ("cpu", "cuda", "rocm")
 
 
+def store_kv(cache, kv, start: int, mask) -> None:
+    """Write an entry point's new K/V (k_0, v_0, k_1, ...; each (B, Hkv, T, D)) into cache slots
+    [start, start + T) and mark them with `mask` (B, T). Works for numpy and torch caches alike
+    (each backend's KVCache has k, v and mask with the same layout)."""
+    T = mask.shape[1]
+    for i in range(len(cache.k)):
+        cache.k[i][:, :, start:start + T] = kv[2 * i]
+        cache.v[i][:, :, start:start + T] = kv[2 * i + 1]
+    cache.mask[:, start:start + T] = mask
+
+
 def get_backend(target: str):
     kind = target.split(":", 1)[0]
     if kind == "cpu":

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from glmc.backends import store_kv
+
 
 def default_threads() -> int:
     """The CPUs this process may run on (what onnxruntime's pool should use)."""
@@ -41,6 +43,8 @@ class KVCache:
         self.batch, self.capacity = batch, capacity
         self.ort_past = [ort.OrtValue.ortvalue_from_numpy(a) for kv in zip(self.k, self.v) for a in kv]
         self.ort_mask = ort.OrtValue.ortvalue_from_numpy(self.mask)
+
+    store = store_kv      # prefill / extend outputs into their slots
 
 
 class _LazySessions(dict):
@@ -109,12 +113,8 @@ class CpuExecutor:
         Fills cache slots [0, T). The prefill graph returns (B, 1, V) when
         last_token_logits rewrote it, else (B, T, V).
         """
-        T = input_ids.shape[1]
         outs = self.sessions["prefill"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
-        for i in range(self.n_layers):
-            cache.k[i][:, :, :T] = outs[1 + 2 * i]
-            cache.v[i][:, :, :T] = outs[2 + 2 * i]
-        cache.mask[:, :T] = attention_mask
+        cache.store(outs[1:], 0, attention_mask)
         logits = outs[0]
         if logits.shape[1] == 1:
             return logits[:, 0]
@@ -127,10 +127,7 @@ class CpuExecutor:
                  "position": np.full(B, start, np.int64), "cache_mask": cache.mask}
         feeds.update(zip(self.io["extend"]["inputs"][4:], (a for pair in zip(cache.k, cache.v) for a in pair)))
         outs = self.sessions["extend"].run(None, feeds)
-        for i in range(self.n_layers):
-            cache.k[i][:, :, start:start + C] = outs[1 + 2 * i]
-            cache.v[i][:, :, start:start + C] = outs[2 + 2 * i]
-        cache.mask[:, start:start + C] = attention_mask
+        cache.store(outs[1:], start, attention_mask)
         return outs[0]
 
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from glmc.backends.gpu.kernels import Configs, kernel_table
 from glmc.backends.gpu.lower import DTYPES
 from glmc.backends.triton import aot
 from glmc.backends.triton._common import LAUNCHER, interpreting
+from glmc.backends import store_kv
 from glmc.errors import GlmcError
 
 
@@ -50,6 +51,8 @@ class KVCache:
         self.past = [t for pair in zip(self.k, self.v) for t in pair]
         self.mask = torch.zeros((batch, capacity), dtype=torch.int64, device=device)
         self.graph = None     # captured CUDA graph of the decode step, with its static inputs/outputs
+
+    store = store_kv      # prefill / extend outputs into their slots
 
 
 class GpuExecutor:
@@ -113,14 +116,10 @@ class GpuExecutor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     def prefill(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        T = input_ids.shape[1]
         mask = self._t(attention_mask)
         with torch.no_grad():
             outs = self._programs["prefill"](self._t(input_ids), mask)
-            for i in range(self.n_layers):
-                cache.k[i][:, :, :T] = outs[1 + 2 * i]
-                cache.v[i][:, :, :T] = outs[2 + 2 * i]
-            cache.mask[:, :T] = mask
+            cache.store(outs[1:], 0, mask)
             logits = outs[0]
             if logits.shape[1] != 1:
                 logits = logits[torch.arange(len(logits)), mask.sum(1) - 1].unsqueeze(1)
@@ -132,10 +131,7 @@ class GpuExecutor:
         with torch.no_grad():
             pos = torch.full((B,), start, dtype=torch.int64, device=self.device)
             outs = self._programs["extend"](self._t(input_ids), mask, pos, cache.mask, *cache.past)
-            for i in range(self.n_layers):
-                cache.k[i][:, :, start:start + C] = outs[1 + 2 * i]
-                cache.v[i][:, :, start:start + C] = outs[2 + 2 * i]
-            cache.mask[:, start:start + C] = mask
+            cache.store(outs[1:], start, mask)
         return outs[0].float().cpu().numpy()
 
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
