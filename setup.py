@@ -12,8 +12,8 @@ setup(
     version="0.1.0",
     description="Compiler for GLM-family language models (CPU via ONNX Runtime; CUDA/ROCm via Triton)",
     python_requires=">=3.10",
-    packages=["glmc", "glmc.passes", "glmc.backends", "glmc.backends.cpu", "glmc.backends.gpu",
-              "glmc.backends.cuda", "glmc.backends.rocm", "glmc.backends.triton"],
+    packages=["glmc", "glmc.ops", "glmc.passes", "glmc.backends", "glmc.backends.cpu", "glmc.backends.gpu",
+              "glmc.backends.triton"],
     package_dir={"glmc": "glmc", "glmc.passes": "passes", "glmc.backends": "backends"},
     install_requires=[
         "torch>=2.6",

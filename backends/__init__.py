@@ -1,47 +1,72 @@
-"""glmc backends. Each exposes the same entry points, so the runtime never
-branches on the target beyond choosing the module:
+"""glmc backends: one object per target family, behind one protocol, so the compiler,
+runtime, tuner, bench and inspect never branch on the target.
 
-  lower(traced: list[Traced], out_dir, ctx) -> dict     write backend files, return manifest info
-  load(artifact_dir, manifest, threads) -> Executor      with new_cache / prefill / decode
+  cpu   backends/cpu   ONNX graphs run by onnxruntime
+  gpu   backends/gpu   JSON graphs run by torch, glmc ops on Triton kernels (cuda and rocm)
+
+Each backend registers its lowering of every glmc op in glmc.registry.
 """
 
 from __future__ import annotations
 
-from glmc.errors import GlmcError
+from pathlib import Path
+from typing import Protocol
 
-TARGETS = ("cpu", "cuda", "rocm")
+import numpy as np
 
-
-def store_kv(cache, kv, start: int, mask) -> None:
-    """Write an entry point's new K/V (k_0, v_0, k_1, ...; each (B, Hkv, T, D)) into cache slots
-    [start, start + T) and mark them with `mask` (B, T). Works for numpy and torch caches alike
-    (each backend's KVCache has k, v and mask with the same layout)."""
-    T = mask.shape[1]
-    for i in range(len(cache.k)):
-        cache.k[i][:, :, start:start + T] = kv[2 * i]
-        cache.v[i][:, :, start:start + T] = kv[2 * i + 1]
-    cache.mask[:, start:start + T] = mask
+from glmc.target import Target
 
 
-def get_backend(target: str):
-    kind = target.split(":", 1)[0]
-    if kind == "cpu":
-        from glmc.backends import cpu
+class Executor(Protocol):
+    """A loaded artifact on its device. Arrays in and out are numpy; the cache is the backend's."""
 
-        return cpu
-    if kind in ("cuda", "rocm"):
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            raise GlmcError(f"target {target!r} needs Triton: pip install 'glmc[gpu]'") from None
-        from glmc.backends.triton.aot import parse_target
+    def new_cache(self, batch: int): ...
 
-        parse_target(target)
-        if kind == "cuda":
-            from glmc.backends import cuda
+    def prefill(self, cache, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(B, T) right-padded ids and mask -> (B, V) logits of each row's last real token; fills slots [0, T)."""
 
-            return cuda
-        from glmc.backends import rocm
+    def extend(self, cache, input_ids: np.ndarray, attention_mask: np.ndarray, start: int) -> np.ndarray:
+        """(B, C) more prompt tokens at positions start.. -> (B, C or 1, V) logits."""
 
-        return rocm
-    raise GlmcError(f"unknown target {target!r} (supported: cpu, cuda[:sm_80,sm_90], rocm[:gfx906,gfx90a,gfx942])")
+    def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(B, T) -> (B, T, V) logits of every position (no cache)."""
+
+    def decode(self, cache, input_ids: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """(B, 1) ids at (B,) positions -> (B, 1, V) logits; writes slot `position`."""
+
+
+class Backend(Protocol):
+    target: Target
+    default_dtype: str
+    dtypes: tuple[str, ...]            # --dtype values it compiles
+    chunked_prefill_default: bool       # build the extend entry point unless told otherwise
+
+    def why_cannot_run_here(self) -> str | None:
+        """Why this machine cannot run (verify, tune, profile) the target's artifacts, or None."""
+
+    def lower(self, graphs: list, out_dir: Path, ctx) -> dict:
+        """Write the backend's files for the rewritten graphs; return the manifest's backend section."""
+
+    def load(self, artifact_dir: Path, manifest: dict, threads: int | None = None) -> Executor: ...
+
+    def hidden_states(self, graph, ctx, input_ids: list[int]) -> list[np.ndarray]:
+        """Run a rewritten prefill graph that also returns every hidden state through this
+        backend's own lowering and executor; the hidden states, (T, hidden) each."""
+
+    def tune(self, artifact: Path, manifest: dict, budget_s: float, db, timer, report: bool = False) -> dict:
+        """Measure on this machine; apply what it chose to the artifact (not tuning.json,
+        which the caller writes). With `report`, the result carries "heatmap": (values, unit, title)."""
+
+    def profile_decode(self, artifact: Path, manifest: dict, context: int, steps: int) -> dict[str, float]:
+        """Milliseconds per op type of one decode step at `context` cached tokens."""
+
+
+def get_backend(target: str | Target) -> Backend:
+    target = Target.parse(target)
+    if target.family == "cpu":
+        from glmc.backends.cpu import CpuBackend
+
+        return CpuBackend(target)
+    from glmc.backends.gpu import GpuBackend
+
+    return GpuBackend(target)

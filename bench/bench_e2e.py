@@ -12,17 +12,17 @@ fraction of the machine's measured bandwidth / matmul peak.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
 import glmc
-from glmc.benchmark import EagerProvider, GlmcProvider, matmul_tflops, read_bandwidth_gbs
+from glmc.benchmark import EagerProvider, GlmcProvider
 from glmc.checkpoint import load as load_model
+from glmc.measure import matmul_tflops, read_bandwidth_gbs
+from glmc.settings import bench_model
 
-MODEL = os.environ.get("GLMC_BENCH_MODEL", "tiny-glm")
+MODEL = bench_model()
 PROMPT = 128
 CONTEXT = 64
 
@@ -59,7 +59,7 @@ def test_decode_step(benchmark, setup, provider):
     p = providers[provider]
     if provider == "glmc":
         rt = p.rt
-        cache, last = rt._prefill([ids[:CONTEXT]])
+        cache, last = rt.prefill([ids[:CONTEXT]])
         pos = np.array([CONTEXT])
 
         def step():

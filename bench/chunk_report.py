@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 import glmc
-from glmc.autotune import measure, tune_artifact
+from glmc.autotune import tune_artifact
+from glmc.measure import measure
 
 
 def main():
@@ -40,12 +41,12 @@ def main():
         rows = {}
         for name, chunk in variants.items():
             rt = glmc.load(art, prefill_chunk=chunk)
-            _, last = rt._prefill(ids)
+            _, last = rt.prefill(ids)
             ref = last if ref is None else ref
             err = float(np.abs(last - ref).max())
             if err > 1e-3:
                 raise SystemExit(f"{name}: logits differ from the tuned run by {err}")
-            t = measure(lambda rt=rt: rt._prefill(ids), repeats=args.repeats)
+            t = measure(lambda rt=rt: rt.prefill(ids), repeats=args.repeats)
             rows[name] = {"chunk": chunk, "seconds": t, "tokens_per_s": args.prompt / t["median"],
                           "max_abs_logit_diff_vs_tuned": err}
     tuned = next(k for k in rows if k.startswith("tuned"))

@@ -31,20 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import glmc  # noqa: E402
-from glmc.benchmark import (EagerProvider, GlmcProvider, OrtPlainProvider, matmul_tflops,  # noqa: E402
-                            read_bandwidth_gbs, stats)
+from glmc.benchmark import EagerProvider, GlmcProvider, OrtPlainProvider  # noqa: E402
 from glmc.checkpoint import load as load_model  # noqa: E402
-
-
-def time_it(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+from glmc.measure import matmul_tflops, measure, read_bandwidth_gbs  # noqa: E402
+from glmc.measure import summarize as stats  # noqa: E402
 
 
 def main():
@@ -99,7 +89,7 @@ def main():
             if got != want:
                 results[name] = {"error": f"greedy tokens differ from eager: {got} vs {want}"}
                 continue
-            pre = time_it(lambda: p.prefill(prompt), args.repeats)
+            pre = measure(lambda: p.prefill(prompt), args.repeats)["samples"]
             dec = [p.decode_steps(short, args.decode)[0] for _ in range(args.repeats)]
             d = stats(dec)
             results[name] = {

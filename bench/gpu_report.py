@@ -16,32 +16,23 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import triton
 
 from glmc.backends.triton import matmul
+from glmc.measure import measure
 from glmc.quant import dequantize, quantize
 
 
 def timed(fn, repeats=20, flush=None):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        if flush is not None:
-            flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return {"min": min(times), "median": statistics.median(times), "max": max(times)}
+    """glmc.measure with the device synchronised around each timed run; `flush` (a buffer)
+    is overwritten before each run so memory-bound kernels start from a cold L2."""
+    t = measure(fn, repeats=repeats, warmup=3, sync=torch.cuda.synchronize,
+                flush=(lambda: flush.zero_()) if flush is not None else None)
+    t.pop("samples")
+    return t
 
 
 def copy_bandwidth() -> float:
@@ -107,29 +98,19 @@ def bench_e2e(preset: str, out_dir) -> dict:
     want = model.generate(torch.tensor([prompt[:32]], device="cuda"), max_new_tokens=16, do_sample=False,
                           min_new_tokens=16)[0, 32:].tolist()
     res["greedy_tokens_equal_eager"] = rt.generate([prompt[:32]], max_new_tokens=16, stop_at_eos=False)[0] == want
-    t0 = time.perf_counter()
-    rt.generate([prompt], max_new_tokens=1)
-    res["glmc_prefill512_s"] = time.perf_counter() - t0
+    res["glmc_prefill512_s"] = measure(lambda: rt.generate([prompt], max_new_tokens=1), repeats=3)["median"]
     n = 128
-    t0 = time.perf_counter()
-    rt.generate([prompt[:16]], max_new_tokens=n, stop_at_eos=False)
-    res["glmc_decode_tok_s"] = n / (time.perf_counter() - t0)
+    res["glmc_decode_tok_s"] = n / measure(lambda: rt.generate([prompt[:16]], max_new_tokens=n, stop_at_eos=False),
+                                           repeats=3)["median"]
     for name, m in (("eager", model), ("compile", torch.compile(model, mode="reduce-overhead"))):
         try:
             ids = torch.tensor([prompt], device="cuda")
+            short = torch.tensor([prompt[:16]], device="cuda")
             with torch.no_grad():
-                m(ids)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                m(ids)
-                torch.cuda.synchronize()
-                res[f"{name}_prefill512_s"] = time.perf_counter() - t0
-                m.generate(torch.tensor([prompt[:16]], device="cuda"), max_new_tokens=8, do_sample=False)
-                t0 = time.perf_counter()
-                m.generate(torch.tensor([prompt[:16]], device="cuda"), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False)
-                torch.cuda.synchronize()
-                res[f"{name}_decode_tok_s"] = n / (time.perf_counter() - t0)
+                res[f"{name}_prefill512_s"] = measure(lambda: m(ids), repeats=3, sync=torch.cuda.synchronize)["median"]
+                res[f"{name}_decode_tok_s"] = n / measure(
+                    lambda: m.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False),
+                    repeats=3, sync=torch.cuda.synchronize)["median"]
         except Exception as e:          # recorded, not fatal
             res[f"{name}_error"] = f"{type(e).__name__}: {e}"
     for name in ("eager", "compile"):

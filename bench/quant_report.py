@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import glmc  # noqa: E402
+from glmc.measure import measure  # noqa: E402
 from glmc.tokenizer import TextCodec  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "glm-pystdlib"
@@ -56,18 +55,15 @@ def perplexity(model, ids, chunk, n_chunks):
 def decode_tps(path, repeats, n=64):
     rt = glmc.load(path)
     prompt = list(range(5, 21))
-    times = []
-    rt.generate([prompt], max_new_tokens=8, stop_at_eos=False)
-    for _ in range(repeats):
-        cache, last = rt._prefill([prompt])
-        pos, tok = np.array([len(prompt)]), int(last[0].argmax())
-        t0 = time.perf_counter()
+    cache, last = rt.prefill([prompt])
+    ids, pos = np.array([[int(last[0].argmax())]]), np.array([len(prompt)])
+
+    def n_steps():      # n greedy-shaped decode steps rewriting the same slot (the cost is the step)
         for _ in range(n):
-            last = rt.executor.decode(cache, np.array([[tok]]), pos)[:, 0]
-            pos += 1
-            tok = int(last[0].argmax())
-        times.append((time.perf_counter() - t0) / n)
-    return {"min": 1 / max(times), "median": 1 / statistics.median(times), "max": 1 / min(times)}
+            rt.executor.decode(cache, ids, pos)
+
+    t = measure(n_steps, repeats=repeats, warmup=1)
+    return {"min": n / t["max"], "median": n / t["median"], "max": n / t["min"]}
 
 
 def main():

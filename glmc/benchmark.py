@@ -6,18 +6,20 @@ Providers (same checkpoint, same threads, one run):
   compile      torch.compile of that model (skipped by --quick: its warm-up alone is minutes)
   ort-plain    onnxruntime on a plain torch.onnx.export of transformers' forward (no KV
                cache in a plain export, so decode re-runs the sequence)
-Every provider's greedy tokens are checked against eager before it is timed, and a
-provider that fails is reported with its error instead of ending the run.
+Correctness before timing: every provider's greedy tokens are checked against eager
+(a quantized glmc artifact is checked like `glmc verify`: its logits against its
+source's fp32 model within the artifact's relative-RMS bound). A baseline that fails is
+reported with its error and the run goes on; glmc failing (to load, to agree, to run)
+ends the run with an error: a report without glmc's numbers would be a wrong answer.
+Timing is glmc.measure.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,31 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glmc.errors import GlmcError
+from glmc.modelcfg import head_dim
+from glmc.measure import cpu_name, matmul_tflops, measure, read_bandwidth_gbs, summarize
+
+log = logging.getLogger("glmc.bench")
+
 SCHEMA_VERSION = 1
 
 
 # ---- machine ceilings ----------------------------------------------------------------------
-
-def _best(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def read_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
-    """GB/s of a streaming reduction over a buffer far larger than the caches."""
-    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
-    return x.numel() * 4 / _best(lambda: x.sum(), repeats) / 1e9
-
-
-def matmul_tflops(n: int = 1536, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / _best(lambda: a @ b, repeats) / 1e12
-
 
 def machine_info(quick: bool) -> dict:
     import onnxruntime
@@ -58,7 +45,7 @@ def machine_info(quick: bool) -> dict:
     import glmc
 
     info = {
-        "cpu": _cpu_name(), "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+        "cpu": cpu_name(), "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "read_bandwidth_gbs": round(read_bandwidth_gbs(256 if quick else 1024), 2),
         "fp32_matmul_tflops": round(matmul_tflops(1024 if quick else 2048), 4),
@@ -73,16 +60,6 @@ def machine_info(quick: bool) -> dict:
     return info
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ---- providers -----------------------------------------------------------------------------
 
 class GlmcProvider:
@@ -94,12 +71,12 @@ class GlmcProvider:
         self.rt = glmc.load(path)
 
     def prefill(self, ids):
-        self.rt._prefill([ids])
+        self.rt.prefill([ids])
 
     def decode_steps(self, ids, n):
         """Seconds per decode step after a prefill of `ids`, and the greedy tokens."""
         ex = self.rt.executor
-        cache, last = self.rt._prefill([ids])
+        cache, last = self.rt.prefill([ids])
         tok = int(last[0].argmax())
         toks, pos = [tok], np.array([len(ids)])
         t0 = time.perf_counter()
@@ -188,10 +165,6 @@ class OrtPlainProvider:
 
 # ---- measurement ---------------------------------------------------------------------------
 
-def stats(xs) -> dict:
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
-
-
 @dataclass
 class Settings:
     prompt_lengths: list[int]
@@ -203,55 +176,51 @@ class Settings:
     extra: dict = field(default_factory=dict)
 
 
-def measure(provider, prompt_pool: list[int], s: Settings) -> dict:
+def measure_provider(provider, prompt_pool: list[int], s: Settings) -> dict:
     out = {"prefill": {}, "decode": {}}
     for L in s.prompt_lengths:
         ids = prompt_pool[:L]
-        provider.prefill(ids)
-        times = []
-        for _ in range(s.repeats):
-            t0 = time.perf_counter()
-            provider.prefill(ids)
-            times.append(time.perf_counter() - t0)
-        out["prefill"][str(L)] = {"seconds": stats(times), "tokens_per_s": L / statistics.median(times)}
+        t = measure(lambda: provider.prefill(ids), repeats=s.repeats, warmup=1)
+        t.pop("samples")
+        out["prefill"][str(L)] = {"seconds": t, "tokens_per_s": L / t["median"]}
     for C in s.contexts:
         ids = prompt_pool[:C]
         provider.decode_steps(ids, 2)
         per = [provider.decode_steps(ids, s.decode_tokens)[0] for _ in range(s.repeats)]
-        out["decode"][str(C)] = {"seconds_per_token": stats(per), "tokens_per_s": 1 / statistics.median(per)}
+        out["decode"][str(C)] = {"seconds_per_token": summarize(per), "tokens_per_s": 1 / statistics.median(per)}
     return out
 
 
-def decode_op_breakdown(artifact: Path, context: int, steps: int = 8) -> dict[str, float]:
-    """Per-op-type milliseconds of one decode step, from onnxruntime's profiler."""
-    import glmc
+# what a baseline may fail with (an export it cannot do, a compile that breaks, a wrong
+# answer): reported in its row, never fatal
+_BASELINE_ERRORS = (RuntimeError, ValueError, TypeError, AttributeError, KeyError, IndexError, OSError,
+                    NotImplementedError, AssertionError, GlmcError)
 
-    rt = glmc.load(artifact, verify=False)
-    ex = rt.executor
-    with tempfile.TemporaryDirectory() as d:
-        ex.profile("decode", os.path.join(d, "decode"))
-        ids = list(range(5, 5 + context))
-        cache, last = rt._prefill([ids])
-        pos, tok = np.array([context]), int(last[0].argmax())
-        for _ in range(steps):
-            tok = int(ex.decode(cache, np.array([[tok]]), pos)[0, 0].argmax())
-            pos += 1
-        prof = ex.sessions["decode"].end_profiling()
-        events = json.loads(Path(prof).read_text())
-    per_op: dict[str, float] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            op = e.get("args", {}).get("op_name", "?")
-            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / steps
-    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+def _check_glmc(artifact: Path, manifest: dict, model, provider, pool: list[int], want: list[int]) -> None:
+    """glmc's correctness gate before timing: greedy tokens equal eager's (unquantized), or the
+    logits within the artifact's relative-RMS bound of the fp32 source (quantized)."""
+    from glmc.verify import compare
+
+    if manifest["quant"] == "none" and manifest["dtype"] == "fp32":
+        _, got = provider.decode_steps(pool[:8], 6)
+        if got != want:
+            raise GlmcError(f"{artifact}: greedy tokens differ from transformers eager ({got} vs {want}); "
+                            "not timing a wrong answer")
+        return
+    r = compare(provider.rt, model, manifest["dtype"], manifest["quant"])
+    if not r.ok:
+        raise GlmcError(f"{artifact}: disagrees with its fp32 source ({r.measure} "
+                        f"{r.relative_rms if r.measure == 'relative_rms' else r.max_abs_diff:.3g} > "
+                        f"{r.allowed:.3g}); not timing a wrong answer")
 
 
 def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progress: bool = True,
         compile_options: dict | None = None) -> dict:
     import glmc
     from glmc.artifact import read_manifest
+    from glmc.backends import get_backend
     from glmc.checkpoint import load as load_model
-    from glmc.errors import GlmcError
 
     settings = Settings(
         prompt_lengths=[8, 32] if quick else [32, 128, 512],
@@ -261,7 +230,7 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
         baselines=[b for b in (["eager", "ort-plain"] if quick else ["eager", "compile", "ort-plain"]) if b not in skip],
         quick=quick,
     )
-    say = (lambda msg: print(f"[glmc bench] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    say = log.info if progress else (lambda msg: None)
     say("measuring the machine (bandwidth, matmul peak)")
     machine = machine_info(quick)
     work = tempfile.TemporaryDirectory()
@@ -292,26 +261,26 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
         # (one row per token), plus the KV cache at the measured context
         emb_bytes = emb * 4
         decode_weight_bytes = max(1, weights_file.stat().st_size - emb_bytes)
-        kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 4
+        kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim(cfg) * 4
         rng = np.random.default_rng(0)
         pool = rng.integers(3, cfg["vocab_size"], max(settings.prompt_lengths + settings.contexts)).tolist()
 
-        results: dict[str, dict] = {}
-        providers = {"glmc": lambda: GlmcProvider(artifact)}
+        _, want = EagerProvider(model).decode_steps(pool[:8], 6)
+        say("glmc: load, check, measure")
+        glmc_provider = GlmcProvider(artifact)
+        _check_glmc(artifact, manifest, model, glmc_provider, pool, want)
+        results: dict[str, dict] = {"glmc": measure_provider(glmc_provider, pool, settings)}
         makers = {"eager": lambda: EagerProvider(model), "compile": lambda: CompileProvider(model),
                   "ort-plain": lambda: OrtPlainProvider(model, work.name)}
-        for b in settings.baselines:
-            providers[b] = makers[b]
-        _, want = EagerProvider(model).decode_steps(pool[:8], 6)
-        for name, make in providers.items():
+        for name in settings.baselines:
             say(f"{name}: build, check, measure")
             try:
-                p = make()
+                p = makers[name]()
                 _, got = p.decode_steps(pool[:8], 6)
-                if got != want and manifest["quant"] == "none":
+                if got != want:
                     raise RuntimeError(f"greedy tokens differ from eager: {got} vs {want}")
-                results[name] = measure(p, pool, settings)
-            except Exception as e:  # a failing provider is reported, never fatal
+                results[name] = measure_provider(p, pool, settings)
+            except _BASELINE_ERRORS as e:   # a failing baseline is reported in its row
                 results[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
         for name, r in results.items():
             if "error" in r:
@@ -326,21 +295,20 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
                 dr["gbs"] = read / dr["seconds_per_token"]["median"] / 1e9
                 dr["roofline_fraction"] = dr["gbs"] / machine["read_bandwidth_gbs"]
         ratios = {}
-        if "error" not in results.get("glmc", {"error": 1}):
-            for name, r in results.items():
-                if name == "glmc" or "error" in r:
-                    continue
-                ratios[name] = {
-                    "prefill": {L: r["prefill"][L]["seconds"]["median"] / results["glmc"]["prefill"][L]["seconds"]["median"]
-                                for L in results["glmc"]["prefill"]},
-                    "decode": {C: results["glmc"]["decode"][C]["tokens_per_s"] / r["decode"][C]["tokens_per_s"]
-                               for C in results["glmc"]["decode"]},
-                }
+        for name, r in results.items():
+            if name == "glmc" or "error" in r:
+                continue
+            ratios[name] = {
+                "prefill": {L: r["prefill"][L]["seconds"]["median"] / results["glmc"]["prefill"][L]["seconds"]["median"]
+                            for L in results["glmc"]["prefill"]},
+                "decode": {C: results["glmc"]["decode"][C]["tokens_per_s"] / r["decode"][C]["tokens_per_s"]
+                           for C in results["glmc"]["decode"]},
+            }
         say("profiling one decode step")
-        try:
-            breakdown = decode_op_breakdown(artifact, settings.contexts[-1])
-        except Exception as e:
-            breakdown = {"error": f"{type(e).__name__}: {e}"}
+        backend = get_backend(manifest["target"])
+        why = backend.why_cannot_run_here()
+        breakdown = ({"skipped": why} if why else
+                     backend.profile_decode(artifact, manifest, settings.contexts[-1], steps=8))
         report = {
             "schema_version": SCHEMA_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

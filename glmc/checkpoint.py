@@ -12,18 +12,22 @@ import hashlib
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from glmc import chatglm
-from glmc.errors import GlmcError
+from glmc.errors import GlmcError, warn
+from glmc.modelcfg import head_dim
+from glmc.settings import memory_limit_bytes
 from glmc.presets import get_preset
 from glmc.safetensors_check import read_header
 
 SUPPORTED_MODEL_TYPES = ("glm", "glm4", "chatglm")
+# gated MLP activations: silu -> fuse_swiglu; gelu (erf) and gelu_pytorch_tanh -> fuse_gelu_mlp;
+# gelu_new (tanh written out as elementwise ops) compiles unfused
+HIDDEN_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -89,8 +93,9 @@ def _check_config(c) -> None:
     rot = int(head_dim * factor)
     if not 0 < factor <= 1 or rot % 2:
         raise GlmcError(f"config.json: partial_rotary_factor={factor} gives an odd or empty rotary dim for head_dim={head_dim}")
-    if c.hidden_act != "silu":
-        raise GlmcError(f"config.json: hidden_act={c.hidden_act!r} is not supported (only silu)")
+    if c.hidden_act not in HIDDEN_ACTS:
+        raise GlmcError(f"config.json: hidden_act={c.hidden_act!r} is not supported "
+                        f"(supported: {', '.join(HIDDEN_ACTS)})")
     eps = c.rms_norm_eps
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise GlmcError(f"config.json: rms_norm_eps={eps!r} must be a positive number")
@@ -231,7 +236,7 @@ def _dtype_warnings(raw: dict, tensors: dict, where: Path) -> list[str]:
     if stored != {_CONFIG_DTYPES[declared]}:
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored))
         message = f"{where}: dtype {declared} contradicts the tensors ({names}); loading the tensors as stored"
-        print(f"glmc: warning: {message}", file=sys.stderr)
+        warn(message)
         return [message]
     return []
 
@@ -239,7 +244,7 @@ def _dtype_warnings(raw: dict, tensors: dict, where: Path) -> list[str]:
 def count_parameters(cfg: dict) -> int:
     """Parameters a GLM config implies (before reading any weights)."""
     V, H, I, L = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    D = cfg.get("head_dim") or H // cfg["num_attention_heads"]
+    D = head_dim(cfg)
     q, kv = cfg["num_attention_heads"] * D, cfg["num_key_value_heads"] * D
     per_layer = H * (q + 2 * kv) + q * H + 3 * H * I + 2 * H
     if cfg.get("attention_bias"):
@@ -251,12 +256,9 @@ def count_parameters(cfg: dict) -> int:
 
 def available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (GLMC_MEMORY_LIMIT_GB overrides it), None if unknown."""
-    limit = os.environ.get("GLMC_MEMORY_LIMIT_GB")
-    if limit:
-        try:
-            return int(float(limit) * 2**30)
-        except ValueError:
-            raise GlmcError(f"GLMC_MEMORY_LIMIT_GB={limit!r} is not a number") from None
+    limit = memory_limit_bytes()
+    if limit is not None:
+        return limit
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -370,7 +372,3 @@ def _load_checkpoint(ckpt: Path, allow_pickle: bool = False, bytes_per_param: fl
         tokenizer_json=tok.read_text() if tok.is_file() else None,
     )
 
-
-def rebuild(config: dict, model_type: str) -> torch.nn.Module:
-    """An empty transformers model of a stored config (weights assigned by the caller)."""
-    return _new_model(model_type, build_config(config))

@@ -5,15 +5,28 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
 
-from glmc.errors import GlmcError
+from glmc.errors import GlmcError, GlmcWarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """glmc's own warnings as one line; others as Python prints them."""
+    if issubclass(category, GlmcWarning):
+        click.echo(f"glmc: warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
         except GlmcError as e:
@@ -39,14 +52,10 @@ def presets():
         click.echo(f"{p.name:<10} {p.description}")
 
 
-def _parse_target(ctx, param, value: str) -> str:
-    return value.strip()
-
-
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(), help="Artifact directory (default: NAME.glmc).")
-@click.option("--target", default="cpu", show_default=True, callback=_parse_target,
+@click.option("--target", default="cpu", show_default=True,
               help="cpu | cuda[:sm_80,sm_90] | rocm[:gfx906,gfx90a,gfx942]")
 @click.option("--quant", default="none", show_default=True, help="none | int8 | int4")
 @click.option("--group-size", default=128, show_default=True, type=int, help="int4 group size.")
@@ -80,8 +89,6 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
 
     from glmc.compiler import compile as do_compile
 
-    if tune and target.split(":", 1)[0] != "cpu":
-        raise GlmcError(f"--tune for {target} needs its GPU and is not built yet; compile without --tune")
     t0 = time.perf_counter()
     out = do_compile(model, output, target=target, dtype=dtype, quant=quant, group_size=group_size,
                      max_seq_len=max_seq_len, verify=verify, fuse=fuse, progress=sys.stderr.isatty(),
@@ -161,7 +168,8 @@ def run(artifact, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, 
 @main.command()
 @click.argument("model_or_artifact")
 @click.option("--full", is_flag=True, help="Print the whole op histogram after every pass.")
-def inspect(model_or_artifact, full):
+@click.option("--target", default="cpu", show_default=True, help="The target whose compile to describe (a model).")
+def inspect(model_or_artifact, full, target):
     """Print the traced graphs' op histograms and each pass with its match count."""
     from pathlib import Path
 
@@ -170,7 +178,7 @@ def inspect(model_or_artifact, full):
     if (Path(model_or_artifact) / "manifest.json").is_file():
         click.echo(describe_artifact(Path(model_or_artifact)))
     else:
-        click.echo(describe_model(model_or_artifact, full=full))
+        click.echo(describe_model(model_or_artifact, full=full, target=target))
 
 
 @main.command()
@@ -232,7 +240,11 @@ def bench(artifact_or_model, quick, out_dir, no_eager, no_compile, no_ort):
     """Benchmark an artifact (or a model, compiled on the fly) against the baselines."""
     from pathlib import Path
 
+    import logging
+
     from glmc.benchmark import run as run_bench
+
+    logging.basicConfig(level=logging.INFO, format="[glmc bench] %(message)s")
 
     skip = tuple(n for n, off in (("eager", no_eager), ("compile", no_compile), ("ort-plain", no_ort)) if off)
     report = run_bench(artifact_or_model, Path(out_dir), quick=quick, skip=skip)

@@ -11,21 +11,20 @@ import json
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from glmc import __version__
 from glmc.artifact import staging_dir, write_manifest
 from glmc.backends import get_backend
+from glmc.dtypes import COMPUTE as DTYPES
 from glmc.errors import GlmcError, VerificationError
-from glmc.ir import PassContext
+from glmc.ir import QuantConfig, make_context
 from glmc.pipeline import pipeline as default_pipeline
 from glmc.pipeline import run_pipeline
+from glmc.target import Target
 
-DTYPES = ("fp32", "fp16", "bf16")
 COMPILE_PEAK_OVER_WEIGHTS = 8.5   # measured on small-glm: 6.5x (3 entry points), 8.0x with --chunked-prefill
 QUANTS = ("none", "int8", "int4")
 
@@ -45,16 +44,26 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def check_options(target: str, dtype: str, quant: str, group_size: int) -> None:
+def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
+    """Refuse option combinations up front, each with one line naming the problem."""
     if dtype not in DTYPES:
         raise GlmcError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    if quant not in QUANTS:
-        raise GlmcError(f"unknown quant {quant!r} (choose from {', '.join(QUANTS)})")
-    get_backend(target)
-    if target.split(":", 1)[0] == "cpu" and dtype != "fp32":
-        raise GlmcError(f"--dtype {dtype} is not supported on the cpu target yet (cpu compiles fp32)")
-    if not isinstance(group_size, int) or group_size < 16 or group_size & (group_size - 1):
-        raise GlmcError(f"--group-size must be a power of two >= 16 (e.g. 32, 64, 128), got {group_size!r}")
+    if dtype not in backend.dtypes:
+        raise GlmcError(f"--dtype {dtype} is not supported on the {backend.target.kind} target yet "
+                        f"(it compiles {', '.join(backend.dtypes)})")
+    if q.mode not in QUANTS:
+        raise GlmcError(f"unknown quant {q.mode!r} (choose from {', '.join(QUANTS)})")
+    gs = q.group_size
+    if not isinstance(gs, int) or isinstance(gs, bool) or gs < 16 or gs & (gs - 1):
+        raise GlmcError(f"--group-size must be a power of two >= 16 (e.g. 32, 64, 128), got {gs!r}")
+    if q.embedding not in ("fp32", "int8") or (q.embedding == "int8" and q.mode == "none"):
+        raise GlmcError("--embedding int8 needs --quant int8 or int4 (choices: fp32, int8)")
+    if q.lm_head not in ("int8", "none"):
+        raise GlmcError(f"--lm-head must be int8 or none, got {q.lm_head!r}")
+    if q.accuracy_level not in (0, 1, 2, 3, 4):
+        raise GlmcError(f"--accuracy-level must be 0..4, got {q.accuracy_level!r}")
+    if not isinstance(calibrate, int) or calibrate < 0 or (calibrate and q.mode != "int4"):
+        raise GlmcError("--calibrate N takes N >= 1 sequences and applies to --quant int4")
 
 
 def default_output(model: str, quant: str) -> Path:
@@ -105,7 +114,7 @@ class _Stages:
 def compile(
     model: str | os.PathLike,
     output: str | os.PathLike | None = None,
-    target: str = "cpu",
+    target: str | Target = "cpu",
     dtype: str | None = None,
     quant: str = "none",
     group_size: int = 128,
@@ -124,25 +133,23 @@ def compile(
     tune_budget: float = 120.0,
     chunked_prefill: bool | None = None,
 ) -> Path:
-    """Compile MODEL (checkpoint directory or preset name); return the artifact path."""
-    from glmc import checkpoint, trace
+    """Compile MODEL (checkpoint directory or preset name); return the artifact path.
 
-    if dtype is None:
-        dtype = "fp32" if target.split(":", 1)[0] == "cpu" else "fp16"
+    The stages, in order: load -> [calibrate] -> trace -> passes -> lower (the target's
+    backend) -> verify (through that backend's executor) -> [tune] -> write.
+    """
+    from glmc import checkpoint
+    from glmc.calibrate import calibration_rows
+
+    target = Target.parse(target)
+    backend = get_backend(target)
+    dtype = dtype or backend.default_dtype
     if chunked_prefill is None:
-        # GPU targets lower the extend entry cheaply (JSON graph) and small chunks matter
-        # there; on cpu its ONNX export nearly doubles compile time while one prefill call
-        # measured faster than chunks (bench/results/chunk-cpu.json), so it is opt-in
-        chunked_prefill = target.split(":", 1)[0] != "cpu"
-    check_options(target, dtype, quant, group_size)
-    if embedding not in ("fp32", "int8") or (embedding == "int8" and quant == "none"):
-        raise GlmcError("--embedding int8 needs --quant int8 or int4 (choices: fp32, int8)")
-    if lm_head not in ("int8", "none"):
-        raise GlmcError(f"--lm-head must be int8 or none, got {lm_head!r}")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise GlmcError(f"--accuracy-level must be 0..4, got {accuracy_level!r}")
-    if not isinstance(calibrate, int) or calibrate < 0 or (calibrate and quant != "int4"):
-        raise GlmcError("--calibrate N takes N >= 1 sequences and applies to --quant int4")
+        chunked_prefill = backend.chunked_prefill_default
+    qc = QuantConfig(quant, group_size, symmetric, lm_head, embedding, accuracy_level)
+    check_options(backend, dtype, qc, calibrate)
+    if tune and backend.why_cannot_run_here():
+        raise GlmcError(f"--tune: {backend.why_cannot_run_here()}; compile without --tune and run `glmc tune` there")
     out = Path(output) if output is not None else default_output(str(model), quant)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -158,26 +165,18 @@ def compile(
         seq = max_seq_len if max_seq_len is not None else min(limit, 2048)
         if not isinstance(seq, int) or not 2 <= seq <= limit:
             raise GlmcError(f"--max-seq-len must be in [2, {limit}] (the model's max_position_embeddings), got {seq}")
-        ctx = PassContext(target=target, dtype=dtype, quant=quant, group_size=group_size, fuse=fuse,
-                          max_seq_len=seq, symmetric=symmetric, lm_head=lm_head, accuracy_level=accuracy_level, embedding=embedding,
-                          quant_cache={}, quant_report={}, model_config=cfg)   # shared by every entry point's copy of ctx
+        ctx = make_context(target, dtype, qc, seq, fuse=fuse, model_config=cfg)
         pipeline = default_pipeline(ctx) if passes is None else passes
         if calibrate:
             with stages.stage("calibrate"):
-                ctx.options["calibration_rows"] = _calibration_rows(loaded, cfg, ctx, calibrate, seq)
+                ctx = ctx.with_(calibration=calibration_rows(loaded, ctx, calibrate))
         with stages.stage("trace (torch.export)"):
-            graphs = [trace.trace_prefill(loaded.model, cfg, seq), trace.trace_decode(loaded.model, cfg, seq)]
-            if chunked_prefill:     # long prompts prefilled chunk by chunk over the cache
-                graphs.append(trace.trace_extend(loaded.model, cfg, seq))
-            if any(name == "last_token_logits" for name, _ in pipeline):
-                # generation prefills for the last token only; logits() needs every position
-                graphs.append(trace.trace_prefill(loaded.model, cfg, seq, name="score"))
-        records = []
+            graphs = trace_entries(loaded.model, ctx, pipeline, chunked_prefill)
         with stages.stage("passes"):
-            for g in graphs:
-                g.gm, recs = run_pipeline(g.gm, ctx.for_entry(g.name), g.name, pipeline)
-                records += recs
-        backend = get_backend(target)
+            records = run_passes(graphs, ctx, pipeline)
+        quant_report: dict = {}
+        for r in records:
+            quant_report.update(r.report.get("quantization", {}))
         with staging_dir(out) as tmp:
             with stages.stage(f"lower ({target})"):
                 backend_info = backend.lower(graphs, tmp, ctx)
@@ -188,7 +187,7 @@ def compile(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source": loaded.source,
                 "model": {"model_type": loaded.model_type, "source_layout": loaded.source_layout, "config": cfg},
-                "target": target, "dtype": dtype, "quant": quant,
+                "target": str(target), "dtype": dtype, "quant": quant,
                 "group_size": group_size if quant == "int4" else None,
                 "max_seq_len": seq,
                 "passes": [r.as_dict() for r in records],
@@ -198,11 +197,9 @@ def compile(
             write_manifest(tmp, manifest)
             result = None
             with stages.stage("verify vs transformers"):
-                no_device = _no_device_reason(target) if verify else None
-                if no_device:
-                    result = None
-                elif verify:
-                    result = _verify(tmp, loaded.model, graphs, ctx, pipeline, seq, cfg, dtype, quant)
+                no_device = backend.why_cannot_run_here() if verify else None
+                if verify and not no_device:
+                    result = _verify(tmp, backend, loaded.model, ctx, pipeline)
             tuning = None
             if tune:
                 with stages.stage("tune"):
@@ -211,7 +208,6 @@ def compile(
                     tuning = tune_artifact(tmp, budget_s=tune_budget)
             with stages.stage("write artifact"):
                 n_params = sum(p.numel() for p in loaded.model.parameters())
-                quant_report = ctx.options.get("quant_report", {})
                 report = {
                     "seconds": round(time.perf_counter() - t_start, 2),
                     "stage_seconds": stages.times,
@@ -221,8 +217,7 @@ def compile(
                     "artifact_bytes": sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()),
                     "verify": result.as_dict() if result else (
                         f"skipped: {no_device}" if no_device else "skipped (--no-verify)"),
-                    "quantization": _quant_summary(quant_report, quant, group_size, symmetric, lm_head,
-                                                   accuracy_level, calibrate),
+                    "quantization": _quant_summary(quant_report, qc, calibrate),
                     "passes": [r.as_dict(with_histograms=True) for r in records],
                     "warnings": loaded.warnings,
                     "tuning": tuning,
@@ -233,32 +228,41 @@ def compile(
     return out
 
 
-def _no_device_reason(target: str) -> str | None:
-    """Why a GPU artifact cannot be verified on this machine (None when it can)."""
-    if target.split(":", 1)[0] == "cpu":
-        return None
-    import torch
+def trace_entries(model, ctx, pipeline, extend: bool) -> list:
+    """The entry points a compile traces: prefill, decode, [extend], and score (every
+    position's logits) when last_token_logits leaves prefill with the last token's only."""
+    from glmc import trace
 
-    from glmc.backends.triton._common import interpreting
+    cfg, seq = dict(ctx.model_config), ctx.max_seq_len
+    graphs = [trace.trace_prefill(model, cfg, seq), trace.trace_decode(model, cfg, seq)]
+    if extend:      # long prompts prefilled chunk by chunk over the cache
+        graphs.append(trace.trace_extend(model, cfg, seq))
+    if any(name == "last_token_logits" for name, _ in pipeline):
+        graphs.append(trace.trace_prefill(model, cfg, seq, name="score"))
+    return graphs
 
-    if torch.cuda.is_available() or interpreting():
-        return None
-    return (f"no GPU on this machine to run the {target} kernels; run `glmc verify ARTIFACT` where the "
-            f"GPU is (or set TRITON_INTERPRET=1 to verify in the interpreter)")
+
+def run_passes(graphs: list, ctx, pipeline) -> list:
+    """Run the pipeline on every entry point's graph in place; the pass records."""
+    records = []
+    for g in graphs:
+        g.gm, recs = run_pipeline(g.gm, ctx.for_entry(g.name), g.name, pipeline)
+        records += recs
+    return records
 
 
-def _quant_summary(report: dict, quant, group_size, symmetric, lm_head, accuracy_level, calibrate) -> dict | None:
-    if quant == "none":
+def _quant_summary(report: dict, q: QuantConfig, calibrate: int) -> dict | None:
+    if q.mode == "none":
         return None
     # the decoder blocks' linears (the lm_head is int8 whatever --quant says)
-    blocks = {k: v for k, v in report.items() if v["bits"] != 8 or quant == "int8"}
+    blocks = {k: v for k, v in report.items() if v["bits"] != 8 or q.mode == "int8"}
     blocks_fp32 = sum(v["bytes_fp32"] for v in blocks.values())
     blocks_packed = sum(v["bytes_packed"] for v in blocks.values())
     fp32 = sum(v["bytes_fp32"] for v in report.values())
     packed = sum(v["bytes_packed"] for v in report.values())
     return {
-        "quant": quant, "group_size": group_size if quant == "int4" else None,
-        "symmetric": symmetric, "lm_head": lm_head, "accuracy_level": accuracy_level,
+        "quant": q.mode, "group_size": q.group_size if q.mode == "int4" else None,
+        "symmetric": q.symmetric, "lm_head": q.lm_head, "accuracy_level": q.accuracy_level,
         "calibration_sequences": calibrate,
         "linear_bytes_fp32": fp32, "linear_bytes_fp16": fp32 // 2, "linear_bytes_packed": packed,
         "packed_over_fp16": round(packed / max(1, fp32 // 2), 4),
@@ -269,94 +273,46 @@ def _quant_summary(report: dict, quant, group_size, symmetric, lm_head, accuracy
     }
 
 
-def _calibration_rows(loaded, cfg, ctx, n_seqs: int, seq: int) -> dict:
-    """Activation rows feeding every linear of the fused prefill graph, keyed by weight digest."""
-    import torch
-
-    from glmc.match import attr_tensor
-    from glmc.passes.quantize_weights import _digest
-    from glmc.trace import trace_prefill
-
-    length = min(128, seq)
-    codec = None
-    src = loaded.source
-    text_path = Path(src["name"]) / "calibration.txt" if src["kind"] == "checkpoint" else None
-    if text_path is not None and text_path.is_file() and loaded.tokenizer_json:
-        from glmc.tokenizer import TextCodec
-
-        codec = TextCodec(loaded.tokenizer_json)
-        ids = codec.encode(text_path.read_text())
-        seqs = [ids[i * length:(i + 1) * length] for i in range(n_seqs) if len(ids) >= (i + 1) * length]
-    else:  # no calibration text: random tokens still give per-channel activation magnitudes
-        gen = torch.Generator().manual_seed(0)
-        seqs = [torch.randint(3, cfg["vocab_size"], (length,), generator=gen).tolist() for _ in range(n_seqs)]
-    if not seqs:
-        raise GlmcError(f"{text_path}: too little calibration text for one {length}-token sequence")
-    g = trace_prefill(loaded.model, cfg, seq, name="calibrate")
-    stop = PassContext(ctx.target, ctx.dtype, ctx.quant, **dict(ctx.options, stop_before="quantize"))
-    gm, _ = run_pipeline(g.gm, stop.for_entry("score"), "calibrate", default_pipeline(stop))
-    rows: dict[str, list] = {}
-    gm_ref = gm
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n):
-            result = super().run_node(n)
-            if n.op == "call_function" and n.target is torch.ops.aten.linear.default:
-                w = attr_tensor(gm_ref, n.args[1])
-                if w is not None:
-                    x = self.env[n.args[0]].detach().reshape(-1, w.shape[1])
-                    rows.setdefault(_digest(w), []).append(x[:: max(1, x.shape[0] // 64)])
-            return result
-
-    with torch.no_grad():
-        for s in seqs:
-            Recorder(gm).run(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.int64))
-    return {k: torch.cat(v)[:512].float() for k, v in rows.items()}
-
-
-def _verify(tmp: Path, model, graphs, ctx, pipeline, seq, cfg, dtype, quant):
+def _verify(tmp: Path, backend, model, ctx, pipeline):
     from glmc.runtime import Runtime
     from glmc.verify import compare
 
     runtime = Runtime(tmp, verify=False)
-    result = compare(runtime, model, dtype, quant)
+    result = compare(runtime, model, ctx.dtype, ctx.quant.mode)
     if not result.ok:
-        where = _diagnose(model, ctx, pipeline, seq, cfg, result.allowed)
+        where = diagnose(backend, model, ctx, pipeline, result.allowed)
         measured = (f"max abs logits diff {result.max_abs_diff:.3g}" if result.measure == "max_abs_diff"
                     else f"relative RMS logits error {result.relative_rms:.3g}")
         raise VerificationError(
             f"compiled model disagrees with transformers: {measured} > allowed {result.allowed:.3g} "
-            f"({dtype}, quant {quant}); {where}; artifact not written (--no-verify skips this check)"
+            f"({ctx.dtype}, quant {ctx.quant.mode}); {where}; artifact not written (--no-verify skips this check)"
         )
     return result
 
 
-def _diagnose(model, ctx, pipeline, seq, cfg, allowed) -> str:
-    """Lower a prefill graph that also returns every hidden state; find where it first diverges."""
-    import onnxruntime as ort
+# what lowering/running the diagnosis graph may fail with: the diagnosis is best effort and the
+# verification failure stands either way, so these become the reason in the message
+_DIAGNOSIS_ERRORS = (GlmcError, RuntimeError, ValueError, TypeError, KeyError, IndexError, OSError)
+
+
+def diagnose(backend, model, ctx, pipeline, allowed) -> str:
+    """Lower a prefill graph that also returns every hidden state through the artifact's own
+    backend; compare each layer with transformers' and name where they first diverge."""
     import torch
 
-    from glmc.backends.cpu.lower import export_onnx
     from glmc.trace import trace_prefill
     from glmc.verify import first_divergent_layer, fixed_prompts
 
+    cfg = ctx.model_config
     try:
-        g = trace_prefill(model, cfg, seq, hidden_states=True)
+        g = trace_prefill(model, dict(cfg), ctx.max_seq_len, hidden_states=True)
         g.gm, _ = run_pipeline(g.gm, ctx.for_entry("score"), "prefill+hidden", pipeline)
-        proto = export_onnx(g)
-        with tempfile.TemporaryDirectory() as d:
-            import onnx
-
-            onnx.save_model(proto, f"{d}/debug.onnx", save_as_external_data=True)
-            sess = ort.InferenceSession(f"{d}/debug.onnx", providers=["CPUExecutionProvider"])
-            ids = fixed_prompts(cfg["vocab_size"], seq)[0]
-            outs = sess.run(None, {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64)})
-        n_layers = cfg["num_hidden_layers"]
-        ours = [o[0] for o in outs[1 + 2 * n_layers:]]
+        ids = fixed_prompts(cfg["vocab_size"], ctx.max_seq_len)[0]
+        ours = backend.hidden_states(g, ctx, ids)
         with torch.no_grad():
             ref = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False).hidden_states
-        layer, diff = first_divergent_layer(ours, [h[0].numpy() for h in ref], allowed)
-    except Exception as e:  # diagnosis is best effort; the verification failure stands either way
+        layer, diff = first_divergent_layer(ours, [h[0].float().numpy() for h in ref], allowed)
+    except _DIAGNOSIS_ERRORS as e:
         return f"could not localise the divergence ({type(e).__name__}: {e})"
     if layer is None:
         return "all decoder layers agree; the divergence is in the final norm or lm_head"

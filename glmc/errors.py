@@ -23,3 +23,14 @@ class VerificationError(GlmcError):
     """A compiled artifact disagrees with the reference model beyond tolerance."""
 
     exit_code = 3
+
+
+class GlmcWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI prints it as
+    `glmc: warning: ...`; from Python it is an ordinary warning)."""
+
+
+def warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, GlmcWarning, stacklevel=3)

@@ -37,19 +37,21 @@ def describe_records(records, full: bool = False) -> list[str]:
     return lines
 
 
-def describe_model(spec: str, full: bool = False) -> str:
-    from glmc import checkpoint, trace
-    from glmc.ir import PassContext
-    from glmc.pipeline import run_pipeline
+def describe_model(spec: str, full: bool = False, target: str = "cpu") -> str:
+    """What compile would do to SPEC's graphs: the same context, entry points and pipeline
+    as `glmc compile SPEC --target TARGET` with default options, so the counts agree."""
+    from glmc import checkpoint
+    from glmc.backends import get_backend
+    from glmc.compiler import run_passes, trace_entries
+    from glmc.ir import make_context
+    from glmc.pipeline import pipeline
 
     loaded = checkpoint.load(spec)
     cfg = loaded.config
-    seq = min(cfg["max_position_embeddings"], 2048)
-    ctx = PassContext()
-    records = []
-    for g in (trace.trace_prefill(loaded.model, cfg, seq), trace.trace_decode(loaded.model, cfg, seq)):
-        _, recs = run_pipeline(g.gm, ctx, g.name)
-        records += recs
+    ctx = make_context(target, max_seq_len=min(cfg["max_position_embeddings"], 2048), model_config=cfg)
+    passes = pipeline(ctx)
+    graphs = trace_entries(loaded.model, ctx, passes, get_backend(ctx.target).chunked_prefill_default)
+    records = run_passes(graphs, ctx, passes)
     head = (f"{spec}: {loaded.source_layout} layout, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
             f"heads {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} kv, vocab {cfg['vocab_size']}")
     return "\n".join([head, *describe_records(records, full)])
@@ -65,8 +67,9 @@ def describe_artifact(path: Path) -> str:
              f"model: {m['model']['source_layout']} layout, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}"]
     for p in m["passes"]:
         lines.append(f"   {p['graph']:<8} {p['name']:<22} matches={p['matches']:<4} nodes {p['nodes_before']} -> {p['nodes_after']}")
+    files = m["backend"].get("graphs", {})
     for graph, hist in m["backend"].get("op_histogram", {}).items():
-        lines.append(f"   {graph}.onnx: {sum(hist.values())} nodes: {_hist_line(hist)}")
+        lines.append(f"   {files.get(graph, graph)}: {sum(hist.values())} nodes: {_hist_line(hist)}")
     report = path / "report.json"
     if report.is_file():
         r = json.loads(report.read_text())

@@ -1,10 +1,17 @@
-"""Small helpers over torch.fx graphs of ATen ops."""
+"""Small helpers over torch.fx graphs of ATen ops, and what a pass receives and returns."""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Mapping
 
 import torch
+
+from glmc.target import Target
+
+ENTRIES = ("prefill", "decode", "extend", "score")
 
 
 def op_name(node: torch.fx.Node) -> str:
@@ -24,26 +31,89 @@ def node_count(gm: torch.fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function")
 
 
-class PassContext:
-    """What a pass may know about the compile: target, dtype, quant, options."""
+@dataclass(frozen=True)
+class QuantConfig:
+    """How quantize_weights rewrites linears (and what the cpu lowering of them asks of onnxruntime)."""
 
-    def __init__(self, target: str = "cpu", dtype: str = "fp32", quant: str = "none", **options):
-        self.target = target
-        self.dtype = dtype
-        self.quant = quant
-        self.options = options
+    mode: str = "none"              # none | int8 | int4
+    group_size: int = 128           # int4 group along K
+    symmetric: bool = True          # int4 without zero points
+    lm_head: str = "int8"           # int8 | none (keep fp32)
+    embedding: str = "fp32"         # fp32 | int8
+    accuracy_level: int = 4         # onnxruntime MatMulNBits: 4 = int8 activations in the kernel
+
+    @property
+    def bits(self) -> int:
+        return {"int4": 4, "int8": 8}.get(self.mode, 0)
+
+
+class WeightMemo:
+    """A memo of pure per-weight computations (quantization), keyed by weight digest, shared
+    by the entry points of one compile so each weight is processed once. It holds results,
+    not configuration: a pass gives the same answer with an empty memo."""
+
+    def __init__(self):
+        self._values: dict = {}
+
+    def get(self, key, compute):
+        if key not in self._values:
+            self._values[key] = compute()
+        return self._values[key]
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass may know about the compile. Frozen: a pass reports through PassResult."""
+
+    target: Target = Target("cpu")
+    dtype: str = "fp32"
+    quant: QuantConfig = QuantConfig()
+    max_seq_len: int = 2048
+    entry: str = "prefill"                  # which entry point's graph: prefill | decode | extend | score
+    fuse: bool = True
+    stop_before: str | None = None          # a phase name: run the pipeline up to it
+    model_config: Mapping = field(default_factory=lambda: MappingProxyType({}))
+    calibration: Mapping = field(default_factory=lambda: MappingProxyType({}))   # weight digest -> rows
+    memo: WeightMemo = field(default_factory=WeightMemo, compare=False)
 
     def for_entry(self, entry: str) -> "PassContext":
-        """The same context, told which entry point (prefill, decode, score) it compiles."""
-        return PassContext(self.target, self.dtype, self.quant, **dict(self.options, entry=entry))
+        """The same context, for the graph of another entry point (shares the memo)."""
+        return replace(self, entry=entry)
+
+    def with_(self, **changes) -> "PassContext":
+        return replace(self, **changes)
 
 
+def make_context(target: str | Target = "cpu", dtype: str | None = None, quant: QuantConfig | None = None,
+                 max_seq_len: int = 2048, entry: str = "prefill", fuse: bool = True, model_config: dict | None = None,
+                 calibration: dict | None = None, stop_before: str | None = None) -> PassContext:
+    """The one way compile, inspect, calibration and tests build a PassContext."""
+    from glmc.backends import get_backend
+
+    target = Target.parse(target)
+    if entry not in ENTRIES:
+        raise ValueError(f"entry must be one of {ENTRIES}, got {entry!r}")
+    return PassContext(
+        target=target,
+        dtype=dtype or get_backend(target).default_dtype,
+        quant=quant or QuantConfig(),
+        max_seq_len=max_seq_len,
+        entry=entry,
+        fuse=fuse,
+        stop_before=stop_before,
+        model_config=MappingProxyType(dict(model_config or {})),
+        calibration=MappingProxyType(dict(calibration or {})),
+    )
+
+
+@dataclass
 class PassResult:
-    """The (possibly new) graph module and how many sites the pass rewrote."""
+    """The (possibly new) graph module, how many sites the pass rewrote, and what it wants
+    reported (e.g. quantize_weights' per-layer errors), merged into the compile report."""
 
-    def __init__(self, gm: torch.fx.GraphModule, matches: int):
-        self.gm = gm
-        self.matches = matches
+    gm: torch.fx.GraphModule
+    matches: int
+    report: dict = field(default_factory=dict)
 
 
 def replace_with_input(node: torch.fx.Node, source: torch.fx.Node) -> None:

@@ -1,11 +1,9 @@
-"""Matching helpers for passes that walk the ATen graph from an anchor node.
+"""Matching helpers for the matchers of glmc.rewrite rules.
 
 A matcher returns the nodes it needs or None ("no, this is not the pattern");
-it never raises on a graph it does not recognise. torch.fx's literal subgraph
-rewriter cannot see through the symbolic sizes that dynamic-shape export puts
-into view/expand arguments, so glmc's passes state their patterns as these
-small structural checks instead, each documented with the before/after it
-rewrites.
+it never raises on a graph it does not recognise: every accessor here answers
+None (or False) for a missing argument, a non-node, or a node without a
+recorded shape, instead of indexing blindly.
 """
 
 from __future__ import annotations
@@ -41,6 +39,26 @@ def attr_tensor(gm: GraphModule, node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def arg(node, i: int, name: str | None = None, default=None):
+    """Positional argument i of a call node (or keyword `name`), else `default`."""
+    if not isinstance(node, Node):
+        return default
+    if i < len(node.args):
+        return node.args[i]
+    return node.kwargs.get(name, default) if name else default
+
+
+def shape(node) -> tuple | None:
+    """The recorded shape of a node's value, or None when it has none."""
+    v = val(node)
+    return tuple(v.shape) if hasattr(v, "shape") else None
+
+
+def only_user(node):
+    """The single user of a node, or None when it has zero or several."""
+    return next(iter(node.users)) if isinstance(node, Node) and len(node.users) == 1 else None
+
+
 def val(node):
     """The fake tensor torch.export recorded for a node (shape/dtype), or None."""
     return node.meta.get("val") if isinstance(node, Node) else None
@@ -72,13 +90,3 @@ def replace(old: Node, new: Node) -> None:
     """Route every use of `old` to `new` (which computes the same value)."""
     new.meta["val"] = val(old)
     old.replace_all_uses_with(new)
-
-
-def finish(gm: GraphModule, matches: int):
-    """The common end of a rewriting pass: drop what the rewrites orphaned, recompile."""
-    from glmc.ir import PassResult
-
-    if matches:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-    return PassResult(gm, matches)

@@ -4,7 +4,7 @@ Reading PIPELINE tells you everything the compiler does to a graph:
 
   canonicalize  drop what only the trace needed (no-op casts, dropout, checks)
   fuse          rotary, attention (fp32 softmax, GQA, KV cache), qkv, add+rmsnorm,
-                swiglu, last-token logits: each into a glmc:: op (glmc/ops.py)
+                swiglu / gelu MLP, last-token logits: each into a glmc:: op (glmc/ops/)
   quantize      int8 per-channel / int4 group-wise weights (glmc/quant.py), AWQ-style
                 scales when calibrating
   cleanup       dead code left behind by the rewrites
@@ -13,7 +13,7 @@ Reading PIPELINE tells you everything the compiler does to a graph:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from torch.fx import GraphModule
@@ -24,6 +24,7 @@ from glmc.passes.eliminate_dead_code import eliminate_dead_code
 from glmc.passes.fold_noops import fold_noops
 from glmc.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
 from glmc.passes.fuse_attention import fuse_attention
+from glmc.passes.fuse_gelu_mlp import fuse_gelu_mlp
 from glmc.passes.fuse_qkv import fuse_qkv
 from glmc.passes.fuse_rotary import fuse_rotary
 from glmc.passes.fuse_swiglu import fuse_swiglu
@@ -41,6 +42,7 @@ PIPELINE: list[tuple[str, str, Pass]] = [
     ("fuse", "fuse_qkv", fuse_qkv),
     ("fuse", "fuse_add_rmsnorm", fuse_add_rmsnorm),
     ("fuse", "fuse_swiglu", fuse_swiglu),
+    ("fuse", "fuse_gelu_mlp", fuse_gelu_mlp),
     ("fuse", "last_token_logits", last_token_logits),
     ("quantize", "quantize_weights", quantize_weights),
     ("cleanup", "eliminate_dead_code", eliminate_dead_code),
@@ -50,13 +52,11 @@ PIPELINE: list[tuple[str, str, Pass]] = [
 def pipeline(ctx: PassContext) -> list[tuple[str, Pass]]:
     """The passes to run for this compile: all of PIPELINE, less `fuse` under --no-fuse,
     up to (not including) the phase named by `stop_before`."""
-    fuse = ctx.options.get("fuse", True)
-    stop = ctx.options.get("stop_before")
     out = []
     for phase, name, fn in PIPELINE:
-        if phase == stop:
+        if phase == ctx.stop_before:
             break
-        if fuse or phase != "fuse":
+        if ctx.fuse or phase != "fuse":
             out.append((name, fn))
     return out
 
@@ -71,9 +71,11 @@ class PassRecord:
     ms: float
     hist_before: dict
     hist_after: dict
+    report: dict = field(default_factory=dict)     # what the pass reported (PassResult.report)
 
     def as_dict(self, with_histograms: bool = False) -> dict:
         d = asdict(self)
+        d.pop("report")
         if not with_histograms:
             d.pop("hist_before")
             d.pop("hist_after")
@@ -105,6 +107,6 @@ def run_pipeline(
             raise RuntimeError(f"pass {name} failed on the {graph_name} graph after {done}: {e}") from e
         ms = (time.perf_counter() - t0) * 1e3
         records.append(PassRecord(graph_name, name, result.matches, n_before, node_count(gm), round(ms, 2),
-                                  dict(before), dict(histogram(gm))))
+                                  dict(before), dict(histogram(gm)), result.report))
         done.append(name)
     return gm, records

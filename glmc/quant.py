@@ -111,6 +111,8 @@ def dequantize_parts(qweight, scales, zeros, K: int, bits: int, block_size: int)
     return w.reshape(N, n_blocks * block_size)[:, :K]
 
 
-def relative_error(w: torch.Tensor, p: Packed) -> float:
-    w = w.detach().float()
-    return float((dequantize(p) - w).norm() / w.norm().clamp_min(1e-30))
+def digest(w: torch.Tensor) -> str:
+    """A content hash of a weight: how quantization results and calibration rows are keyed."""
+    import hashlib
+
+    return hashlib.blake2b(w.detach().contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()

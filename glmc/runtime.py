@@ -98,7 +98,7 @@ class Runtime:
             mask[b, : len(p)] = 1
         return ids, mask
 
-    def _prefill(self, prompts: list[list[int]]):
+    def prefill(self, prompts: list[list[int]]):
         """A fresh cache holding the prompts, and (B, V) logits of each prompt's last token."""
         ids, mask = self._pad(prompts)
         cache = self.executor.new_cache(len(prompts))
@@ -170,7 +170,7 @@ class Runtime:
         if max_new_tokens == 0:
             return
         rng = np.random.default_rng(seed) if temperature > 0 else None
-        cache, last = self._prefill(prompts)                                         # last: (B, V)
+        cache, last = self.prefill(prompts)                                         # last: (B, V)
         B = len(prompts)
         position = np.array([len(p) for p in prompts], np.int64)
         running = [True] * B

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from glmc.modelcfg import head_dim
 from torch.export import Dim
 
 
@@ -133,7 +135,7 @@ class Traced:
 def _shape(config: dict):
     L = config["num_hidden_layers"]
     Hkv = config["num_key_value_heads"]
-    D = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    D = head_dim(config)
     return L, Hkv, D
 
 

@@ -83,7 +83,7 @@ def compare(runtime, model: torch.nn.Module, dtype: str, quant: str) -> VerifyRe
     prompts = fixed_prompts(runtime.vocab_size, runtime.max_seq_len)
     executor = runtime.executor
     full = runtime.logits(prompts)                       # every position (score entry)
-    cache, last = runtime._prefill(prompts)              # the generation path (last token)
+    cache, last = runtime.prefill(prompts)              # the generation path (last token)
     worst, scale, checked, agree = 0.0, 0.0, 0, 0
     rel = []
     seqs = [list(p) for p in prompts]

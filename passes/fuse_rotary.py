@@ -7,96 +7,90 @@ before:  freqs = pos[..., None].float() * inv_freq;  emb = cat(freqs, freqs);  c
 after:   y = glmc.rotary(x, pos, COS, SIN)     COS/SIN: (max_seq_len, R/2) constants
 The cos/sin subgraph becomes dead once both q and k are rewritten.
 declines: non-interleaved (rotate_half by halves) layouts; inv_freq not a constant;
-positions not traceable to a (B, T) tensor; no max_seq_len in the context.
+positions not traceable to a (B, T) tensor; cos and sin from different positions;
+a partial rotary whose pass-through half is not the rest of the same x.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch.fx import GraphModule
 
-from glmc.ir import PassContext, PassResult
-from glmc.match import (
-    add_constant,
-    aten,
-    attr_tensor,
-    finish,
-    is_op,
-    other,
-    replace,
-    scalar,
-    strip_casts,
-    val,
-)
-from glmc.ops import rotary  # noqa: F401  (registers torch.ops.glmc)
-
-_BIG = 2**62
-
+import glmc.ops  # noqa: F401  (registers torch.ops.glmc)
+from glmc.ir import PassContext
+from glmc.match import add_constant, arg, aten, attr_tensor, is_op, only_user, other, replace, scalar, shape, strip_casts
+from glmc.rewrite import Rule, rewrite
 
 def _even_odd(stack, xr):
     """stack([-xr[..., 1::2], xr[..., 0::2]], -1) ?"""
-    if not is_op(stack, aten.stack.default) or stack.args[1] != -1 or len(stack.args[0]) != 2:
+    parts = arg(stack, 0)
+    if not is_op(stack, aten.stack.default) or arg(stack, 1, "dim", 0) != -1 or not isinstance(parts, (list, tuple)) \
+            or len(parts) != 2:
         return False
-    neg, even = stack.args[0]
+    neg, even = parts
     if not is_op(neg, aten.neg.default):
         return False
-    odd = neg.args[0]
+    odd = arg(neg, 0)
     for node, start in ((odd, 1), (even, 0)):
-        if not (is_op(node, aten.slice.Tensor) and node.args[0] is xr and node.args[1] in (-1, 3)
-                and node.args[2] == start and len(node.args) > 4 and node.args[4] == 2):
+        if not (is_op(node, aten.slice.Tensor) and arg(node, 0) is xr and arg(node, 1, "dim", 0) in (-1, 3)
+                and arg(node, 2, "start") == start and arg(node, 4, "step", 1) == 2):
             return False
     return True
 
 
 def _table_source(c_i):
     """repeat_interleave(slice(unsqueeze(C, 1), -1, 0, R/2), 2, -1) -> (C, R/2)."""
-    if not is_op(c_i, aten.repeat_interleave.self_int) or c_i.args[1] != 2:
+    if not is_op(c_i, aten.repeat_interleave.self_int) or arg(c_i, 1, "repeats") != 2:
         return None
-    sl = c_i.args[0]
-    if not (is_op(sl, aten.slice.Tensor) and sl.args[1] in (-1, 3) and sl.args[2] == 0):
+    sl = arg(c_i, 0)
+    if not (is_op(sl, aten.slice.Tensor) and arg(sl, 1, "dim", 0) in (-1, 3) and arg(sl, 2, "start") == 0):
         return None
-    un = sl.args[0]
+    un = arg(sl, 0)
     if not is_op(un, aten.unsqueeze.default):
         return None
-    return un.args[0], sl.args[3]
+    return arg(un, 0), arg(sl, 3, "end")
 
 
 def _angles(gm, c, fn):
     """c = fn(cat(f, f)) [* s]; f = pos[..., None].float() * inv_freq -> (pos, inv_freq, s)."""
     s = 1.0
-    if is_op(c, aten.mul.Tensor) and scalar(c.args[1]) is not None:
-        c, s = c.args[0], scalar(c.args[1])
+    if is_op(c, aten.mul.Tensor) and scalar(arg(c, 1)) is not None:
+        c, s = arg(c, 0), scalar(arg(c, 1))
     if not is_op(c, fn):
         return None
-    cat = c.args[0]
-    if not (is_op(cat, aten.cat.default) and len(cat.args[0]) == 2 and cat.args[0][0] is cat.args[0][1]):
+    cat = arg(c, 0)
+    parts = arg(cat, 0)
+    if not (is_op(cat, aten.cat.default) and isinstance(parts, (list, tuple)) and len(parts) == 2
+            and parts[0] is parts[1]):
         return None
-    f = cat.args[0][0]
-    if not is_op(f, aten.mul.Tensor):
+    f = parts[0]
+    if not is_op(f, aten.mul.Tensor) or len(f.args) != 2:
         return None
     for a, b in (f.args, f.args[::-1]):
         inv = attr_tensor(gm, b)
         if inv is None or inv.dim() != 1:
             continue
         p = strip_casts(a)
-        if is_op(p, aten.unsqueeze.default) and p.args[1] in (-1, 2):
-            pos = p.args[0]
-            pv = val(pos)
-            if pv is not None and pv.dim() == 2:
+        if is_op(p, aten.unsqueeze.default) and arg(p, 1) in (-1, 2):
+            pos = arg(p, 0)
+            ps = shape(pos)
+            if ps is not None and len(ps) == 2:
                 return pos, inv, s
     return None
 
 
-def _match(gm, add):
+def _match(gm: GraphModule, add, ctx: PassContext):
     """add = xr * c_i + rot_half(xr) * s_i -> (x, R, pos, inv_freq, scale, out_node) or None."""
-    if len(add.args) != 2 or not all(is_op(a, aten.mul.Tensor) for a in add.args):
+    if not ctx.max_seq_len or len(add.args) != 2 or not all(is_op(a, aten.mul.Tensor) for a in add.args):
         return None
     for m_cos, m_sin in (add.args, add.args[::-1]):
         flat = next((a for a in m_sin.args if is_op(a, aten.flatten.using_ints)), None)
         if flat is None:
             continue
         s_i = other(m_sin.args, flat)
-        stack = flat.args[0]
+        stack = arg(flat, 0)
         xr = next((a for a in m_cos.args if is_op(stack, aten.stack.default) and _even_odd(stack, a)), None)
         if xr is None:
             continue
@@ -110,42 +104,38 @@ def _match(gm, add):
         pos, inv, scale = cos_ang
         R = 2 * inv.shape[0]
         x, out = xr, add
-        if is_op(xr, aten.slice.Tensor) and xr.args[1] in (-1, 3) and xr.args[2] == 0 and xr.args[3] == R:
-            x = xr.args[0]
-            users = list(add.users)
-            if len(users) == 1 and is_op(users[0], aten.cat.default) and users[0].args[0][0] is add:
-                rest = users[0].args[0][1]
-                if is_op(rest, aten.slice.Tensor) and rest.args[0] is x and rest.args[2] == R:
-                    out = users[0]
+        if is_op(xr, aten.slice.Tensor) and arg(xr, 1, "dim", 0) in (-1, 3) and arg(xr, 2, "start") == 0 \
+                and arg(xr, 3, "end") == R:
+            x = arg(xr, 0)
+            cat = only_user(add)
+            parts = arg(cat, 0)
+            if is_op(cat, aten.cat.default) and isinstance(parts, (list, tuple)) and parts[0] is add:
+                rest = parts[1] if len(parts) == 2 else None
+                if is_op(rest, aten.slice.Tensor) and arg(rest, 0) is x and arg(rest, 2, "start") == R:
+                    out = cat
                 else:
                     return None
-            elif val(x) is not None and val(x).shape[-1] != R:
+            elif shape(x) is not None and shape(x)[-1] != R:
                 return None
         return x, R, pos, inv, scale, out
     return None
 
 
-def fuse_rotary(gm: GraphModule, ctx: PassContext) -> PassResult:
-    max_pos = ctx.options.get("max_seq_len")
-    if not max_pos:
-        return PassResult(gm, 0)
-    matches = 0
-    tables: dict[tuple, tuple] = {}
-    graph = gm.graph
-    for add in [n for n in graph.nodes if is_op(n, aten.add.Tensor)]:
-        m = _match(gm, add)
-        if m is None:
-            continue
-        x, R, pos, inv, scale, out = m
-        key = (inv.data_ptr(), scale)
-        if key not in tables:
-            # the same fp32 arithmetic transformers uses, evaluated once for every position
-            ang = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv.float()[None, :]
-            tables[key] = (add_constant(gm, "rotary_cos", torch.cos(ang) * scale),
-                           add_constant(gm, "rotary_sin", torch.sin(ang) * scale))
-        cos_t, sin_t = tables[key]
-        with graph.inserting_before(out):
-            fused = graph.call_function(torch.ops.glmc.rotary.default, (x, pos, cos_t, sin_t))
-        replace(out, fused)
-        matches += 1
-    return finish(gm, matches)
+def _replace(gm: GraphModule, m, ctx: PassContext, tables: dict) -> None:
+    x, R, pos, inv, scale, out = m
+    # one pair of tables per (inv_freq, scale): q and k of every layer share them
+    key = (inv.data_ptr(), scale)
+    if key not in tables:
+        # the same fp32 arithmetic transformers uses, evaluated once for every position
+        ang = torch.arange(ctx.max_seq_len, dtype=torch.float32)[:, None] * inv.float()[None, :]
+        tables[key] = (add_constant(gm, "rotary_cos", torch.cos(ang) * scale),
+                       add_constant(gm, "rotary_sin", torch.sin(ang) * scale))
+    cos_t, sin_t = tables[key]
+    with gm.graph.inserting_before(out):
+        fused = gm.graph.call_function(torch.ops.glmc.rotary.default, (x, pos, cos_t, sin_t))
+    replace(out, fused)
+
+
+def fuse_rotary(gm: GraphModule, ctx: PassContext):
+    tables: dict = {}      # this run's folded tables, by (inv_freq, scale)
+    return rewrite(gm, ctx, Rule((aten.add.Tensor,), _match, partial(_replace, tables=tables)))

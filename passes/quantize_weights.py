@@ -5,30 +5,29 @@ before:  y = linear(x, W, b)
 after:   y = glmc.linear_nbits(x, Q, S, Z, b, K, bits, group)             round-to-nearest
          y = glmc.linear_nbits(x * (1/s), Q(W * s), ..., b, ...)          with calibration
 Runs after fusion, so the packed qkv and gate_up weights quantize as one matrix.
-The lm_head is quantized to int8 unless ctx.options["lm_head"] == "none". The
-embedding table stays fp32 unless ctx.options["embedding"] == "int8" (decode reads
-one row of it per token, so int8 there saves memory and disk, not time):
+The lm_head is quantized to int8 unless ctx.quant.lm_head == "none". The embedding
+table stays fp32 unless ctx.quant.embedding == "int8" (decode reads one row of it per
+token, so int8 there saves memory and disk, not time):
          e = embedding(W, ids)  ->  e = glmc.embedding_int8(ids, Q, row_scales)
-declines: quant "none"; non-constant weights; K < 16.
+PassResult.report: per quantized weight, its bits, shape, relative error and bytes.
+declines: quant "none"; non-constant or non-2-D weights; K < 16; the lm_head with
+lm_head "none".
 """
 
 from __future__ import annotations
 
-import hashlib
+from functools import partial
 
 import torch
 from torch.fx import GraphModule
 
+import glmc.ops  # noqa: F401  (registers torch.ops.glmc)
 from glmc.ir import PassContext, PassResult
-from glmc.match import add_constant, aten, attr_tensor, finish, is_op, replace, val
-from glmc.ops import embedding_int8, linear_nbits  # noqa: F401  (registers torch.ops.glmc)
-from glmc.quant import Packed, dequantize, quantize
+from glmc.match import add_constant, arg, aten, attr_tensor, is_op, replace, val
+from glmc.quant import Packed, dequantize, digest, quantize
+from glmc.rewrite import Rule, rewrite
 
 ALPHAS = [i / 10 for i in range(11)]
-
-
-def _digest(w: torch.Tensor) -> str:
-    return hashlib.blake2b(w.detach().contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def _int8_block(K: int) -> int:
@@ -41,12 +40,13 @@ def _int8_block(K: int) -> int:
 
 
 def _lm_head(gm: GraphModule):
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    first = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    outs = arg(out, 0)
+    first = outs[0] if isinstance(outs, (tuple, list)) and outs else outs
     return first if is_op(first, aten.linear.default) else None
 
 
-def _search_scale(w: torch.Tensor, x: torch.Tensor, bits: int, group: int, symmetric: bool):
+def search_scale(w: torch.Tensor, x: torch.Tensor, bits: int, group: int, symmetric: bool):
     """AWQ-style: s = mean|x|^alpha over a grid of alpha; keep the s whose quantized
     output is closest to the fp32 output on the calibration rows. alpha 0 is plain RTN."""
     ref = x @ w.T
@@ -62,82 +62,86 @@ def _search_scale(w: torch.Tensor, x: torch.Tensor, bits: int, group: int, symme
     return best
 
 
-def _quantize_embeddings(gm: GraphModule, cache: dict) -> int:
-    hits = 0
-    for node in [n for n in gm.graph.nodes if is_op(n, aten.embedding.default)]:
-        w = attr_tensor(gm, node.args[0])
-        if w is None or w.dim() != 2:
-            continue
-        key = (_digest(w), "embedding")
-        if key not in cache:
-            wf = w.detach().float()
-            scale = (wf.abs().amax(dim=1) / 127).clamp_min(1e-12)
-            cache[key] = (torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8), scale)
-        q, scale = cache[key]
-        with gm.graph.inserting_before(node):
-            fused = gm.graph.call_function(torch.ops.glmc.embedding_int8.default,
-                                           (node.args[1], add_constant(gm, "qembedding", q),
-                                            add_constant(gm, "qembedding_scales", scale)))
-        replace(node, fused)
-        hits += 1
-    return hits
+def _quantized(w: torch.Tensor, bits: int, ctx: PassContext) -> tuple:
+    """(packed, act scale or None, report row) for weight w; pure in (w, bits, ctx.quant, calibration)."""
+    q = ctx.quant
+    wf = w.detach().float()
+    rows = ctx.calibration.get(digest(w))
+    s, alpha = None, 0.0
+    if rows is not None and bits == 4:
+        s, _, alpha = search_scale(wf, rows, bits, q.group_size, q.symmetric)
+    packed: Packed = quantize(wf * s if s is not None else wf, bits,
+                              q.group_size if bits == 4 else _int8_block(wf.shape[1]), q.symmetric)
+    deq = dequantize(packed) / (s if s is not None else 1.0)
+    row = {"bits": bits, "shape": list(wf.shape), "alpha": alpha,
+           "relative_error": round(float((deq - wf).norm() / wf.norm().clamp_min(1e-30)), 6),
+           "bytes_fp32": wf.numel() * 4, "bytes_packed": packed.nbytes()}
+    return packed, s, row
+
+
+def _embedding_int8(w: torch.Tensor) -> tuple:
+    wf = w.detach().float()
+    scale = (wf.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    return torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def _match_embedding(gm: GraphModule, node, ctx: PassContext):
+    if ctx.quant.mode == "none" or ctx.quant.embedding != "int8":
+        return None
+    w = attr_tensor(gm, arg(node, 0))
+    return (node, w) if w is not None and w.dim() == 2 else None
+
+
+def _replace_embedding(gm: GraphModule, m, ctx: PassContext) -> None:
+    node, w = m
+    q, scale = ctx.memo.get((digest(w), "embedding"), lambda: _embedding_int8(w))
+    with gm.graph.inserting_before(node):
+        fused = gm.graph.call_function(torch.ops.glmc.embedding_int8.default,
+                                       (node.args[1], add_constant(gm, "qembedding", q),
+                                        add_constant(gm, "qembedding_scales", scale)))
+    replace(node, fused)
+
+
+def _match_linear(gm: GraphModule, node, ctx: PassContext):
+    if ctx.quant.mode == "none":
+        return None
+    w = attr_tensor(gm, arg(node, 1))
+    if w is None or w.dim() != 2 or w.shape[1] < 16:
+        return None
+    bits = ctx.quant.bits
+    if node is _lm_head(gm):
+        if ctx.quant.lm_head == "none":
+            return None
+        bits = 8
+    return node, w, bits
+
+
+def _replace_linear(gm: GraphModule, m, ctx: PassContext, report: dict) -> None:
+    node, w, bits = m
+    packed, s, row = ctx.memo.get((digest(w), bits), lambda: _quantized(w, bits, ctx))
+    w_node = node.args[1]
+    report[w_node.target if w_node.op == "get_attr" else str(w_node)] = row
+    graph = gm.graph
+    x = node.args[0]
+    bias = arg(node, 2, "bias")
+    with graph.inserting_before(node):
+        q = add_constant(gm, "qweight", packed.qweight)
+        sc = add_constant(gm, "qscales", packed.scales)
+        zp = add_constant(gm, "qzeros", packed.zeros) if packed.zeros is not None else None
+        if s is not None:
+            inv = add_constant(gm, "act_scale_inv", (1.0 / s).to(torch.float32))
+            x = graph.call_function(aten.mul.Tensor, (x, inv))
+            x.meta["val"] = val(node.args[0])
+        fused = graph.call_function(
+            torch.ops.glmc.linear_nbits.default,
+            (x, q, sc, zp, bias, packed.K, packed.bits, packed.block_size))
+    replace(node, fused)
 
 
 def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
-    quant = ctx.quant
-    if quant == "none":
-        return PassResult(gm, 0)
-    bits = 4 if quant == "int4" else 8
-    group = ctx.options.get("group_size", 128) if bits == 4 else 128
-    symmetric = ctx.options.get("symmetric", True)
-    # shared across the entry points of one compile: each weight is quantized once
-    cache: dict = ctx.options.setdefault("quant_cache", {})
-    calib: dict = ctx.options.get("calibration_rows") or {}
-    report: dict = ctx.options.setdefault("quant_report", {})
-    lm_head = _lm_head(gm)
-    lm_mode = ctx.options.get("lm_head", "int8")
-    matches = 0
-    graph = gm.graph
-    if ctx.options.get("embedding") == "int8":
-        matches += _quantize_embeddings(gm, cache)
-    for node in [n for n in graph.nodes if is_op(n, aten.linear.default)]:
-        w = attr_tensor(gm, node.args[1])
-        if w is None or w.dim() != 2 or w.shape[1] < 16:
-            continue
-        b_bits = bits
-        if node is lm_head:
-            if lm_mode == "none":
-                continue
-            b_bits = 8
-        key = (_digest(w), b_bits)
-        if key not in cache:
-            wf = w.detach().float()
-            rows = calib.get(key[0])
-            s, alpha = None, 0.0
-            if rows is not None and b_bits == 4:
-                s, _, alpha = _search_scale(wf, rows, b_bits, group, symmetric)
-            packed: Packed = quantize(wf * s if s is not None else wf, b_bits,
-                                      group if b_bits == 4 else _int8_block(wf.shape[1]), symmetric)
-            deq = dequantize(packed) / (s if s is not None else 1.0)
-            cache[key] = (packed, s)
-            name = node.args[1].target if node.args[1].op == "get_attr" else str(node.args[1])
-            report[name] = {"bits": b_bits, "shape": list(wf.shape), "alpha": alpha,
-                            "relative_error": round(float((deq - wf).norm() / wf.norm().clamp_min(1e-30)), 6),
-                            "bytes_fp32": wf.numel() * 4, "bytes_packed": packed.nbytes()}
-        packed, s = cache[key]
-        x = node.args[0]
-        bias = node.args[2] if len(node.args) > 2 else None
-        with graph.inserting_before(node):
-            q = add_constant(gm, "qweight", packed.qweight)
-            sc = add_constant(gm, "qscales", packed.scales)
-            zp = add_constant(gm, "qzeros", packed.zeros) if packed.zeros is not None else None
-            if s is not None:
-                inv = add_constant(gm, "act_scale_inv", (1.0 / s).to(torch.float32))
-                x = graph.call_function(aten.mul.Tensor, (x, inv))
-                x.meta["val"] = val(node.args[0])
-            fused = graph.call_function(
-                torch.ops.glmc.linear_nbits.default,
-                (x, q, sc, zp, bias, packed.K, packed.bits, packed.block_size))
-        replace(node, fused)
-        matches += 1
-    return finish(gm, matches)
+    report: dict = {}
+    result = rewrite(gm, ctx,
+                     Rule((aten.embedding.default,), _match_embedding, _replace_embedding),
+                     Rule((aten.linear.default,), _match_linear, partial(_replace_linear, report=report)))
+    result.report = {"quantization": report} if report else {}
+    return result

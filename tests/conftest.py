@@ -3,8 +3,11 @@ and compiled artifacts cached per session (a compile takes ~10 s)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,13 @@ VARIANTS = {
     "chatglm": dict(model_type="glm", vocab_size=1003, hidden_size=64, intermediate_size=112,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                     partial_rotary_factor=0.5, rope_theta=50000.0),
+    # GeLU MLPs (GLM-130B / ChatGLM-6B v1 style activations): exact erf and the tanh form
+    "glm-gelu": dict(model_type="glm", vocab_size=600, hidden_size=64, intermediate_size=96,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     partial_rotary_factor=0.5, hidden_act="gelu"),
+    "glm4-gelu-tanh": dict(model_type="glm4", vocab_size=600, hidden_size=64, intermediate_size=96,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                           partial_rotary_factor=0.5, hidden_act="gelu_pytorch_tanh"),
 }
 COMMON = dict(max_position_embeddings=256, rms_norm_eps=1e-5, pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
@@ -79,34 +89,78 @@ def write_checkpoint(path: Path, variant: str, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    cache: dict[str, Path] = {}
+def _source_key() -> str:
+    """What compiled test artifacts depend on: glmc's source, this file and the library versions."""
+    import hashlib
 
+    import onnxruntime
+    import transformers
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(f"{torch.__version__} {transformers.__version__} {onnxruntime.__version__}".encode())
+    for pkg in ("glmc", "passes", "backends"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def shared_dir(request) -> Path:
+    """A directory shared by every xdist worker of this run (and later runs of the same source):
+    checkpoints and compiled artifacts are built once, under a lock, and reused read-only.
+    Tests that change an artifact copy it first."""
+    base = Path(request.config.cache.mkdir("glmc-shared"))
+    key = _source_key()
+    with _locked(base / ".lock"):
+        for old in base.iterdir():             # artifacts of other source versions
+            if old.is_dir() and old.name != key:
+                shutil.rmtree(old, ignore_errors=True)
+        (base / key).mkdir(exist_ok=True)
+    return base / key
+
+
+def _build_once(path: Path, build) -> Path:
+    """build(path) under a per-path lock, unless a finished build is already there."""
+    done = path.with_name(path.name + ".done")
+    with _locked(path.with_name(path.name + ".lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            build(path)
+            done.touch()
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(shared_dir):
     def get(variant: str) -> Path:
-        if variant not in cache:
-            cache[variant] = write_checkpoint(root / variant, variant)
-        return cache[variant]
+        return _build_once(shared_dir / f"ckpt-{variant}", lambda p: write_checkpoint(p, variant))
 
     return get
 
 
 @pytest.fixture(scope="session")
-def artifacts(tmp_path_factory, checkpoints):
-    root = tmp_path_factory.mktemp("art")
-    cache: dict[str, Path] = {}
-
+def artifacts(shared_dir, checkpoints):
     def get(variant: str, **options) -> Path:
-        key = variant + repr(sorted(options.items()))
-        if key not in cache:
-            src = variant if variant in ("tiny-glm", "small-glm") else checkpoints(variant)
-            # compile-time verification is exercised by tests/test_verify.py and test_cli.py;
-            # these artifacts are checked against transformers by the tests that use them
-            # and the extend entry point (chunked prefill) only where a test asks for it
-            cache[key] = glmc.compile(src, root / f"{variant}-{len(cache)}.glmc", max_seq_len=96,
-                                      **dict(dict(verify=False, chunked_prefill=False), **options))
-        return cache[key]
+        name = variant + "-" + hashlib.sha256(repr(sorted(options.items())).encode()).hexdigest()[:10] + ".glmc"
+        src = variant if variant in ("tiny-glm", "small-glm") else checkpoints(variant)
+        # compile-time verification is exercised by tests/test_verify.py and test_cli.py;
+        # these artifacts are checked against transformers by the tests that use them
+        # and the extend entry point (chunked prefill) only where a test asks for it
+        opts = dict(dict(verify=False, chunked_prefill=False, max_seq_len=96), **options)
+        return _build_once(shared_dir / name, lambda p: glmc.compile(src, p, progress=False, **opts))
 
     return get
 

@@ -15,9 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 import glmc
-from glmc import autotune
-from glmc.autotune import DeviceKey, Tuner, TuningDB, choose_chunk, entry_key
+from glmc.autotune import DeviceKey, Tuner, TuningDB, entry_key
+from glmc.backends.cpu.tune import choose_chunk, token_counts
+from glmc.backends.gpu import tune as gpu_tune
 from glmc.cli import main
+from glmc.errors import GlmcWarning
 
 DEV = DeviceKey("Test GPU", "sm_90", "cuda 12.4", "3.9.0")
 
@@ -102,25 +104,25 @@ def test_cache_flush_runs_between_repeats(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"\x00\xff" * 10, b'{"version": 99, "entries": {}}', b"[]"])
-def test_corrupt_or_foreign_database_is_ignored_and_rebuilt(tmp_path, capsys, content):
+def test_corrupt_or_foreign_database_is_ignored_and_rebuilt(tmp_path, content):
     path = tmp_path / "t.json"
     path.write_bytes(content)
     db = TuningDB(path)
-    assert db.get("anything") is None
-    assert "ignoring it, it will be rebuilt" in capsys.readouterr().err
+    with pytest.warns(GlmcWarning, match="ignoring it, it will be rebuilt"):
+        assert db.get("anything") is None
     assert db.update({"k": {"choice": "a"}})
     assert json.loads(path.read_text()) == {"version": 1, "entries": {"k": {"choice": "a"}}}
 
 
-def test_unwritable_location_warns_and_changes_nothing(tmp_path, capsys):
+def test_unwritable_location_warns_and_changes_nothing(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     db = TuningDB(blocker / "glmc" / "t.json")            # parent is a file: cannot create the directory
-    assert db.update({"k": {"choice": "a"}}) is False
-    assert "cannot write the tuning database" in capsys.readouterr().err
+    with pytest.warns(GlmcWarning, match="cannot write the tuning database"):
+        assert db.update({"k": {"choice": "a"}}) is False
 
 
-def test_full_disk_leaves_the_old_database_intact(tmp_path, monkeypatch, capsys):
+def test_full_disk_leaves_the_old_database_intact(tmp_path, monkeypatch):
     path = tmp_path / "t.json"
     db = TuningDB(path)
     db.update({"old": {"choice": "a"}})
@@ -129,8 +131,8 @@ def test_full_disk_leaves_the_old_database_intact(tmp_path, monkeypatch, capsys)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    assert db.update({"new": {"choice": "b"}}) is False
-    assert "No space left on device" in capsys.readouterr().err
+    with pytest.warns(GlmcWarning, match="No space left on device"):
+        assert db.update({"new": {"choice": "b"}}) is False
     assert TuningDB(path).entries() == {"old": {"choice": "a"}}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".t.json.")] == []
 
@@ -157,7 +159,7 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
 def test_choose_chunk_picks_smallest_efficient_token_count():
     assert choose_chunk({16: 100.0, 32: 180.0, 64: 196.0, 128: 200.0, 256: 199.0}) == 64
     assert choose_chunk({16: 10.0}) == 16
-    assert autotune.token_counts(300) == [16, 32, 64, 128, 256]
+    assert token_counts(300) == [16, 32, 64, 128, 256]
 
 
 def test_glmc_tune_cpu_artifact_and_report(artifacts, tmp_path, monkeypatch):
@@ -218,12 +220,12 @@ def test_gpu_artifact_tuning_flow_in_the_interpreter(artifacts, tmp_path, monkey
         clock.now += 5e-4
         return clock.now
 
-    result = autotune.tune_gpu(art, manifest, budget_s=1e9, db=TuningDB(tmp_path / "db.json"), timer=timer,
+    result = gpu_tune.tune_gpu(art, manifest, budget_s=1e9, db=TuningDB(tmp_path / "db.json"), timer=timer,
                                clock=clock, repeats=1, max_candidates=2, prompt_tokens=(8,))
     ops = {k.split(":")[0] for k in result["configs"]}
     assert {"rms_norm", "rotary", "swiglu", "attention", "matmul"} <= ops
     assert result["tuned"] == result["shapes"] and result["measured"] == result["shapes"]
-    autotune.apply_gpu_tuning(art, manifest, result["configs"])
+    gpu_tune.apply_gpu_tuning(art, manifest, result["configs"])
     from glmc.artifact import write_manifest
 
     write_manifest(art, manifest)

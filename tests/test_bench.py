@@ -63,3 +63,42 @@ def test_failing_baseline_is_reported_not_fatal(artifacts, tmp_path, monkeypatch
     assert rep["results"]["ort-plain"] == {"error": "RuntimeError: export exploded"}
     assert "error" not in rep["results"]["glmc"]
     assert "failed: RuntimeError: export exploded" in (tmp_path / "report.md").read_text()
+
+
+def test_glmc_failure_is_fatal_with_a_nonzero_exit(artifacts, tmp_path, monkeypatch):
+    """A report without glmc's numbers would be a wrong answer: glmc failing to agree with
+    eager ends the run with one error line and exit status 2, and writes no report."""
+    class Wrong(benchmark.GlmcProvider):
+        def decode_steps(self, ids, n):
+            seconds, toks = super().decode_steps(ids, n)
+            return seconds, [t + 1 for t in toks]
+
+    monkeypatch.setattr(benchmark, "GlmcProvider", Wrong)
+    r = CliRunner().invoke(main, ["bench", str(artifacts("tiny-glm")), "--quick", "--no-eager", "--no-ort",
+                                  "-o", str(tmp_path / "rep")])
+    assert r.exit_code == 2, r.output
+    assert "greedy tokens differ from transformers eager" in r.output and "not timing a wrong answer" in r.output
+    assert not (tmp_path / "rep" / "report.json").exists()
+
+
+def test_quantized_artifact_is_checked_against_its_fp32_source(artifacts, tmp_path, monkeypatch):
+    """An int4 artifact is gated like `glmc verify` (relative RMS vs the fp32 model) before timing;
+    scrambled codes (a wrong packing) are refused."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from glmc.artifact import read_manifest, write_manifest
+
+    art = tmp_path / "q.glmc"
+    shutil.copytree(artifacts("tiny-glm", quant="int4"), art)
+    rep = benchmark.run(str(art), tmp_path / "ok", quick=True, skip=("eager", "ort-plain"), progress=False)
+    assert "error" not in rep["results"]["glmc"]
+    weights = load_file(str(art / "weights.safetensors"))
+    packed = [k for k, v in weights.items() if v.dtype.name == "uint8"]
+    for k in packed:
+        weights[k] = ((weights[k] >> 4) | (weights[k] << 4)).astype(weights[k].dtype)
+    save_file(weights, str(art / "weights.safetensors"))
+    write_manifest(art, read_manifest(art, verify=False))
+    with pytest.raises(benchmark.GlmcError, match="disagrees with its fp32 source"):
+        benchmark.run(str(art), tmp_path / "bad", quick=True, skip=("eager", "ort-plain"), progress=False)

@@ -17,6 +17,7 @@ import torch
 import glmc
 from glmc.errors import GlmcError
 from glmc.verify import compare
+from tests.tolerances import TOLERANCES
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs a GPU or TRITON_INTERPRET=1")
@@ -44,9 +45,9 @@ def test_cuda_fp16_artifact_matches_transformers(cuda_artifact, checkpoints, ref
 
 def test_cuda_chunked_prefill_equals_one_call(cuda_artifact):
     prompts = [list(range(5, 45)), list(range(7, 12))]
-    _, want = glmc.load(cuda_artifact, prefill_chunk=0)._prefill(prompts)
-    _, got = glmc.load(cuda_artifact, prefill_chunk=16)._prefill(prompts)
-    assert np.abs(got - want).max() < 2e-2          # fp16: verify.TOLERANCES
+    _, want = glmc.load(cuda_artifact, prefill_chunk=0).prefill(prompts)
+    _, got = glmc.load(cuda_artifact, prefill_chunk=16).prefill(prompts)
+    assert np.abs(got - want).max() < TOLERANCES["artifact_fp16"]
 
 
 def test_cuda_artifact_stores_binaries_per_arch(cuda_artifact):

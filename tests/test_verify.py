@@ -8,7 +8,7 @@ import torch
 
 import glmc
 from glmc.errors import VerificationError
-from glmc.ir import PassContext, PassResult
+from glmc.ir import PassContext, PassResult, QuantConfig, make_context
 from glmc.pipeline import pipeline
 
 PIPELINE = pipeline(PassContext())
@@ -74,7 +74,7 @@ def test_broken_quantized_build_is_refused(checkpoints, tmp_path):
                 hits += 1
         return PassResult(gm, hits)
 
-    ctx = PassContext(quant="int4")
+    ctx = make_context(quant=QuantConfig("int4"))
     with pytest.raises(VerificationError, match="relative RMS logits error"):
         glmc.compile(checkpoints("glm-gqa"), tmp_path / "q.glmc", max_seq_len=32, quant="int4", chunked_prefill=False,
                      passes=[*pipeline(ctx), ("scramble", scramble)])

@@ -1,6 +1,77 @@
 """CPU backend: the traced graphs lowered to ONNX and run by onnxruntime."""
 
-from glmc.backends.cpu.lower import lower
-from glmc.backends.cpu.runtime import load
+from __future__ import annotations
 
-__all__ = ["lower", "load"]
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from glmc.target import Target
+
+
+class CpuBackend:
+    default_dtype = "fp32"
+    dtypes = ("fp32",)
+    # the extend entry's ONNX export nearly doubles compile time, and one prefill call
+    # measured faster than chunks here (bench/results/chunk-cpu.json): opt-in
+    chunked_prefill_default = False
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    def why_cannot_run_here(self) -> str | None:
+        return None
+
+    def lower(self, graphs, out_dir: Path, ctx) -> dict:
+        from glmc.backends.cpu.lower import lower
+
+        return lower(graphs, out_dir, ctx)
+
+    def load(self, artifact_dir: Path, manifest: dict, threads: int | None = None):
+        from glmc.backends.cpu.runtime import CpuExecutor
+
+        return CpuExecutor(Path(artifact_dir), manifest, threads)
+
+    def hidden_states(self, graph, ctx, input_ids: list[int]) -> list[np.ndarray]:
+        import onnx
+        import onnxruntime as ort
+
+        from glmc.backends.cpu.lower import export_onnx
+
+        proto = export_onnx(graph, ctx.quant.accuracy_level)
+        with tempfile.TemporaryDirectory() as d:
+            onnx.save_model(proto, f"{d}/debug.onnx", save_as_external_data=True)
+            sess = ort.InferenceSession(f"{d}/debug.onnx", providers=["CPUExecutionProvider"])
+            outs = sess.run(None, {"input_ids": np.array([input_ids]),
+                                   "attention_mask": np.ones((1, len(input_ids)), np.int64)})
+        n_layers = ctx.model_config["num_hidden_layers"]
+        return [o[0] for o in outs[1 + 2 * n_layers:]]
+
+    def tune(self, artifact: Path, manifest: dict, budget_s: float, db, timer, report: bool = False) -> dict:
+        from glmc.backends.cpu.tune import tune
+
+        return tune(artifact, manifest, budget_s, db, timer, report)
+
+    def profile_decode(self, artifact: Path, manifest: dict, context: int, steps: int = 8) -> dict[str, float]:
+        """Per-op-type milliseconds of one decode step, from onnxruntime's profiler."""
+        from glmc.runtime import Runtime
+
+        rt = Runtime(artifact, verify=False)
+        ex = rt.executor
+        with tempfile.TemporaryDirectory() as d:
+            ex.profile("decode", str(Path(d) / "decode"))
+            ids = list(range(5, 5 + context))
+            cache, last = rt.prefill([ids])
+            pos, tok = np.array([context]), int(last[0].argmax())
+            for _ in range(steps):
+                tok = int(ex.decode(cache, np.array([[tok]]), pos)[0, 0].argmax())
+                pos += 1
+            events = json.loads(Path(ex.sessions["decode"].end_profiling()).read_text())
+        per_op: dict[str, float] = {}
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                op = e.get("args", {}).get("op_name", "?")
+                per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / steps
+        return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))

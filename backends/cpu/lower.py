@@ -109,7 +109,7 @@ class _WeightStore:
 
 def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) -> dict:
     out_dir = Path(out_dir)
-    level = ctx.options.get("accuracy_level", 4)
+    level = ctx.quant.accuracy_level
     store = _WeightStore()
     models = {}
     for t in traced:

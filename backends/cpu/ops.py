@@ -9,6 +9,7 @@
                          never repeated, and past/new keys are scored separately so the cache
                          is never concatenated (read once per step, never copied)
   glmc::swiglu        -> Split + Sigmoid + Mul (onnxruntime has no CPU SwiGLU kernel)
+  glmc::geglu         -> Split + Gelu (ONNX opset 20, exact or tanh) + Mul
   glmc::linear_nbits  -> com.microsoft.MatMulNBits (glmc's packed format is its layout)
   glmc::embedding_int8 -> Gather (int8 rows) + Cast + Mul by the gathered row scales
 
@@ -21,12 +22,11 @@ in-place past/present buffer with seqlens, which is the runtime's next step.
 from __future__ import annotations
 
 import onnx
-import torch
 from onnx.defs import OpSchema
 from onnxscript import opset23 as op
 from onnxscript.values import Opset
 
-import glmc.ops  # noqa: F401  (registers torch.ops.glmc)
+from glmc.registry import lowering, lowerings, spec
 
 OPSET = 23
 MS = "com.microsoft"
@@ -79,20 +79,30 @@ def _ints(*values):
     return op.Constant(value_ints=list(values))
 
 
+@lowering("cpu", "rms_norm")
 def rms_norm(x, weight, eps: float):
     return op.RMSNormalization(x, weight, axis=-1, epsilon=eps)
 
 
+@lowering("cpu", "add_rms_norm")
 def add_rms_norm(x, residual, weight, eps: float):
     y, _mean, _inv_std, h = msft.SkipSimplifiedLayerNormalization(x, residual, weight, epsilon=eps, _num_outputs=4)
     return y, h
 
 
+@lowering("cpu", "swiglu")
 def swiglu(gate_up):
     gate, up = op.Split(gate_up, axis=-1, num_outputs=2)
     return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
 
 
+@lowering("cpu", "geglu")
+def geglu(gate_up, approximate: str):
+    gate, up = op.Split(gate_up, axis=-1, num_outputs=2)
+    return op.Mul(op.Gelu(gate, approximate=approximate), up)
+
+
+@lowering("cpu", "rotary")
 def rotary(x, positions, cos_table, sin_table):
     heads = x.shape[1]
     rot_dim = 2 * cos_table.shape[1]
@@ -100,6 +110,7 @@ def rotary(x, positions, cos_table, sin_table):
                                 num_heads=heads, rotary_embedding_dim=rot_dim)
 
 
+@lowering("cpu", "attention")
 def attention(q, k, v, mask, scale: float, past_k=None, past_v=None):
     H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
     rep = H // Hkv
@@ -124,6 +135,7 @@ def attention(q, k, v, mask, scale: float, past_k=None, past_v=None):
     return op.Reshape(out, op.Concat(B, _ints(H), T, _ints(D), axis=0))
 
 
+@lowering("cpu", "linear_nbits")
 def make_linear_nbits(accuracy_level: int):
     """MatMulNBits with the given accuracy_level: 0 keeps activations fp32; 4 lets the
     kernel quantize activations to int8 per block on the fly (onnxruntime's fast path)."""
@@ -138,20 +150,23 @@ def make_linear_nbits(accuracy_level: int):
     return linear_nbits
 
 
+@lowering("cpu", "embedding_int8")
 def embedding_int8(ids, qweight, scales):
     rows = op.Cast(op.Gather(qweight, ids, axis=0), to=onnx.TensorProto.FLOAT)
     return op.Mul(rows, op.Unsqueeze(op.Gather(scales, ids, axis=0), _ints(-1)))
 
 
+# lowerings that need a compile option: (op, option) -> the registered function is a factory
+_FACTORIES = {"linear_nbits": "accuracy_level"}
+
+
 def translation_table(accuracy_level: int = 4) -> dict:
+    """torch op -> ONNX function for every glmc op, from the registry."""
     register_contrib_schemas()
-    g = torch.ops.glmc
-    return {
-        g.rms_norm.default: rms_norm,
-        g.add_rms_norm.default: add_rms_norm,
-        g.swiglu.default: swiglu,
-        g.rotary.default: rotary,
-        g.attention.default: attention,
-        g.linear_nbits.default: make_linear_nbits(accuracy_level),
-        g.embedding_int8.default: embedding_int8,
-    }
+    options = {"accuracy_level": accuracy_level}
+    table = {}
+    for name, fn in lowerings("cpu").items():
+        if name in _FACTORIES:
+            fn = fn(options[_FACTORIES[name]])
+        table[spec(name).overload] = fn
+    return table

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from glmc.backends import store_kv
+from glmc.backends.kv import store_decode_kv, store_kv
 
 
 def default_threads() -> int:
@@ -44,7 +44,8 @@ class KVCache:
         self.ort_past = [ort.OrtValue.ortvalue_from_numpy(a) for kv in zip(self.k, self.v) for a in kv]
         self.ort_mask = ort.OrtValue.ortvalue_from_numpy(self.mask)
 
-    store = store_kv      # prefill / extend outputs into their slots
+    store = store_kv              # prefill / extend outputs into their slots
+    store_step = store_decode_kv  # a decode step's one new token per row
 
 
 class _LazySessions(dict):
@@ -151,13 +152,6 @@ class CpuExecutor:
         for name, arr in zip(self.io["decode"]["outputs"][1:], new):
             binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(arr))
         sess.run_with_iobinding(binding)
-        rows = np.arange(B)
-        for i in range(self.n_layers):
-            cache.k[i][rows, :, position] = new[2 * i][:, :, 0]
-            cache.v[i][rows, :, position] = new[2 * i + 1][:, :, 0]
-        cache.mask[rows, position] = 1
+        cache.store_step(new, np.arange(B), position)
         return logits
 
-
-def load(artifact_dir: str | os.PathLike, manifest: dict, threads: int | None = None) -> CpuExecutor:
-    return CpuExecutor(Path(artifact_dir), manifest, threads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import time
 
 import torch
 
@@ -30,7 +31,9 @@ def _encode(a):
     if isinstance(a, float):
         return a if math.isfinite(a) else {"float": repr(a)}
     if isinstance(a, torch.dtype):
-        return {"dtype": str(a).removeprefix("torch.")}
+        from glmc.dtypes import torch_short_name
+
+        return {"dtype": torch_short_name(a)}
     if isinstance(a, torch.device):
         return {"device": a.type}
     if isinstance(a, torch.layout):
@@ -77,14 +80,15 @@ def resolve(name: str):
     parts = name.split(".")
     if len(parts) != 3 or parts[0] not in NAMESPACES:
         raise GlmcError(f"graph names op {name!r}: only aten.* / glmc.* ops are allowed in an artifact")
+    if parts[0] == "glmc":
+        from glmc.registry import ops
+
+        if parts[1] not in ops():
+            raise GlmcError(f"graph names unknown op {name!r} (glmc ops: {', '.join(sorted(ops()))})")
     try:
         return getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
     except (AttributeError, RuntimeError):
         raise GlmcError(f"graph names unknown op {name!r}") from None
-
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
-           "int32": torch.int32, "bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8}
 
 
 def decode_arg(a, env, device, compute_dtype):
@@ -97,9 +101,9 @@ def decode_arg(a, env, device, compute_dtype):
         if "float" in a:
             return float(a["float"])
         if "dtype" in a:
-            if a["dtype"] not in _DTYPES:
-                raise GlmcError(f"graph uses unsupported dtype {a['dtype']!r}")
-            return _DTYPES[a["dtype"]]
+            from glmc.dtypes import torch_dtype
+
+            return torch_dtype(a["dtype"])
         if "device" in a:
             return device
         if "layout" in a:
@@ -121,15 +125,28 @@ class Program:
         for n in graph["nodes"]:
             if n["op"] == "call":
                 fn = kernels.get(n["target"]) or resolve(n["target"])
-                self.steps.append((n["name"], fn, n["args"], n["kwargs"]))
+                self.steps.append((n["name"], fn, n["args"], n["kwargs"], n["target"]))
             elif n["op"] == "output":
                 self.output = n["args"]
 
-    def __call__(self, *inputs):
+    def __call__(self, *inputs, profile: dict | None = None):
+        """Run the graph; with `profile` (a dict), add each op's seconds to profile[op name]
+        (the device is synchronised around every op, so only for profiling)."""
         env = dict(self.consts)
         env.update(zip(self.inputs, inputs))
         dev, dt = self.device, self.compute_dtype
-        for name, fn, args, kwargs in self.steps:
+        for name, fn, args, kwargs, target in self.steps:
+            if profile is not None:
+                _sync(dev)
+                t0 = time.perf_counter()
             env[name] = fn(*decode_arg(args, env, dev, dt),
                            **{k: decode_arg(v, env, dev, dt) for k, v in kwargs.items()})
+            if profile is not None:
+                _sync(dev)
+                profile[target] = profile.get(target, 0.0) + time.perf_counter() - t0
         return decode_arg(self.output, env, dev, dt)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

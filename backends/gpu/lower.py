@@ -19,14 +19,15 @@ import triton
 from glmc.backends.gpu.graph import Program, to_json
 from glmc.backends.gpu.kernels import Configs, kernel_table
 from glmc.backends.triton import aot
-from glmc.backends.triton._common import LAUNCHER
+from glmc.backends.triton._common import Launcher
+from glmc.dtypes import torch_dtype
 from glmc.errors import GlmcError
 from glmc.ir import PassContext
+from glmc.modelcfg import head_dim
+from glmc.registry import fp32_args
 from glmc.trace import Traced
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 WEIGHTS_FILE = "weights.safetensors"
-KEEP_FP32 = {("glmc.rotary.default", 2), ("glmc.rotary.default", 3), ("glmc.linear_nbits.default", 2)}
 FP16_MAX = 65504.0
 AOT_TOKENS = (1, 16, 128)      # prefill token counts whose launches are compiled ahead of time
 
@@ -44,12 +45,13 @@ def collect_weights(traced: list[Traced], dtype: torch.dtype) -> tuple[dict, dic
     stored: dict[str, torch.Tensor] = {}
     by_storage: dict[tuple, str] = {}
     mapping: dict[str, dict[str, str]] = {}
+    keep_fp32 = fp32_args()
     for t in traced:
         keep = set()
         for n in t.gm.graph.nodes:
             if n.op == "call_function":
                 for i, a in enumerate(n.args):
-                    if isinstance(a, torch.fx.Node) and a.op == "get_attr" and (str(n.target), i) in KEEP_FP32:
+                    if isinstance(a, torch.fx.Node) and a.op == "get_attr" and (str(n.target), i) in keep_fp32:
                         keep.add(a.target)
         names = mapping.setdefault(t.name, {})
         for n in t.gm.graph.nodes:
@@ -75,33 +77,32 @@ def record_launches(graphs: dict, weight_shapes: dict, mapping: dict, dtype_name
     """Run every graph once on the meta device at representative shapes; collect the kernel launches.
 
     weight_shapes: stored key -> (shape, torch dtype); mapping: entry -> {graph weight name: key}."""
-    dtype = DTYPES[dtype_name]
+    dtype = torch_dtype(dtype_name)
     L = model_config["num_hidden_layers"]
     Hkv = model_config["num_key_value_heads"]
-    D = model_config.get("head_dim") or model_config["hidden_size"] // model_config["num_attention_heads"]
+    D = head_dim(model_config)
     S = max_seq_len
     meta_weights = {k: torch.empty(shape, dtype=dt, device="meta") for k, (shape, dt) in weight_shapes.items()}
-    table = kernel_table(configs)
+    recorder = Launcher(record=True)
+    table = kernel_table(configs, recorder)
 
     def meta(*shape, dt=torch.int64):
         return torch.empty(shape, dtype=dt, device="meta")
 
-    with LAUNCHER.recording() as rec:
-        for name, graph in graphs.items():
-            weights = {target: meta_weights[key] for target, key in mapping[name].items()}
-            program = Program(graph, weights, table, torch.device("meta"), dtype)
-            past = [meta(1, Hkv, S, D, dt=dtype) for _ in range(2 * L)]
-            for T in sorted({min(T, S) for T in AOT_TOKENS}):
-                if name == "decode":
-                    program(meta(1, 1), meta(1), meta(1, S), *past)
-                    break
-                if name == "extend":
-                    if T >= 2:
-                        program(meta(1, T), meta(1, T), meta(1), meta(1, S), *past)
-                    continue
-                program(meta(1, T), meta(1, T))
-        launches = list(rec)
-    return launches
+    for name, graph in graphs.items():
+        weights = {target: meta_weights[key] for target, key in mapping[name].items()}
+        program = Program(graph, weights, table, torch.device("meta"), dtype)
+        past = [meta(1, Hkv, S, D, dt=dtype) for _ in range(2 * L)]
+        for T in sorted({min(T, S) for T in AOT_TOKENS}):
+            if name == "decode":
+                program(meta(1, 1), meta(1), meta(1, S), *past)
+                break
+            if name == "extend":
+                if T >= 2:
+                    program(meta(1, T), meta(1, T), meta(1), meta(1, S), *past)
+                continue
+            program(meta(1, T), meta(1, T))
+    return list(recorder.recorded)
 
 
 def compile_kernels(out_dir: Path, graphs: dict, weight_shapes: dict, mapping: dict, dtype_name: str,
@@ -122,8 +123,8 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    kind, archs = aot.parse_target(ctx.target)
-    dtype = DTYPES[ctx.dtype]
+    archs = list(ctx.target.archs)
+    dtype = torch_dtype(ctx.dtype)
     stored, mapping = collect_weights(traced, dtype)
     save_file(stored, str(out_dir / WEIGHTS_FILE))
     graphs, files = {}, {}
@@ -131,9 +132,9 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
         graphs[t.name] = to_json(t.gm)
         files[t.name] = f"{t.name}.graph.json"
         (out_dir / files[t.name]).write_text(json.dumps(graphs[t.name]))
-    tuned = ctx.options.get("tuned_configs") or {}
+    # built with each kernel's default config; `glmc tune` measures, stores its choices and rebuilds
     kernels = compile_kernels(out_dir, graphs, {k: (tuple(v.shape), v.dtype) for k, v in stored.items()}, mapping,
-                              ctx.dtype, ctx.options["model_config"], ctx.options["max_seq_len"], archs, tuned)
+                              ctx.dtype, ctx.model_config, ctx.max_seq_len, archs, None)
     hist = {}
     for name, g in graphs.items():
         h: dict[str, int] = {}
@@ -142,10 +143,10 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
                 h[n["target"]] = h.get(n["target"], 0) + 1
         hist[name] = dict(sorted(h.items(), key=lambda kv: -kv[1]))
     return {
-        "kind": "triton", "vendor": kind, "archs": archs, "dtype": ctx.dtype,
+        "kind": "triton", "vendor": ctx.target.vendor, "archs": archs, "dtype": ctx.dtype,
         "graphs": files, "weights": WEIGHTS_FILE, "weight_names": mapping,
         "io": {t.name: {"inputs": t.input_names, "outputs": t.output_names} for t in traced},
         "kernels": kernels,
-        "tuned_configs": dict(tuned),
+        "tuned_configs": {},
         "op_histogram": hist,
     }

@@ -12,8 +12,6 @@ Without a GPU, TRITON_INTERPRET=1 runs the same executor on CPU tensors (tests).
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +20,13 @@ import triton
 
 from glmc.backends.gpu.graph import Program
 from glmc.backends.gpu.kernels import Configs, kernel_table
-from glmc.backends.gpu.lower import DTYPES
+from glmc.backends.kv import store_decode_kv, store_kv
 from glmc.backends.triton import aot
-from glmc.backends.triton._common import LAUNCHER, interpreting
-from glmc.backends import store_kv
-from glmc.errors import GlmcError
+from glmc.backends.triton._common import Launcher, interpreting
+from glmc.dtypes import torch_dtype
+from glmc.errors import GlmcError, warn
+from glmc.modelcfg import head_dim
+from glmc.settings import cuda_graph_enabled
 
 
 def pick_device(vendor: str) -> torch.device:
@@ -52,7 +52,8 @@ class KVCache:
         self.mask = torch.zeros((batch, capacity), dtype=torch.int64, device=device)
         self.graph = None     # captured CUDA graph of the decode step, with its static inputs/outputs
 
-    store = store_kv      # prefill / extend outputs into their slots
+    store = store_kv              # prefill / extend outputs into their slots
+    store_step = store_decode_kv  # a decode step's one new token per row
 
 
 class GpuExecutor:
@@ -62,33 +63,34 @@ class GpuExecutor:
         self._dir = Path(artifact_dir)
         backend = manifest["backend"]
         self.device = pick_device(backend["vendor"])
-        self.dtype = DTYPES[backend["dtype"]]
+        self.dtype = torch_dtype(backend["dtype"])
         cfg = manifest["model"]["config"]
         self.n_layers = cfg["num_hidden_layers"]
         self.kv_heads = cfg["num_key_value_heads"]
-        self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        self.head_dim = head_dim(cfg)
         self.capacity = manifest["max_seq_len"]
         self.notes: list[str] = []
-        self._use_prebuilt(backend)
+        self.launcher = Launcher(self._prebuilt(backend))     # this executor's kernels, AOT where possible
         weights = load_file(str(self._dir / backend["weights"]), device=str(self.device))
-        self._table = kernel_table(Configs(backend.get("tuned_configs")), observer)
+        self._table = kernel_table(Configs(backend.get("tuned_configs")), self.launcher, observer)
         self._programs = {}
         for name, fname in backend["graphs"].items():
             graph = json.loads((self._dir / fname).read_text())
             named = {target: weights[key] for target, key in backend["weight_names"][name].items()}
             self._programs[name] = Program(graph, named, self._table, self.device, self.dtype)
         self._caches: dict[int, KVCache] = {}
-        self.use_cuda_graph = self.device.type == "cuda" and os.environ.get("GLMC_CUDA_GRAPH", "1") != "0"
+        self.use_cuda_graph = self.device.type == "cuda" and cuda_graph_enabled()
 
     def _note(self, message: str) -> None:
         self.notes.append(message)
-        print(f"glmc: {message}", file=sys.stderr)
+        warn(message)
 
-    def _use_prebuilt(self, backend: dict) -> None:
+    def _prebuilt(self, backend: dict) -> dict:
+        """Launch key -> AOT runner for this GPU's arch; {} (JIT) when the binaries do not apply."""
         index_path = self._dir / backend["kernels"]["index"]
         index = json.loads(index_path.read_text())
         if self.device.type != "cuda":
-            return
+            return {}
         arch = aot.device_arch()
         if index.get("triton_version") != triton.__version__:
             self._note(f"kernels were compiled by Triton {index.get('triton_version')}, this is Triton "
@@ -99,7 +101,11 @@ class GpuExecutor:
         elif index.get("source_sha256") != aot.source_sha256():
             self._note("glmc's installed kernel source differs from the artifact's: JIT-compiling the installed source")
         else:
-            LAUNCHER.prebuilt.update(aot.load_prebuilt(index_path.parent, index, arch))
+            return aot.load_prebuilt(index_path.parent, index, arch)
+        return {}
+
+    def program(self, name: str) -> Program:
+        return self._programs[name]
 
     # ---- executor interface -------------------------------------------------------------------
 
@@ -142,11 +148,7 @@ class GpuExecutor:
 
     def _decode_step(self, cache: KVCache, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         outs = self._programs["decode"](ids, pos, cache.mask, *cache.past)
-        rows = torch.arange(cache.batch, device=self.device)
-        for i in range(self.n_layers):
-            cache.k[i][rows, :, pos] = outs[1 + 2 * i][:, :, 0]
-            cache.v[i][rows, :, pos] = outs[2 + 2 * i][:, :, 0]
-        cache.mask[rows, pos] = 1
+        cache.store_step(outs[1:], torch.arange(cache.batch, device=self.device), pos)
         return outs[0]
 
     def decode(self, cache: KVCache, input_ids: np.ndarray, position: np.ndarray) -> np.ndarray:
@@ -182,6 +184,3 @@ class GpuExecutor:
         cache.mask.copy_(saved)
         return graph, ids, pos, out
 
-
-def load(artifact_dir: str | os.PathLike, manifest: dict, threads: int | None = None) -> GpuExecutor:
-    return GpuExecutor(Path(artifact_dir), manifest, threads)

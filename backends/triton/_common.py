@@ -4,7 +4,7 @@ for ahead-of-time compilation."""
 from __future__ import annotations
 
 import contextlib
-import os
+import contextvars
 from dataclasses import dataclass, field
 
 import torch
@@ -49,13 +49,11 @@ class Launch:
         return {n: _sig(a) for n, a in zip(self.names, self.args)}
 
 
-_TORCH_SIG = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8",
-              torch.int64: "*i64", torch.int32: "*i32"}
-
-
 def _sig(a) -> str:
     if isinstance(a, torch.Tensor):
-        return _TORCH_SIG[a.dtype]
+        from glmc.dtypes import triton_pointer
+
+        return triton_pointer(a.dtype)
     if isinstance(a, bool):
         return "i1"
     if isinstance(a, int):
@@ -66,20 +64,21 @@ def _sig(a) -> str:
 
 
 class Launcher:
-    """Runs launches: JIT by default; records them instead inside `recording()`;
-    uses a prebuilt (AOT) kernel when one is registered for the launch's key."""
+    """Runs launches: JIT by default; records them instead when `record`; uses a prebuilt
+    (AOT) kernel when one is registered for the launch's key. Each GPU executor owns one;
+    kernel launchers reach the active one through `launch()`."""
 
-    def __init__(self):
-        self.recorded: list[Launch] | None = None
-        self.prebuilt: dict = {}          # aot key -> callable(grid, args)
+    def __init__(self, prebuilt: dict | None = None, record: bool = False):
+        self.prebuilt = dict(prebuilt or {})     # aot key -> callable(launch)
+        self.recorded: list[Launch] | None = [] if record else None
 
     @contextlib.contextmanager
-    def recording(self):
-        self.recorded = []
+    def active(self):
+        token = _ACTIVE.set(self)
         try:
-            yield self.recorded
+            yield self
         finally:
-            self.recorded = None
+            _ACTIVE.reset(token)
 
     def __call__(self, launch: Launch) -> None:
         if self.recorded is not None:
@@ -96,19 +95,23 @@ class Launcher:
         launch.kernel[launch.grid](*launch.args, **launch.constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
-LAUNCHER = Launcher()
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("glmc_triton_launcher", default=None)
+_JIT = Launcher()
+
+
+def launch(spec: Launch) -> None:
+    """Run (or record) a kernel launch with the active launcher (plain JIT outside any)."""
+    (_ACTIVE.get() or _JIT)(spec)
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    from glmc.settings import triton_interpret
+
+    return triton_interpret()
 
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(int(n))
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
 def check(cond: bool, message: str) -> None:

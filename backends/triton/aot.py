@@ -21,41 +21,28 @@ from triton.compiler import ASTSource
 
 from glmc.backends.triton._common import Launch
 from glmc.errors import GlmcError
+from glmc.target import ARCHS
 
-# arch name -> (backend, arch id, warp size); gfx906 = Hygon DCU Z100 / MI50 class (wave64, no matrix cores)
-ARCHS = {
-    "sm_80": ("cuda", 80, 32), "sm_86": ("cuda", 86, 32), "sm_89": ("cuda", 89, 32), "sm_90": ("cuda", 90, 32),
-    "gfx906": ("hip", "gfx906", 64), "gfx90a": ("hip", "gfx90a", 64), "gfx942": ("hip", "gfx942", 64),
-}
-DEFAULT_ARCHS = {"cuda": ["sm_80", "sm_90"], "rocm": ["gfx906", "gfx90a", "gfx942"]}
 BINARY_EXT = {"cuda": "cubin", "hip": "hsaco"}
-KERNEL_SOURCES = ("_common.py", "rms_norm.py", "rotary.py", "swiglu.py", "attention.py", "matmul.py")
-KERNEL_MODULES = ("rms_norm", "rotary", "swiglu", "attention", "matmul")
+
+
+def kernel_modules() -> list:
+    """The Triton modules the GPU lowerings use (glmc.backends.gpu.kernels registers them)."""
+    from glmc.backends.gpu.kernels import kernel_modules as registered
+
+    return registered()
+
+
+def kernel_sources() -> list[str]:
+    """File names (in this directory) of the kernel source an artifact ships: _common.py and
+    every registered kernel module."""
+    return ["_common.py"] + [m.__name__.rsplit(".", 1)[1] + ".py" for m in kernel_modules()]
 
 
 def jit_kernels() -> dict:
     """Kernel name -> JITFunction (the compilable form; not available under TRITON_INTERPRET=1)."""
-    import importlib
-
-    mods = [importlib.import_module(f"glmc.backends.triton.{m}") for m in KERNEL_MODULES]
-    return {name: fn for mod in mods for name, fn in vars(mod).items()
+    return {name: fn for mod in kernel_modules() for name, fn in vars(mod).items()
             if name.endswith("_kernel") and hasattr(fn, "arg_names")}
-
-
-def parse_target(target: str) -> tuple[str, list[str]]:
-    """'cuda' | 'cuda:sm_80,sm_90' | 'rocm:gfx906' -> (kind, archs)."""
-    kind, _, archs = target.partition(":")
-    if kind not in DEFAULT_ARCHS:
-        raise GlmcError(f"unknown GPU target {target!r} (use cuda[:sm_80,sm_90] or rocm[:gfx906,gfx90a,gfx942])")
-    names = [a.strip() for a in archs.split(",") if a.strip()] if archs else DEFAULT_ARCHS[kind]
-    backend = "cuda" if kind == "cuda" else "hip"
-    for a in names:
-        if a not in ARCHS or ARCHS[a][0] != backend:
-            known = ", ".join(k for k, v in ARCHS.items() if v[0] == backend)
-            raise GlmcError(f"target {target!r}: unknown {kind} arch {a!r} (known: {known})")
-    if len(set(names)) != len(names):
-        raise GlmcError(f"target {target!r} names an arch twice")
-    return kind, names
 
 
 def gpu_target(arch: str) -> GPUTarget:
@@ -79,7 +66,7 @@ def launch_key(launch: Launch) -> str:
 def source_sha256() -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for name in KERNEL_SOURCES:
+    for name in kernel_sources():
         h.update((here / name).read_bytes())
     return h.hexdigest()
 
@@ -88,7 +75,7 @@ def copy_sources(dest: Path) -> None:
     """The kernel source an artifact was built from, kept beside its binaries (never imported from there)."""
     dest.mkdir(parents=True, exist_ok=True)
     here = Path(__file__).parent
-    for name in KERNEL_SOURCES:
+    for name in kernel_sources():
         (dest / name).write_bytes((here / name).read_bytes())
 
 
@@ -108,13 +95,14 @@ def compile_launches(launches: list[Launch], archs: list[str], out_dir: Path) ->
 
     if not interpreting():
         return compile_jobs(jobs, archs, out_dir)
-    import os
     import subprocess
     import sys
 
+    from glmc.settings import child_env
+
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "jobs.json").write_text(json.dumps({"jobs": jobs, "archs": archs}))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = child_env(TRITON_INTERPRET=None)
     r = subprocess.run([sys.executable, "-m", "glmc.backends.triton.aot", str(out_dir)], env=env,
                        capture_output=True, text=True)
     (out_dir / "jobs.json").unlink()

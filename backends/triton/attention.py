@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmc.backends.triton._common import LAUNCHER, Config, Launch, check, next_pow2
+from glmc.backends.triton._common import Config, Launch, launch, check, next_pow2
 
 
 @triton.jit
@@ -183,16 +183,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     pv = past_v.contiguous() if past_v is not None else v
     grid = (triton.cdiv(rows, bm), B * Hkv, n_splits)
     if n_splits == 1:
-        LAUNCHER(Launch(_attention_kernel, grid,
+        launch(Launch(_attention_kernel, grid,
                         [q, k, v, pk, pv, mask, out, out, out, Hkv, T, S, D, REP, split_len, float(scale),
                          smb, mask.stride(2), mask.stride(3)], dict(common, SPLIT=False), config, names))
         return out
     parts = torch.empty((B * Hkv, n_splits, rows, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B * Hkv, n_splits, rows), dtype=torch.float32, device=q.device)
-    LAUNCHER(Launch(_attention_kernel, grid,
+    launch(Launch(_attention_kernel, grid,
                     [q, k, v, pk, pv, mask, out, parts, lse, Hkv, T, S, D, REP, split_len, float(scale),
                      smb, mask.stride(2), mask.stride(3)], dict(common, SPLIT=True), config, names))
-    LAUNCHER(Launch(_attention_combine_kernel, (rows, B * Hkv), [parts, lse, out, rows, D, n_splits],
+    launch(Launch(_attention_combine_kernel, (rows, B * Hkv), [parts, lse, out, rows, D, n_splits],
                     {"BLOCK_S": max(2, next_pow2(n_splits)), "BLOCK_D": next_pow2(D)}, Config.of(num_warps=2, num_stages=1),
                     ["po_ptr", "lse_ptr", "o_ptr", "R", "D", "NUM_SPLITS"]))
     return out

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmc.backends.triton._common import LAUNCHER, Config, Launch, check
+from glmc.backends.triton._common import Config, Launch, launch, check
 
 GEMV_MAX_M = 4   # up to this many rows the decode GEMV runs, beyond it the GEMM
 
@@ -249,11 +249,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
               "HAS_BIAS": bias is not None}
     if "BLOCK_M" in meta:
         grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        LAUNCHER(Launch(_matmul_kernel, grid, args, dict(common, IEEE=x.dtype == torch.float32, **meta),
+        launch(Launch(_matmul_kernel, grid, args, dict(common, IEEE=x.dtype == torch.float32, **meta),
                         config, names))
     else:
         grid = (M, triton.cdiv(N, meta["BLOCK_N"]), split_k)
-        LAUNCHER(Launch(_gemv_kernel, grid, args, dict(common, **meta), config, names))
+        launch(Launch(_gemv_kernel, grid, args, dict(common, **meta), config, names))
     if split_k > 1:
         y = y.to(x.dtype)
     return y.reshape(*x.shape[:-1], N)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmc.backends.triton._common import LAUNCHER, Config, Launch, check, next_pow2
+from glmc.backends.triton._common import Config, Launch, launch, check, next_pow2
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     res = residual.contiguous() if residual is not None else x
     rows = x.numel() // max(N, 1)
     config = config or default_config(N, "cuda" if torch.version.hip is None else "rocm")
-    LAUNCHER(Launch(_rms_norm_kernel, (rows,), [x, res, weight, out, h, N, float(eps)],
+    launch(Launch(_rms_norm_kernel, (rows,), [x, res, weight, out, h, N, float(eps)],
                     {"HAS_RES": residual is not None, "BLOCK_N": next_pow2(N)}, config,
                     ["x_ptr", "res_ptr", "w_ptr", "out_ptr", "h_ptr", "N", "eps"]))
     return (out, h) if residual is not None else out

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmc.backends.triton._common import LAUNCHER, Config, Launch, check, next_pow2
+from glmc.backends.triton._common import Config, Launch, launch, check, next_pow2
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, si
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty((B, H, T, D), dtype=x.dtype, device=x.device)
-    LAUNCHER(Launch(_rotary_kernel, (B * H * T,),
+    launch(Launch(_rotary_kernel, (B * H * T,),
                     [x, positions.contiguous(), cos_table.contiguous(), sin_table.contiguous(), out,
                      H, T, D, half, x.stride(0), x.stride(1), x.stride(2)],
                     {"BLOCK_D": next_pow2(D)}, config or default_config(D),

@@ -1,0 +1,65 @@
+"""The one way glmc times things: tune, bench and the bench/ scripts all use `measure`.
+
+Warm-up runs, then `repeats` timed runs; each timed run may be preceded by a
+cache flush (memory-bound kernels) and followed by a device synchronisation.
+Reported as min / median / max seconds (and the samples), never a single number.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def summarize(samples: list[float]) -> dict:
+    return {"min": min(samples), "median": statistics.median(samples), "max": max(samples), "n": len(samples)}
+
+
+def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, flush: Callable[[], object] | None = None,
+            sync: Callable[[], object] | None = None, timer: Callable[[], float] = time.perf_counter) -> dict:
+    """Seconds of fn: {"min", "median", "max", "n", "samples"} over `repeats` runs after `warmup`."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    if sync is not None:
+        sync()
+    samples = []
+    for _ in range(repeats):
+        if flush is not None:
+            flush()
+        t0 = timer()
+        fn()
+        if sync is not None:
+            sync()
+        samples.append(timer() - t0)
+    return dict(summarize(samples), samples=samples)
+
+
+def read_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """GB/s of a streaming reduction over a buffer far larger than the caches (best run)."""
+    import torch
+
+    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    return x.numel() * 4 / measure(lambda: x.sum(), repeats)["min"] / 1e9
+
+
+def matmul_tflops(n: int = 1536, repeats: int = 5) -> float:
+    """fp32 TFLOP/s of an n x n matmul with torch (best run): the machine's matmul ceiling."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / measure(lambda: a @ b, repeats)["min"] / 1e12
+
+
+def cpu_name() -> str:
+    """The CPU model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        m = None
+    return m.group(1).strip() if m else (platform.processor() or platform.machine())

@@ -1,0 +1,56 @@
+"""Every environment variable glmc reads, read here and nowhere else.
+
+  TRITON_INTERPRET=1       run Triton kernels on CPU tensors (Triton's own switch; tests)
+  GLMC_CUDA_GRAPH=0        do not capture the GPU decode step in a CUDA graph
+  GLMC_MEMORY_LIMIT_GB=N   memory the up-front size check assumes (default: MemAvailable)
+  XDG_CACHE_HOME           where the tuning database lives ($XDG_CACHE_HOME/glmc)
+  GLMC_BENCH_MODEL         model of the pytest-benchmark suite in bench/ (default tiny-glm)
+
+Functions, not module constants: a test or a parent process may change the
+environment after import.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from glmc.errors import GlmcError
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cuda_graph_enabled() -> bool:
+    return os.environ.get("GLMC_CUDA_GRAPH", "1") != "0"
+
+
+def memory_limit_bytes() -> int | None:
+    limit = os.environ.get("GLMC_MEMORY_LIMIT_GB")
+    if not limit:
+        return None
+    try:
+        return int(float(limit) * 2**30)
+    except ValueError:
+        raise GlmcError(f"GLMC_MEMORY_LIMIT_GB={limit!r} is not a number") from None
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "glmc"
+
+
+def bench_model() -> str:
+    return os.environ.get("GLMC_BENCH_MODEL", "tiny-glm")
+
+
+def child_env(**changes: str | None) -> dict:
+    """This process's environment for a child process, with `changes` applied (None removes)."""
+    env = dict(os.environ)
+    for k, v in changes.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
