@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from glmc import chatglm
+from glmc.dtypes import torch_dtype
 from glmc.errors import GlmcError, warn
 from glmc.modelcfg import head_dim
 from glmc.settings import memory_limit_bytes
@@ -224,16 +225,13 @@ def _read_pickle(p: Path, tensors: dict) -> None:
         tensors[name] = t
 
 
-_CONFIG_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def _dtype_warnings(raw: dict, tensors: dict, where: Path) -> list[str]:
     """A config dtype that contradicts the stored tensors: warn (weights load as fp32 either way)."""
     declared = raw.get("torch_dtype") or raw.get("dtype")
     stored = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if not isinstance(declared, str) or declared not in _CONFIG_DTYPES or not stored:
+    if not isinstance(declared, str) or declared not in ("float32", "float16", "bfloat16") or not stored:
         return []
-    if stored != {_CONFIG_DTYPES[declared]}:
+    if stored != {torch_dtype(declared)}:
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored))
         message = f"{where}: dtype {declared} contradicts the tensors ({names}); loading the tensors as stored"
         warn(message)

@@ -234,3 +234,53 @@ def test_gpu_artifact_tuning_flow_in_the_interpreter(artifacts, tmp_path, monkey
     index = json.loads((art / "kernels" / "index.json").read_text())
     assert index["archs"] == ["sm_90"] and not (art / ".kernels-new").exists()
     assert len(rt.generate([[5, 6, 7]], max_new_tokens=3, stop_at_eos=False)[0]) == 3
+
+
+def _tune_gpu_with_broken_rms_norm(art, tmp_path, error):
+    """Run tune_gpu with every rms_norm config but the default failing with `error`."""
+    from glmc.backends.triton import rms_norm
+
+    manifest = json.loads((art / "manifest.json").read_text())
+    clock = FakeClock()
+    real = rms_norm.rms_norm
+
+    def broken(x, w, eps, residual=None, config=None):
+        if config is not None:
+            raise error
+        return real(x, w, eps, residual=residual)
+
+    def timer():
+        clock.now += 5e-4
+        return clock.now
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(rms_norm, "rms_norm", broken):
+        return gpu_tune.tune_gpu(art, manifest, budget_s=1e9, db=TuningDB(tmp_path / "db.json"), timer=timer,
+                                 clock=clock, repeats=1, max_candidates=2, prompt_tokens=(8,))
+
+
+def test_gpu_tuner_records_configs_the_compiler_rejects(artifacts, tmp_path):
+    import torch
+    from triton.runtime.errors import OutOfResources
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU this flow runs for real in tests/gpu")
+    result = _tune_gpu_with_broken_rms_norm(artifacts("glm-gqa", target="cuda:sm_90"), tmp_path,
+                                            OutOfResources(300000, 232448, "shared memory"))
+    rejected = {k: v for k, v in result["rejected"].items() if k.startswith("rms_norm:")}
+    assert rejected and all("OutOfResources: out of resource: shared memory" in reason
+                            for per_shape in rejected.values() for reason in per_shape.values())
+    assert not any(k.startswith("rms_norm:") for k in result["configs"])     # nothing left to choose from
+
+
+def test_gpu_tuner_does_not_hide_a_launcher_bug(artifacts, tmp_path):
+    """A TypeError in a launcher is a glmc bug: it propagates instead of every config quietly
+    'failing' and the tuner picking torch."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU this flow runs for real in tests/gpu")
+    with pytest.raises(TypeError, match="launcher bug"):
+        _tune_gpu_with_broken_rms_norm(artifacts("glm-gqa", target="cuda:sm_90"), tmp_path,
+                                       TypeError("launcher bug"))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,3 +207,12 @@ def test_config_dtype_contradicting_tensors_is_a_warning(tmp_path):
     with pytest.warns(GlmcWarning, match=r"dtype bfloat16 contradicts the tensors \(float32\)"):
         loaded = load(ckpt)
     assert loaded.warnings and "contradicts" in loaded.warnings[0]
+
+
+def test_cli_prints_a_warning_as_one_line(tmp_path):
+    ckpt = _valid(tmp_path)
+    _edit_config(ckpt, torch_dtype="bfloat16", dtype="bfloat16")
+    r = subprocess.run([sys.executable, "-m", "glmc.cli", "inspect", str(ckpt)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "contradicts" in ln]
+    assert len(lines) == 1 and lines[0].startswith("glmc: warning: ") and "Warning:" not in lines[0], r.stderr

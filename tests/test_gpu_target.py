@@ -152,3 +152,37 @@ def test_compile_for_gpu_without_device_records_owed_verification(checkpoints, t
     report = json.loads((out / "report.json").read_text())
     assert report["verify"].startswith("skipped: no GPU")
     assert np.all([p.suffix in (".hsaco", ".json") for p in (out / "kernels" / "gfx942").iterdir()])
+
+
+def test_diagnosis_runs_the_gpu_programs_own_kernels(checkpoints, monkeypatch):
+    """A wrong Triton kernel is localised in the program that has it: the GPU backend's
+    hidden-state diagnosis runs its JSON program on its kernels (the cpu lowering of the
+    same graph, which does not use them, sees nothing wrong)."""
+    from glmc import checkpoint
+    from glmc.backends import get_backend
+    from glmc.backends.triton import swiglu
+    from glmc.compiler import diagnose
+    from glmc.ir import make_context
+    from glmc.pipeline import pipeline
+
+    loaded = checkpoint.load(checkpoints("glm-gqa"))
+    model = loaded.model
+    ctx = make_context("cuda:sm_90", "fp32", max_seq_len=32, model_config=loaded.config)
+    passes = pipeline(ctx)
+    real = swiglu.swiglu
+    monkeypatch.setattr(swiglu, "swiglu", lambda gu, config=None: real(gu, config=config) * 1.5)
+    where_gpu = diagnose(get_backend(ctx.target), model, ctx, passes, 1e-3)
+    where_cpu = diagnose(get_backend("cpu"), model, ctx.with_(target=get_backend("cpu").target), passes, 1e-3)
+    assert "first diverges at decoder layer 0" in where_gpu, where_gpu
+    assert "all decoder layers agree" in where_cpu, where_cpu
+
+
+def test_gpu_decode_profile_and_inspect_labels(cuda_artifact):
+    from glmc.backends import get_backend
+    from glmc.inspect import describe_artifact
+
+    manifest = json.loads((cuda_artifact / "manifest.json").read_text())
+    per_op = get_backend(manifest["target"]).profile_decode(cuda_artifact, manifest, context=8, steps=2)
+    assert per_op["glmc.attention.default"] > 0 and per_op["aten.linear.default"] > 0
+    text = describe_artifact(cuda_artifact)
+    assert "decode.graph.json:" in text and ".onnx" not in text

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from glmc.backends.kv import store_decode_kv, store_kv
+from glmc.modelcfg import head_dim
 
 
 def default_threads() -> int:
@@ -73,7 +74,7 @@ class CpuExecutor:
         cfg = manifest["model"]["config"]
         self.n_layers = cfg["num_hidden_layers"]
         self.kv_heads = cfg["num_key_value_heads"]
-        self.head_dim = cfg["head_dim"]
+        self.head_dim = head_dim(cfg)
         self.vocab = cfg["vocab_size"]
         self.capacity = manifest["max_seq_len"]
         self.threads = threads or _tuned_threads(artifact_dir) or default_threads()
