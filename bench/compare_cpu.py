@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import glmc  # noqa: E402
-from glmc.benchmark import EagerProvider, GlmcProvider, OrtPlainProvider  # noqa: E402
+from glmc.benchmark import EagerProvider, GlmcProvider, OrtPlainProvider, time_decode  # noqa: E402
 from glmc.checkpoint import load as load_model  # noqa: E402
 from glmc.measure import matmul_tflops, measure, read_bandwidth_gbs  # noqa: E402
 from glmc.measure import summarize as stats  # noqa: E402
@@ -83,15 +83,14 @@ def main():
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
                 continue
             print(f"built {name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        _, want = EagerProvider(model).decode_steps(short, 8)
+        want = EagerProvider(model).greedy(short, 8)
         for name, p in built.items():
-            _, got = p.decode_steps(short, 8)
+            got = p.greedy(short, 8)
             if got != want:
                 results[name] = {"error": f"greedy tokens differ from eager: {got} vs {want}"}
                 continue
             pre = measure(lambda: p.prefill(prompt), args.repeats)["samples"]
-            dec = [p.decode_steps(short, args.decode)[0] for _ in range(args.repeats)]
-            d = stats(dec)
+            d = time_decode(p, short, args.decode, args.repeats)
             results[name] = {
                 "prefill_s": stats(pre),
                 "prefill_tokens_per_s": args.prefill / statistics.median(pre),

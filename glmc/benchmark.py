@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import platform
 import resource
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -62,7 +61,32 @@ def machine_info(quick: bool) -> dict:
 
 # ---- providers -----------------------------------------------------------------------------
 
-class GlmcProvider:
+class Provider:
+    """What a benchmarked engine offers. Decode is split so that only the steps are timed:
+    start(ids) prefills and picks the first greedy token (untimed, glmc.measure's setup),
+    steps(state, n) makes n more greedy tokens (timed)."""
+
+    name = "?"
+
+    def prefill(self, ids) -> None: ...
+
+    def start(self, ids) -> dict: ...
+
+    def steps(self, state: dict, n: int) -> list[int]: ...
+
+    def greedy(self, ids, n: int) -> list[int]:
+        """The first token after `ids` and n more (what correctness checks compare)."""
+        state = self.start(ids)
+        return [state["tok"]] + self.steps(state, n)
+
+
+def time_decode(provider: Provider, ids, n: int, repeats: int) -> dict:
+    """Seconds per decode step after a prefill of `ids` (min/median/max over `repeats`)."""
+    t = measure(lambda state: provider.steps(state, n), repeats=repeats, warmup=1, setup=lambda: provider.start(ids))
+    return summarize([x / max(1, n) for x in t["samples"]])
+
+
+class GlmcProvider(Provider):
     name = "glmc"
 
     def __init__(self, path):
@@ -73,21 +97,20 @@ class GlmcProvider:
     def prefill(self, ids):
         self.rt.prefill([ids])
 
-    def decode_steps(self, ids, n):
-        """Seconds per decode step after a prefill of `ids`, and the greedy tokens."""
-        ex = self.rt.executor
+    def start(self, ids):
         cache, last = self.rt.prefill([ids])
-        tok = int(last[0].argmax())
-        toks, pos = [tok], np.array([len(ids)])
-        t0 = time.perf_counter()
+        return {"cache": cache, "tok": int(last[0].argmax()), "pos": np.array([len(ids)])}
+
+    def steps(self, state, n):
+        ex, toks = self.rt.executor, []
         for _ in range(n):
-            tok = int(ex.decode(cache, np.array([[tok]]), pos)[0, 0].argmax())
-            pos += 1
-            toks.append(tok)
-        return (time.perf_counter() - t0) / max(1, n), toks
+            state["tok"] = int(ex.decode(state["cache"], np.array([[state["tok"]]]), state["pos"])[0, 0].argmax())
+            state["pos"] += 1
+            toks.append(state["tok"])
+        return toks
 
 
-class EagerProvider:
+class EagerProvider(Provider):
     name = "eager"
 
     def __init__(self, model):
@@ -98,19 +121,21 @@ class EagerProvider:
         self.model(input_ids=torch.tensor([ids]), use_cache=True)
 
     @torch.no_grad()
-    def decode_steps(self, ids, n):
+    def start(self, ids):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
-        tok = int(out.logits[0, -1].argmax())
-        toks = [tok]
-        t0 = time.perf_counter()
+        return {"cache": cache, "tok": int(out.logits[0, -1].argmax())}
+
+    @torch.no_grad()
+    def steps(self, state, n):
+        toks = []
         for _ in range(n):
-            out = self.model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
-            tok = int(out.logits[0, -1].argmax())
-            toks.append(tok)
-        return (time.perf_counter() - t0) / max(1, n), toks
+            out = self.model(input_ids=torch.tensor([[state["tok"]]]), past_key_values=state["cache"], use_cache=True)
+            state["tok"] = int(out.logits[0, -1].argmax())
+            toks.append(state["tok"])
+        return toks
 
 
 class CompileProvider(EagerProvider):
@@ -120,7 +145,7 @@ class CompileProvider(EagerProvider):
         super().__init__(torch.compile(model, dynamic=True))
 
 
-class OrtPlainProvider:
+class OrtPlainProvider(Provider):
     name = "ort-plain"
 
     def __init__(self, model, workdir):
@@ -153,14 +178,16 @@ class OrtPlainProvider:
     def prefill(self, ids):
         self.sess.run(None, {"input_ids": np.array([ids])})
 
-    def decode_steps(self, ids, n):
+    def start(self, ids):
         seq = list(ids) + [self._next(list(ids))]
-        toks = [seq[-1]]
-        t0 = time.perf_counter()
+        return {"seq": seq, "tok": seq[-1]}
+
+    def steps(self, state, n):
+        seq = state["seq"]
         for _ in range(n):
             seq.append(self._next(seq))
-            toks.append(seq[-1])
-        return (time.perf_counter() - t0) / max(1, n), toks
+        state["tok"] = seq[-1]
+        return seq[len(seq) - n:]
 
 
 # ---- measurement ---------------------------------------------------------------------------
@@ -185,9 +212,8 @@ def measure_provider(provider, prompt_pool: list[int], s: Settings) -> dict:
         out["prefill"][str(L)] = {"seconds": t, "tokens_per_s": L / t["median"]}
     for C in s.contexts:
         ids = prompt_pool[:C]
-        provider.decode_steps(ids, 2)
-        per = [provider.decode_steps(ids, s.decode_tokens)[0] for _ in range(s.repeats)]
-        out["decode"][str(C)] = {"seconds_per_token": summarize(per), "tokens_per_s": 1 / statistics.median(per)}
+        per = time_decode(provider, ids, s.decode_tokens, s.repeats)
+        out["decode"][str(C)] = {"seconds_per_token": per, "tokens_per_s": 1 / per["median"]}
     return out
 
 
@@ -203,7 +229,7 @@ def _check_glmc(artifact: Path, manifest: dict, model, provider, pool: list[int]
     from glmc.verify import compare
 
     if manifest["quant"] == "none" and manifest["dtype"] == "fp32":
-        _, got = provider.decode_steps(pool[:8], 6)
+        got = provider.greedy(pool[:8], 6)
         if got != want:
             raise GlmcError(f"{artifact}: greedy tokens differ from transformers eager ({got} vs {want}); "
                             "not timing a wrong answer")
@@ -265,7 +291,7 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
         rng = np.random.default_rng(0)
         pool = rng.integers(3, cfg["vocab_size"], max(settings.prompt_lengths + settings.contexts)).tolist()
 
-        _, want = EagerProvider(model).decode_steps(pool[:8], 6)
+        want = EagerProvider(model).greedy(pool[:8], 6)
         say("glmc: load, check, measure")
         glmc_provider = GlmcProvider(artifact)
         _check_glmc(artifact, manifest, model, glmc_provider, pool, want)
@@ -276,7 +302,7 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
             say(f"{name}: build, check, measure")
             try:
                 p = makers[name]()
-                _, got = p.decode_steps(pool[:8], 6)
+                got = p.greedy(pool[:8], 6)
                 if got != want:
                     raise RuntimeError(f"greedy tokens differ from eager: {got} vs {want}")
                 results[name] = measure_provider(p, pool, settings)

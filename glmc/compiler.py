@@ -1,8 +1,9 @@
 """glmc.compile: checkpoint or preset -> verified NAME.glmc/ artifact.
 
-  load (transformers eager model) -> trace prefill/decode (torch.export)
-  -> pipeline (glmc/pipeline.py) -> backend.lower -> verify against the
-  eager model -> swap the finished directory into place.
+  load (transformers eager model) -> [calibrate] -> trace the entry points
+  (torch.export) -> pipeline (glmc/pipeline.py) -> Backend.lower -> verify
+  against the eager model through the backend's executor -> [tune] -> swap
+  the finished directory into place. The target only chooses the Backend.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-
 
 from glmc import __version__
 from glmc.artifact import staging_dir, write_manifest

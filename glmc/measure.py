@@ -19,21 +19,30 @@ def summarize(samples: list[float]) -> dict:
     return {"min": min(samples), "median": statistics.median(samples), "max": max(samples), "n": len(samples)}
 
 
-def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, flush: Callable[[], object] | None = None,
-            sync: Callable[[], object] | None = None, timer: Callable[[], float] = time.perf_counter) -> dict:
-    """Seconds of fn: {"min", "median", "max", "n", "samples"} over `repeats` runs after `warmup`."""
+def measure(fn: Callable[..., object], repeats: int = 5, warmup: int = 1, flush: Callable[[], object] | None = None,
+            sync: Callable[[], object] | None = None, timer: Callable[[], float] = time.perf_counter,
+            setup: Callable[[], object] | None = None) -> dict:
+    """Seconds of fn: {"min", "median", "max", "n", "samples"} over `repeats` runs after `warmup`.
+
+    setup: run untimed before every run (warm-up included); fn then receives its result
+    (e.g. a fresh prefilled cache for timing decode steps)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+
+    def run():
+        return fn(setup()) if setup is not None else fn()
+
     for _ in range(warmup):
-        fn()
+        run()
     if sync is not None:
         sync()
     samples = []
     for _ in range(repeats):
+        state = setup() if setup is not None else None
         if flush is not None:
             flush()
         t0 = timer()
-        fn()
+        fn(state) if setup is not None else fn()
         if sync is not None:
             sync()
         samples.append(timer() - t0)

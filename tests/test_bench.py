@@ -69,9 +69,8 @@ def test_glmc_failure_is_fatal_with_a_nonzero_exit(artifacts, tmp_path, monkeypa
     """A report without glmc's numbers would be a wrong answer: glmc failing to agree with
     eager ends the run with one error line and exit status 2, and writes no report."""
     class Wrong(benchmark.GlmcProvider):
-        def decode_steps(self, ids, n):
-            seconds, toks = super().decode_steps(ids, n)
-            return seconds, [t + 1 for t in toks]
+        def steps(self, state, n):
+            return [t + 1 for t in super().steps(state, n)]
 
     monkeypatch.setattr(benchmark, "GlmcProvider", Wrong)
     r = CliRunner().invoke(main, ["bench", str(artifacts("tiny-glm")), "--quick", "--no-eager", "--no-ort",

@@ -10,7 +10,6 @@ import triton
 
 from glmc.backends.triton import aot, attention, matmul, rms_norm, rotary, swiglu
 from glmc.backends.triton._common import Launcher
-from glmc.errors import GlmcError
 from glmc.quant import quantize
 
 ARCHS = ["sm_80", "sm_90", "gfx906", "gfx90a", "gfx942"]
