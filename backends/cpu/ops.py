@@ -14,7 +14,7 @@
   glmc::embedding_int8 -> Gather (int8 rows) + Cast + Mul by the gathered row scales
 
 Contrib-op semantics (attribute names, layouts, interleaving) follow the onnxruntime
-contrib operator docs and are checked against glmc/ops.py in tests/backends.
+contrib operator docs and are checked against the references in glmc/ops/ in tests/backends.
 GroupQueryAttention is not used: its CPU kernel wants the KV cache as a shared
 in-place past/present buffer with seqlens, which is the runtime's next step.
 """
@@ -156,7 +156,8 @@ def embedding_int8(ids, qweight, scales):
     return op.Mul(rows, op.Unsqueeze(op.Gather(scales, ids, axis=0), _ints(-1)))
 
 
-# lowerings that need a compile option: (op, option) -> the registered function is a factory
+# op -> the compile option its registered lowering is a factory of (MatMulNBits' accuracy_level
+# is an ONNX attribute, fixed when the graph is exported)
 _FACTORIES = {"linear_nbits": "accuracy_level"}
 
 
