@@ -244,7 +244,13 @@ def bench(artifact_or_model, quick, out_dir, no_eager, no_compile, no_ort):
 
     from glmc.benchmark import run as run_bench
 
-    logging.basicConfig(level=logging.INFO, format="[glmc bench] %(message)s")
+    progress = logging.getLogger("glmc.bench")          # only bench's own progress lines, not other loggers'
+    if not progress.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[glmc bench] %(message)s"))
+        progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
 
     skip = tuple(n for n, off in (("eager", no_eager), ("compile", no_compile), ("ort-plain", no_ort)) if off)
     report = run_bench(artifact_or_model, Path(out_dir), quick=quick, skip=skip)

@@ -186,3 +186,16 @@ def test_gpu_decode_profile_and_inspect_labels(cuda_artifact):
     assert per_op["glmc.attention.default"] > 0 and per_op["aten.linear.default"] > 0
     text = describe_artifact(cuda_artifact)
     assert "decode.graph.json:" in text and ".onnx" not in text
+
+
+def test_cuda_gelu_artifact_runs_geglu_on_the_gated_kernel(artifacts, checkpoints, reference):
+    """The GeGLU fusion end to end on the GPU target (interpreter here): glmc.geglu in the
+    graphs, the gated Triton kernel compiled ahead of time, logits within the fp16 bound."""
+    art = artifacts("glm4-gelu-tanh", target="cuda:sm_90")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["backend"]["op_histogram"]["decode"]["glmc.geglu.default"] == 2
+    index = json.loads((art / "kernels" / "index.json").read_text())
+    gated = [e for e in index["entries"] if e["kernel"] == "_swiglu_kernel"]
+    assert {e["constexprs"]["ACT"] for e in gated} == {2}          # tanh-approximated gelu
+    result = compare(glmc.load(art), reference(checkpoints("glm4-gelu-tanh")), "fp16", "none")
+    assert result.ok, result.as_dict()
