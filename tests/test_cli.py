@@ -72,15 +72,17 @@ def _inspect_counts(text: str) -> dict:
     return counts
 
 
-@pytest.mark.parametrize("variant", ["glm4-mqa", "glm-gelu"])
-def test_inspect_model_counts_equal_the_compile_manifest(cli, checkpoints, artifacts, variant):
+@pytest.mark.parametrize("variant, target", [("glm4-mqa", "cpu"), ("glm-gelu", "cpu"), ("glm-gqa", "cuda:sm_80,sm_90")])
+def test_inspect_model_counts_equal_the_compile_manifest(cli, checkpoints, artifacts, variant, target):
     """inspect builds the same pass context and entry points as compile, so every pass's
     match count agrees (a held-out checkpoint once showed fuse_rotary 0 in inspect, 12 in compile)."""
-    r = cli("inspect", checkpoints(variant))
+    r = cli("inspect", checkpoints(variant), "--target", target)
     assert r.exit_code == 0, r.output
     assert "aten.linear x" in r.output
     shown = _inspect_counts(r.output)
-    manifest = json.loads((artifacts(variant) / "manifest.json").read_text())
+    # the GPU target builds the extend entry by default (as inspect assumes); cpu does not
+    art = artifacts(variant) if target == "cpu" else artifacts(variant, target=target, chunked_prefill=True)
+    manifest = json.loads((art / "manifest.json").read_text())
     compiled = {(p["graph"], p["name"]): p["matches"] for p in manifest["passes"]}
     assert shown == compiled
     assert shown[("prefill", "fuse_rotary")] > 0 and shown[("prefill", "last_token_logits")] == 1
