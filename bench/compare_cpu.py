@@ -17,8 +17,6 @@ GB/s as a fraction of the machine's measured read bandwidth.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,9 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import glmc  # noqa: E402
+from report_json import emit  # noqa: E402  (bench/, the script's own directory)
 from glmc.benchmark import EagerProvider, GlmcProvider, OrtPlainProvider, time_decode  # noqa: E402
 from glmc.checkpoint import load as load_model  # noqa: E402
-from glmc.measure import matmul_tflops, measure, read_bandwidth_gbs  # noqa: E402
+from glmc.measure import cpu_name, matmul_tflops, measure, read_bandwidth_gbs  # noqa: E402
 from glmc.measure import summarize as stats  # noqa: E402
 
 
@@ -114,17 +113,13 @@ def main():
     report = {
         "model": args.model, "parameters": n_params, "weight_bytes_per_decode_token": weight_bytes,
         "prefill_tokens": args.prefill, "decode_tokens": args.decode, "repeats": args.repeats,
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
                     "read_bandwidth_gbs": bw, "fp32_matmul_tflops": peak},
         "versions": {"glmc": glmc.__version__, "torch": torch.__version__,
                      "onnxruntime": __import__("onnxruntime").__version__},
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import glmc  # noqa: E402
+from report_json import emit  # noqa: E402  (bench/, the script's own directory)
 from glmc.measure import measure  # noqa: E402
 from glmc.tokenizer import TextCodec  # noqa: E402
 
@@ -115,11 +116,7 @@ def main():
         for r in report["speed"].values():
             if "decode_tokens_per_s" in r:
                 r["decode_speedup_vs_fp32"] = round(r["decode_tokens_per_s"]["median"] / base, 3)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
