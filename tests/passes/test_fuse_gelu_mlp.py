@@ -47,12 +47,11 @@ def test_declines_an_activation_with_other_users(traced):
 
 
 @pytest.mark.parametrize("variant", ["glm-gelu", "glm4-gelu-tanh"])
-def test_gelu_model_compiles_and_matches_transformers(variant, checkpoints, reference, tmp_path):
-    """--target cpu end to end with verification on: the ONNX Gelu lowering of glmc::geglu,
-    every decode step teacher-forced against transformers' eager model."""
-    art = glmc.compile(checkpoints(variant), tmp_path / "g.glmc", max_seq_len=32, chunked_prefill=False,
-                       progress=False)
-    rt = glmc.load(art)
+def test_gelu_model_compiles_and_matches_transformers(variant, artifacts, checkpoints, reference):
+    """--target cpu end to end: the ONNX Gelu lowering of glmc::geglu against transformers'
+    eager model (tests/test_end_to_end.py also teacher-forces every decode step of these
+    variants; tests/test_gpu_target.py runs the GPU lowering)."""
+    rt = glmc.load(artifacts(variant))
     counts = {(p["graph"], p["name"]): p["matches"] for p in rt.manifest["passes"]}
     assert counts[("decode", NAME)] == rt.config["num_hidden_layers"]
     ids = [5, 9, 13, 17, 21]
