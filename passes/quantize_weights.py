@@ -62,11 +62,12 @@ def search_scale(w: torch.Tensor, x: torch.Tensor, bits: int, group: int, symmet
     return best
 
 
-def _quantized(w: torch.Tensor, bits: int, ctx: PassContext) -> tuple:
-    """(packed, act scale or None, report row) for weight w; pure in (w, bits, ctx.quant, calibration)."""
+def _quantized(w: torch.Tensor, key: str, bits: int, ctx: PassContext) -> tuple:
+    """(packed, act scale or None, report row) for weight w (digest `key`); pure in (w, bits,
+    ctx.quant, calibration)."""
     q = ctx.quant
     wf = w.detach().float()
-    rows = ctx.calibration.get(digest(w))
+    rows = ctx.calibration.get(key)
     s, alpha = None, 0.0
     if rows is not None and bits == 4:
         s, _, alpha = search_scale(wf, rows, bits, q.group_size, q.symmetric)
@@ -102,14 +103,14 @@ def _replace_embedding(gm: GraphModule, m, ctx: PassContext) -> None:
     replace(node, fused)
 
 
-def _match_linear(gm: GraphModule, node, ctx: PassContext):
+def _match_linear(gm: GraphModule, node, ctx: PassContext, lm_head):
     if ctx.quant.mode == "none":
         return None
     w = attr_tensor(gm, arg(node, 1))
     if w is None or w.dim() != 2 or w.shape[1] < 16:
         return None
     bits = ctx.quant.bits
-    if node is _lm_head(gm):
+    if node is lm_head:
         if ctx.quant.lm_head == "none":
             return None
         bits = 8
@@ -118,7 +119,8 @@ def _match_linear(gm: GraphModule, node, ctx: PassContext):
 
 def _replace_linear(gm: GraphModule, m, ctx: PassContext, report: dict) -> None:
     node, w, bits = m
-    packed, s, row = ctx.memo.get((digest(w), bits), lambda: _quantized(w, bits, ctx))
+    key = digest(w)             # hashes the whole weight: once per weight and entry point
+    packed, s, row = ctx.memo.get((key, bits), lambda: _quantized(w, key, bits, ctx))
     w_node = node.args[1]
     report[w_node.target if w_node.op == "get_attr" else str(w_node)] = row
     graph = gm.graph
@@ -142,6 +144,7 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
     report: dict = {}
     result = rewrite(gm, ctx,
                      Rule((aten.embedding.default,), _match_embedding, _replace_embedding),
-                     Rule((aten.linear.default,), _match_linear, partial(_replace_linear, report=report)))
+                     Rule((aten.linear.default,), partial(_match_linear, lm_head=_lm_head(gm)),
+                          partial(_replace_linear, report=report)))
     result.report = {"quantization": report} if report else {}
     return result

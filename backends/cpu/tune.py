@@ -4,7 +4,6 @@ map over the model's shapes for the report."""
 
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
 
@@ -20,8 +19,9 @@ def cpu_device_key() -> DeviceKey:
     import onnxruntime
     import triton
 
-    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return DeviceKey(f"{cpu_name()} x{ncpu}", platform.machine(), f"onnxruntime {onnxruntime.__version__}",
+    from glmc.backends.cpu.runtime import default_threads
+
+    return DeviceKey(f"{cpu_name()} x{default_threads()}", platform.machine(), f"onnxruntime {onnxruntime.__version__}",
                      triton.__version__)
 
 
