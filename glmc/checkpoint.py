@@ -41,6 +41,43 @@ class LoadedModel:
     source: dict                    # {kind, name, sha256}
     tokenizer_json: str | None = None
     warnings: list[str] = field(default_factory=list)
+    # the checkpoint's tensors by glm name, read on demand (set by `open_model`; its model's
+    # parameters are then uninitialised memory that only tracing may look at)
+    tensors: "TensorSource | None" = None
+    weights_in_model: bool = True
+
+    def parameter_count(self) -> int:
+        return count_parameters(dict(self.config, model_type=self.model_type))
+
+
+class TensorSource:
+    """A checkpoint's tensors by glm name, read (rows r0:r1, as stored) only when asked.
+
+    entries: glm name -> (read(stored_name, r0, r1), stored name, first row, shape, dtype)."""
+
+    def __init__(self, entries: dict):
+        self.entries = entries
+
+    def __contains__(self, name):
+        return name in self.entries
+
+    def read(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        reader, stored, start, shape, _ = self.entries[name]
+        return reader(stored, start + r0, start + r1) if shape else reader(stored, 0, 0)
+
+    def lazy(self, name: str):
+        from glmc.weights import Source
+
+        _, _, _, shape, _ = self.entries[name]
+        return Source(name, tuple(shape), self.read)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The whole tensor as fp32 (checked finite)."""
+        return self.lazy(name).full()
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor under `prefix` (e.g. one decoder layer), fp32, keys without the prefix."""
+        return {n[len(prefix):]: self.tensor(n) for n in self.entries if n.startswith(prefix)}
 
 
 def _config_class(model_type: str):
@@ -370,3 +407,138 @@ def _load_checkpoint(ckpt: Path, allow_pickle: bool = False, bytes_per_param: fl
         tokenizer_json=tok.read_text() if tok.is_file() else None,
     )
 
+
+
+def _empty_model(model_type: str, config) -> torch.nn.Module:
+    """transformers' model with uninitialised parameters (never touched, so never resident);
+    the rotary buffers, computed from the config, are real."""
+    with torch.device("meta"):
+        model = _model_class(model_type)(config).eval()
+    model.to_empty(device="cpu")
+    rotary = type(model.model.rotary_emb)(config)
+    model.model.rotary_emb = rotary
+    return model
+
+
+def _safetensors_entries(files: list[Path]) -> dict:
+    """stored name -> (reader, shape, dtype), from the headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    found = {}
+    for p in files:
+        if p.suffix in _PICKLE_SUFFIXES:
+            state: dict = {}
+            _read_pickle(p, state)
+            for name, t in state.items():
+                if name in found:
+                    raise GlmcError(f"{p}: tensor '{name}' appears in more than one file")
+                found[name] = (lambda n, r0, r1, t=t: t[r0:r1] if t.dim() else t, tuple(t.shape), t.dtype)
+            continue
+        read_header(p)
+        try:
+            handle = safe_open(p, framework="pt")
+            for name in handle.keys():
+                if name in found:
+                    raise GlmcError(f"{p}: tensor '{name}' appears in more than one shard")
+                sl = handle.get_slice(name)
+                shape = tuple(sl.get_shape())
+                dtype = _ST_TORCH.get(sl.get_dtype())
+
+                def read(n, r0, r1, h=handle, shape=shape):
+                    sl = h.get_slice(n)
+                    return sl[r0:r1] if shape else h.get_tensor(n)
+                found[name] = (read, shape, dtype)
+        except SafetensorError as e:
+            raise GlmcError(f"{p}: unreadable safetensors ({e})") from None
+    return found
+
+
+_ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+             "BOOL": torch.bool}
+
+
+def _map_entries(found: dict, layout: str, cfg: dict, where: str, expected: dict, tied: bool) -> TensorSource:
+    """Rename (and for chatglm split) the stored tensors onto the model's names, checking names,
+    shapes and dtypes against the model without reading any data."""
+    metas = {n: torch.empty(shape, dtype=dt or torch.float32, device="meta") for n, (_, shape, dt) in found.items()}
+    origin = {id(t): n for n, t in metas.items()}
+    mapped = chatglm.weights_from_chatglm(metas, cfg) if layout == "chatglm" else dict(metas)
+    if tied:
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+        mapped.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(mapped))
+    unexpected = sorted(set(mapped) - set(expected))
+    for names, what in ((missing, "missing"), (unexpected, "unexpected")):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise GlmcError(f"{where}: {what} tensors {', '.join(names[:3])}{more}")
+    entries = {}
+    for name, ref_shape in expected.items():
+        t = mapped[name]
+        if tuple(t.shape) != tuple(ref_shape):
+            raise GlmcError(f"{where}: tensor '{name}' has shape {tuple(t.shape)}, config implies {tuple(ref_shape)}")
+        stored_dtype = found[origin[id(t._base if t._base is not None else t)]][2]
+        if stored_dtype is None or not stored_dtype.is_floating_point:
+            raise GlmcError(f"{where}: tensor '{name}' has non-float dtype {stored_dtype}")
+        base = t._base if t._base is not None else t
+        stored = origin[id(base)]
+        start = t.storage_offset() // base.stride(0) if t.dim() and base.dim() else 0
+        entries[name] = (found[stored][0], stored, start, tuple(t.shape), stored_dtype)
+    if tied:
+        entries["lm_head.weight"] = entries["model.embed_tokens.weight"]
+    return TensorSource(entries)
+
+
+def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str = "compiling",
+               need_bytes=None) -> LoadedModel:
+    """MODEL as a traceable transformers model plus its tensors read on demand (`tensors`).
+
+    A preset is built in memory as `load` does. A checkpoint's model has uninitialised
+    parameters; its tensors are checked from the safetensors headers (names, shapes, dtypes)
+    and read, a row range at a time, only when a weight is written or a layer verified.
+    need_bytes(cfg) -> bytes this needs; refused up front when the machine has less."""
+    path = Path(spec)
+    if not path.is_dir():
+        loaded = load(spec, allow_pickle=allow_pickle, bytes_per_param=4.0, purpose=purpose)
+        state = loaded.model.state_dict()
+        loaded.tensors = TensorSource({n: (lambda k, r0, r1, t=t: t[r0:r1], n, 0, tuple(t.shape), t.dtype)
+                                       for n, t in state.items()})
+        return loaded
+    raw = _read_json(path / "config.json", "config.json")
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise GlmcError(
+            f"{path / 'config.json'}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    layout = model_type
+    if model_type == "chatglm":
+        raw = chatglm.config_from_chatglm(raw)
+        model_type = "glm"
+    config = build_config(raw)
+    cfg = config.to_dict()
+    if need_bytes is not None:
+        _refuse_beyond(need_bytes(dict(cfg, model_type=model_type)), str(path), purpose)
+    files = weight_files(path, allow_pickle)
+    found = _safetensors_entries(files)
+    model = _empty_model(model_type, config)
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    tensors = _map_entries(found, layout, cfg, str(path), expected, bool(config.tie_word_embeddings))
+    metas = {n: torch.empty(0, dtype=dt or torch.float32) for n, (_, _, dt) in found.items()}
+    warnings = _dtype_warnings(raw, metas, path / "config.json")
+    tok = path / "tokenizer.json"
+    loaded = LoadedModel(
+        model=model, model_type=model_type, source_layout=layout, config=cfg,
+        source={"kind": "checkpoint", "name": str(path.resolve()),
+                "sha256": _sha256_files([path / "config.json", *files])},
+        tokenizer_json=tok.read_text() if tok.is_file() else None, warnings=warnings, tensors=tensors,
+        weights_in_model=False)
+    return loaded
+
+
+def _refuse_beyond(need: float, where: str, what: str) -> None:
+    have = available_memory_bytes()
+    if have is not None and need > have:
+        raise GlmcError(f"{where}: {what} needs about {need / 2**30:.1f} GiB, "
+                        f"this machine has {have / 2**30:.1f} GiB available")

@@ -24,8 +24,12 @@ from glmc.ir import QuantConfig, make_context
 from glmc.pipeline import pipeline as default_pipeline
 from glmc.pipeline import run_pipeline
 from glmc.target import Target
+from glmc.verify import Reference
+from glmc.weights import CHUNK_ELEMENTS, WeightBook
 
-COMPILE_PEAK_OVER_WEIGHTS = 8.5   # measured on small-glm: 6.5x (3 entry points), 8.0x with --chunked-prefill
+# --calibrate holds the fp32 model: measured on small-glm, 6.5x the fp32 weights (3 entry points)
+CALIBRATED_PEAK_OVER_WEIGHTS = 8.5
+BASE_COMPILE_BYTES = 1.5 * 2**30
 QUANTS = ("none", "int8", "int4")
 
 
@@ -156,16 +160,19 @@ def compile(
     t_start = time.perf_counter()
     with _Stages(progress, total=6 + bool(calibrate) + bool(tune)) as stages:
         with stages.stage("load checkpoint"):
-            # compile peaks at up to ~8x the fp32 weights (report.json's peak_rss_over_fp32_weights
-            # on small-glm); refuse up front what cannot fit
-            loaded = checkpoint.load(model, allow_pickle=allow_pickle, bytes_per_param=4 * COMPILE_PEAK_OVER_WEIGHTS,
-                                     purpose="compiling")
+            if calibrate:       # calibration runs the model: it needs the weights in memory
+                loaded = checkpoint.load(model, allow_pickle=allow_pickle,
+                                         bytes_per_param=4 * CALIBRATED_PEAK_OVER_WEIGHTS, purpose="compiling")
+            else:               # weights stay in the checkpoint until they are written
+                loaded = checkpoint.open_model(model, allow_pickle=allow_pickle, purpose="compiling",
+                                               need_bytes=lambda c: compile_memory_bytes(c, target, quant))
+            book = _weight_book(loaded, eager=bool(calibrate))
         cfg = loaded.config
         limit = cfg["max_position_embeddings"]
         seq = max_seq_len if max_seq_len is not None else min(limit, 2048)
         if not isinstance(seq, int) or not 2 <= seq <= limit:
             raise GlmcError(f"--max-seq-len must be in [2, {limit}] (the model's max_position_embeddings), got {seq}")
-        ctx = make_context(target, dtype, qc, seq, fuse=fuse, model_config=cfg)
+        ctx = make_context(target, dtype, qc, seq, fuse=fuse, model_config=cfg, weights=book)
         pipeline = default_pipeline(ctx) if passes is None else passes
         if calibrate:
             with stages.stage("calibrate"):
@@ -199,7 +206,7 @@ def compile(
             with stages.stage("verify vs transformers"):
                 no_device = backend.why_cannot_run_here() if verify else None
                 if verify and not no_device:
-                    result = _verify(tmp, backend, loaded.model, ctx, pipeline)
+                    result = _verify(tmp, backend, Reference.of(loaded), ctx, pipeline)
             tuning = None
             if tune:
                 with stages.stage("tune"):
@@ -207,7 +214,7 @@ def compile(
 
                     tuning = tune_artifact(tmp, budget_s=tune_budget)
             with stages.stage("write artifact"):
-                n_params = sum(p.numel() for p in loaded.model.parameters())
+                n_params = loaded.parameter_count()
                 report = {
                     "seconds": round(time.perf_counter() - t_start, 2),
                     "stage_seconds": stages.times,
@@ -273,14 +280,40 @@ def _quant_summary(report: dict, q: QuantConfig, calibrate: int) -> dict | None:
     }
 
 
-def _verify(tmp: Path, backend, model, ctx, pipeline):
+def _weight_book(loaded, eager: bool) -> WeightBook:
+    """The compile's WeightBook: every parameter of the traced model is a recipe over its
+    checkpoint tensor (lazy), or (eager, for calibration) its value in memory."""
+    book = WeightBook(eager=eager)
+    if not eager:
+        for name, p in loaded.model.named_parameters():
+            if name in loaded.tensors:
+                book.register(p, loaded.tensors.lazy(name))
+    return book
+
+
+def compile_memory_bytes(cfg: dict, target, quant: str) -> float:
+    """Peak memory of a streaming compile with verification (measured: see README)."""
+    from glmc.checkpoint import count_parameters
+
+    H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    layer = (count_parameters(cfg) - V * H * (1 if cfg.get("tie_word_embeddings") else 2)) / cfg["num_hidden_layers"]
+    largest = max(V * H, 2 * I * H)
+    return BASE_COMPILE_BYTES + 4 * layer + 3 * 4 * min(largest, CHUNK_ELEMENTS * 4) + _runtime_bytes(cfg, quant)
+
+
+def _runtime_bytes(cfg, quant):
+    return 0
+
+
+def _verify(tmp: Path, backend, reference, ctx, pipeline):
     from glmc.runtime import Runtime
     from glmc.verify import compare
 
     runtime = Runtime(tmp, verify=False)
-    result = compare(runtime, model, ctx.dtype, ctx.quant.mode)
+    result = compare(runtime, reference, ctx.dtype, ctx.quant.mode)
+    del runtime
     if not result.ok:
-        where = diagnose(backend, model, ctx, pipeline, result.allowed)
+        where = diagnose(backend, reference, ctx, pipeline, result.allowed)
         measured = (f"max abs logits diff {result.max_abs_diff:.3g}" if result.measure == "max_abs_diff"
                     else f"relative RMS logits error {result.relative_rms:.3g}")
         raise VerificationError(
@@ -295,23 +328,21 @@ def _verify(tmp: Path, backend, model, ctx, pipeline):
 _DIAGNOSIS_ERRORS = (GlmcError, RuntimeError, ValueError, TypeError, KeyError, IndexError, OSError)
 
 
-def diagnose(backend, model, ctx, pipeline, allowed) -> str:
+def diagnose(backend, reference, ctx, pipeline, allowed) -> str:
     """Lower a prefill graph that also returns every hidden state through the artifact's own
     backend; compare each layer with transformers' and name where they first diverge."""
-    import torch
-
     from glmc.trace import trace_prefill
     from glmc.verify import first_divergent_layer, fixed_prompts
 
     cfg = ctx.model_config
+    reference = Reference.of(reference)
     try:
-        g = trace_prefill(model, dict(cfg), ctx.max_seq_len, hidden_states=True)
+        g = trace_prefill(reference.model, dict(cfg), ctx.max_seq_len, hidden_states=True)
         g.gm, _ = run_pipeline(g.gm, ctx.for_entry("score"), "prefill+hidden", pipeline)
         ids = fixed_prompts(cfg["vocab_size"], ctx.max_seq_len)[0]
         ours = backend.hidden_states(g, ctx, ids)
-        with torch.no_grad():
-            ref = model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False).hidden_states
-        layer, diff = first_divergent_layer(ours, [h[0].float().numpy() for h in ref], allowed)
+        _, ref = reference.run([ids])
+        layer, diff = first_divergent_layer(ours, ref[0], allowed)
     except _DIAGNOSIS_ERRORS as e:
         return f"could not localise the divergence ({type(e).__name__}: {e})"
     if layer is None:

@@ -10,6 +10,7 @@ from typing import Mapping
 import torch
 
 from glmc.target import Target
+from glmc.weights import WeightBook
 
 ENTRIES = ("prefill", "decode", "extend", "score")
 
@@ -75,6 +76,8 @@ class PassContext:
     model_config: Mapping = field(default_factory=lambda: MappingProxyType({}))
     calibration: Mapping = field(default_factory=lambda: MappingProxyType({}))   # weight digest -> rows
     memo: WeightMemo = field(default_factory=WeightMemo, compare=False)
+    # which constants are recipes over the checkpoint (glmc/weights.py); eager outside compile
+    weights: WeightBook = field(default_factory=WeightBook, compare=False)
 
     def for_entry(self, entry: str) -> "PassContext":
         """The same context, for the graph of another entry point (shares the memo)."""
@@ -86,7 +89,8 @@ class PassContext:
 
 def make_context(target: str | Target = "cpu", dtype: str | None = None, quant: QuantConfig | None = None,
                  max_seq_len: int = 2048, entry: str = "prefill", fuse: bool = True, model_config: dict | None = None,
-                 calibration: dict | None = None, stop_before: str | None = None) -> PassContext:
+                 calibration: dict | None = None, stop_before: str | None = None,
+                 weights: WeightBook | None = None) -> PassContext:
     """The one way compile, inspect, calibration and tests build a PassContext."""
     from glmc.backends import get_backend
 
@@ -103,6 +107,7 @@ def make_context(target: str | Target = "cpu", dtype: str | None = None, quant: 
         stop_before=stop_before,
         model_config=MappingProxyType(dict(model_config or {})),
         calibration=MappingProxyType(dict(calibration or {})),
+        weights=weights if weights is not None else WeightBook(),
     )
 
 

@@ -116,3 +116,80 @@ def digest(w: torch.Tensor) -> str:
     import hashlib
 
     return hashlib.blake2b(w.detach().contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+
+
+# ------------------------------------------------------------------ as recipes (glmc.weights)
+
+from glmc.weights import Lazy, Multi  # noqa: E402  (weights does not import quant)
+
+
+class _RowWise(Multi):
+    """A row-wise Multi: remembers its last chunk (its parts ask for the same rows in turn)
+    and keeps per-chunk error sums, so the report is right however it is chunked."""
+
+    def __init__(self, x: Lazy):
+        self.x = x
+        self.shape = x.shape
+        self.dtype = torch.uint8
+        self._last: tuple | None = None
+        self._err: dict[int, tuple[float, float]] = {}
+        self.row: dict = {}
+
+    def compute(self, r0, r1):
+        if self._last is None or self._last[0] != (r0, r1):
+            w = self.x.rows(r0, r1)
+            outs, err2, w2 = self._compute(w)
+            if r0 == 0 and r1 == self.x.shape[0]:
+                self._err = {}
+            self._err[r0] = (err2, w2)
+            e2 = sum(e for e, _ in self._err.values())
+            n2 = sum(n for _, n in self._err.values())
+            self.row["relative_error"] = round(math.sqrt(e2) / max(math.sqrt(n2), 1e-30), 6)
+            self._last = ((r0, r1), outs)
+        return self._last[1]
+
+
+class Quantized(_RowWise):
+    """quantize(x) as (qweight, scales[, zeros]); rows are output channels."""
+
+    def __init__(self, x: Lazy, bits: int, block_size: int, symmetric: bool):
+        super().__init__(x)
+        self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
+        N, K = x.shape
+        nb = math.ceil(K / block_size)
+        outs = [((N, nb, block_size * bits // 8), torch.uint8), ((N, nb), torch.float32)]
+        if not (bits == 8 or symmetric):
+            outs.append(((N, math.ceil(nb * bits / 8)), torch.uint8))
+        self.outputs = tuple(outs)
+        self.row = {"bits": bits, "shape": list(x.shape), "alpha": 0.0, "relative_error": None,
+                    "bytes_fp32": N * K * 4, "bytes_packed": sum(math.prod(s) * (4 if d == torch.float32 else 1)
+                                                                for s, d in outs)}
+
+    @property
+    def key(self):
+        return ("quant", self.x.key, self.bits, self.block_size, self.symmetric)
+
+    def _compute(self, w):
+        p = quantize(w, self.bits, self.block_size, self.symmetric)
+        err2 = float((dequantize(p) - w.float()).pow(2).sum())
+        outs = (p.qweight, p.scales) + ((p.zeros,) if p.zeros is not None else ())
+        return outs, err2, float(w.float().pow(2).sum())
+
+
+class EmbeddingInt8(_RowWise):
+    """Per-row int8 embedding table: (codes int8, row scales fp32)."""
+
+    def __init__(self, x: Lazy):
+        super().__init__(x)
+        self.outputs = (((x.shape[0], x.shape[1]), torch.int8), ((x.shape[0],), torch.float32))
+
+    @property
+    def key(self):
+        return ("embed8", self.x.key)
+
+    def _compute(self, w):
+        wf = w.float()
+        scale = (wf.abs().amax(dim=1) / 127).clamp_min(1e-12)
+        q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        err2 = float((q.float() * scale[:, None] - wf).pow(2).sum())
+        return (q, scale), err2, float(wf.pow(2).sum())

@@ -1,9 +1,9 @@
 """Check a compiled artifact against transformers' eager model.
 
 Fixed prompts (a ragged batch, so padding is exercised) are prefilled and then
-decoded for a few teacher-forced steps on both sides; the reference for step n
-is transformers' forward over the prompt plus the n tokens so far, without a
-cache. The measure is the max abs logits difference relative to the tolerance
+decoded for a few teacher-forced steps (fixed continuation tokens) on both sides;
+the reference is transformers' own modules run over prompt + continuation
+without a cache, one decoder layer in memory at a time (`Reference`). The measure is the max abs logits difference relative to the tolerance
 for the artifact's dtype/quant.
 """
 
@@ -72,42 +72,125 @@ class VerifyResult:
                 "top1_agreement": self.top1_agreement, "max_abs_ref_logit": self.max_abs_ref}
 
 
-@torch.no_grad()
-def reference_logits(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
-    return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+class Reference:
+    """transformers' own modules (embedding, decoder layers, final norm, lm_head) over the
+    checkpoint's tensors, one decoder layer in memory at a time: verification costs one
+    layer of fp32 weights, not the model. A model already in memory (a preset) is used as is.
+
+    model: transformers' model (weights in it, or uninitialised with `tensors` to read them
+    from: glmc.checkpoint.TensorSource)."""
+
+    def __init__(self, model: torch.nn.Module, tensors=None):
+        self.model = model
+        self.tensors = tensors
+        self.config = model.config.to_dict()
+        self.materialized = tensors is None
+
+    @classmethod
+    def of(cls, x) -> "Reference":
+        """x: a Reference, a transformers model, or a glmc.checkpoint.LoadedModel."""
+        if isinstance(x, Reference):
+            return x
+        if isinstance(x, torch.nn.Module):
+            return cls(x)
+        return cls(x.model, None if x.weights_in_model else x.tensors)
+
+    def _module(self, module: torch.nn.Module, prefix: str, *init) -> torch.nn.Module:
+        """module itself (weights in memory), or a fresh one of its class holding the checkpoint's
+        tensors under prefix (the model's own, uninitialised, stays untouched)."""
+        if self.materialized:
+            return module
+        with torch.device("meta"):
+            fresh = type(module)(*init)
+        fresh.load_state_dict(self.tensors.state(prefix), strict=True, assign=True)
+        return fresh.eval()
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        if self.materialized:
+            return self.model.model.embed_tokens(torch.tensor([ids]))
+        name = "model.embed_tokens.weight"
+        return torch.stack([self.tensors.read(name, i, i + 1)[0].float() for i in ids])[None]
+
+    def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        if self.materialized:
+            return self.model.lm_head(h)
+        name, V = "lm_head.weight", self.config["vocab_size"]
+        step = max(1, (1 << 24) // h.shape[-1])
+        return torch.cat([h @ self.tensors.read(name, r, min(V, r + step)).float().T for r in range(0, V, step)], -1)
+
+    @torch.no_grad()
+    def run(self, seqs: list[list[int]]) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+        """(logits (T, V) per sequence, hidden states per sequence as transformers' output_hidden_states
+        lists them: embeddings, after each layer but the last, final-normed last)."""
+        inner = self.model.model
+        hs = [self._embed(ids).float() for ids in seqs]
+        hidden = [[h[0].numpy().copy()] for h in hs]
+        pos = [torch.arange(len(ids))[None] for ids in seqs]
+        rope = [inner.rotary_emb(h, p) for h, p in zip(hs, pos)]
+        masks = [_causal(len(ids)) for ids in seqs]
+        n_layers = self.config["num_hidden_layers"]
+        for i in range(n_layers):
+            layer = self._module(inner.layers[i], f"model.layers.{i}.", self.model.config, i)
+            for b in range(len(seqs)):
+                out = layer(hs[b], attention_mask=masks[b], position_ids=pos[b], position_embeddings=rope[b])
+                hs[b] = out[0] if isinstance(out, tuple) else out
+                if i < n_layers - 1:
+                    hidden[b].append(hs[b][0].numpy().copy())
+            del layer
+        norm = self._module(inner.norm, "model.norm.", self.config["hidden_size"], self.config["rms_norm_eps"])
+        logits = []
+        for b in range(len(seqs)):
+            h = norm(hs[b])
+            hidden[b].append(h[0].numpy().copy())
+            logits.append(self._lm_head(h)[0].float().numpy())
+        return logits, hidden
+
+
+def _causal(T: int) -> torch.Tensor:
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()
+    return torch.zeros(T, T).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+
+
+def continuation(vocab_size: int, prompts: list[list[int]]) -> list[list[int]]:
+    """The fixed tokens fed to the teacher-forced decode steps (one list per prompt)."""
+    rng = np.random.default_rng(4321)
+    low = 3 if vocab_size > 3 else 0
+    return [rng.integers(low, vocab_size, DECODE_STEPS).tolist() for _ in prompts]
 
 
 @torch.no_grad()
-def compare(runtime, model: torch.nn.Module, dtype: str, quant: str) -> VerifyResult:
+def compare(runtime, reference, dtype: str, quant: str) -> VerifyResult:
+    """Prefill (every position, and the generation path's last token) and DECODE_STEPS
+    teacher-forced decode steps of the artifact vs the reference's logits over prompt +
+    continuation, computed in one layer-by-layer pass."""
     atol, rtol = tolerance(dtype, quant)
     prompts = fixed_prompts(runtime.vocab_size, runtime.max_seq_len)
+    cont = continuation(runtime.vocab_size, prompts)
+    refs, _ = Reference.of(reference).run([p + c for p, c in zip(prompts, cont)])
     executor = runtime.executor
     full = runtime.logits(prompts)                       # every position (score entry)
     cache, last = runtime.prefill(prompts)              # the generation path (last token)
     worst, scale, checked, agree = 0.0, 0.0, 0, 0
     rel = []
-    seqs = [list(p) for p in prompts]
     for b, p in enumerate(prompts):
-        ref = reference_logits(model, p)
+        ref = refs[b][:len(p)]
         worst = max(worst, float(np.abs(full[b] - ref).max()), float(np.abs(last[b] - ref[-1]).max()))
         scale = max(scale, float(np.abs(ref).max()))
         checked += len(p)
         agree += int((full[b].argmax(-1) == ref.argmax(-1)).sum())
         rel.append(_rel_rms(full[b], ref))
-        seqs[b].append(int(ref[-1].argmax()))
     position = np.array([len(p) for p in prompts], np.int64)
-    for _ in range(DECODE_STEPS):
-        toks = np.array([[s[-1]] for s in seqs], np.int64)
+    for n in range(DECODE_STEPS):
+        toks = np.array([[c[n]] for c in cont], np.int64)
         step = executor.decode(cache, toks, position)[:, 0]
-        position += 1
-        for b, s in enumerate(seqs):
-            ref = reference_logits(model, s)[-1]
+        for b in range(len(prompts)):
+            ref = refs[b][position[b]]
             worst = max(worst, float(np.abs(step[b] - ref).max()))
             scale = max(scale, float(np.abs(ref).max()))
             checked += 1
             agree += int(step[b].argmax() == ref.argmax())
             rel.append(_rel_rms(step[b], ref))
-            s.append(int(ref.argmax()))
+        position += 1
     rms = float(np.mean(rel))
     if (dtype, quant) in RELATIVE_RMS:
         allowed = RELATIVE_RMS[(dtype, quant)]

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import operator
 
-import torch
 from torch.fx import GraphModule
 
 from glmc.ir import PassContext
 from glmc.match import add_constant, arg, aten, attr_tensor, is_op, val
 from glmc.rewrite import Rule, rewrite
+from glmc.weights import Cat, Zeros
 
 
 def _siblings(gm: GraphModule, x):
@@ -45,10 +45,12 @@ def _match(gm: GraphModule, lin, ctx: PassContext):
 
 def _replace(gm: GraphModule, m, ctx: PassContext) -> None:
     x, group = m
-    weight = torch.cat([w for _, w, _ in group], 0)
+    book = ctx.weights
+    weight = book.cat([w for _, w, _ in group])
     bias = None
     if any(b is not None for _, _, b in group):
-        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for _, w, b in group], 0)
+        bias = book.value(Cat(tuple(book.recipe(b) if b is not None else Zeros((w.shape[0],), w.dtype)
+                                    for _, w, b in group)))
     sizes = [w.shape[0] for _, w, _ in group]
     graph = gm.graph
     # named after the first projection's weight, so reports still say which layer it is

@@ -42,7 +42,7 @@ def _split(gm, act, ctx):
 def _pack(gm: GraphModule, m, ctx: PassContext, fused_op, fused_args: tuple) -> None:
     act, mul, x, wg, wu = m
     graph = gm.graph
-    w_node = add_constant(gm, "fused_gate_up_weight", torch.cat([wg, wu], 0))
+    w_node = add_constant(gm, "fused_gate_up_weight", ctx.weights.cat([wg, wu]))
     with graph.inserting_before(mul):
         packed = graph.call_function(aten.linear.default, (x, w_node, None))
         fused = graph.call_function(fused_op, (packed, *fused_args))

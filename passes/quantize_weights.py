@@ -24,7 +24,7 @@ from torch.fx import GraphModule
 import glmc.ops  # noqa: F401  (registers torch.ops.glmc)
 from glmc.ir import PassContext, PassResult
 from glmc.match import add_constant, arg, aten, attr_tensor, is_op, replace, val
-from glmc.quant import Packed, dequantize, digest, quantize
+from glmc.quant import EmbeddingInt8, Packed, Quantized, dequantize, digest, quantize
 from glmc.rewrite import Rule, rewrite
 
 ALPHAS = [i / 10 for i in range(11)]
@@ -80,12 +80,6 @@ def _quantized(w: torch.Tensor, key: str, bits: int, ctx: PassContext) -> tuple:
     return packed, s, row
 
 
-def _embedding_int8(w: torch.Tensor) -> tuple:
-    wf = w.detach().float()
-    scale = (wf.abs().amax(dim=1) / 127).clamp_min(1e-12)
-    return torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
-
-
 def _match_embedding(gm: GraphModule, node, ctx: PassContext):
     if ctx.quant.mode == "none" or ctx.quant.embedding != "int8":
         return None
@@ -93,13 +87,19 @@ def _match_embedding(gm: GraphModule, node, ctx: PassContext):
     return (node, w) if w is not None and w.dim() == 2 else None
 
 
+def _weight_key(w: torch.Tensor, ctx: PassContext):
+    """What identifies a weight across entry points: its recipe, or its content when in memory."""
+    return ctx.weights.recipe(w).key if ctx.weights.is_lazy(w) else digest(w)
+
+
 def _replace_embedding(gm: GraphModule, m, ctx: PassContext) -> None:
     node, w = m
-    q, scale = ctx.memo.get((digest(w), "embedding"), lambda: _embedding_int8(w))
+    book = ctx.weights
+    table = ctx.memo.get((_weight_key(w, ctx), "embedding"), lambda: EmbeddingInt8(book.recipe(w)))
     with gm.graph.inserting_before(node):
         fused = gm.graph.call_function(torch.ops.glmc.embedding_int8.default,
-                                       (node.args[1], add_constant(gm, "qembedding", q),
-                                        add_constant(gm, "qembedding_scales", scale)))
+                                       (node.args[1], add_constant(gm, "qembedding", book.value(table.part(0))),
+                                        add_constant(gm, "qembedding_scales", book.value(table.part(1)))))
     replace(node, fused)
 
 
@@ -119,24 +119,33 @@ def _match_linear(gm: GraphModule, node, ctx: PassContext, lm_head):
 
 def _replace_linear(gm: GraphModule, m, ctx: PassContext, report: dict) -> None:
     node, w, bits = m
-    key = digest(w)             # hashes the whole weight: once per weight and entry point
-    packed, s, row = ctx.memo.get((key, bits), lambda: _quantized(w, key, bits, ctx))
+    key = _weight_key(w, ctx)   # a content hash in memory: once per weight and entry point
+    book, q = ctx.weights, ctx.quant
+    block = q.group_size if bits == 4 else _int8_block(w.shape[1])
+    if key in ctx.calibration and bits == 4:      # activation-aware: weights in memory
+        packed, s, row = ctx.memo.get((key, bits), lambda: _quantized(w, key, bits, ctx))
+        parts = [packed.qweight, packed.scales] + ([packed.zeros] if packed.zeros is not None else [])
+        K = packed.K
+    else:
+        multi = ctx.memo.get((key, bits), lambda: Quantized(book.recipe(w), bits, block, q.symmetric))
+        parts = [book.value(multi.part(i)) for i in range(len(multi.outputs))]
+        s, row, K = None, multi.row, w.shape[1]
     w_node = node.args[1]
     report[w_node.target if w_node.op == "get_attr" else str(w_node)] = row
     graph = gm.graph
     x = node.args[0]
     bias = arg(node, 2, "bias")
     with graph.inserting_before(node):
-        q = add_constant(gm, "qweight", packed.qweight)
-        sc = add_constant(gm, "qscales", packed.scales)
-        zp = add_constant(gm, "qzeros", packed.zeros) if packed.zeros is not None else None
+        qw = add_constant(gm, "qweight", parts[0])
+        sc = add_constant(gm, "qscales", parts[1])
+        zp = add_constant(gm, "qzeros", parts[2]) if len(parts) > 2 else None
         if s is not None:
             inv = add_constant(gm, "act_scale_inv", (1.0 / s).to(torch.float32))
             x = graph.call_function(aten.mul.Tensor, (x, inv))
             x.meta["val"] = val(node.args[0])
         fused = graph.call_function(
             torch.ops.glmc.linear_nbits.default,
-            (x, q, sc, zp, bias, packed.K, packed.bits, packed.block_size))
+            (x, qw, sc, zp, bias, K, bits, block))
     replace(node, fused)
 
 

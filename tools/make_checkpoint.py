@@ -47,14 +47,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BLOCK_ELEMENTS = 1 << 24           # generate 16M values (64 MB of fp32) at a time
 
 
-def glm_config(shape: str, layers: int | None = None, hidden: int | None = None):
+def glm_config(shape: str, layers: int | None = None, hidden: int | None = None, vocab: int | None = None,
+               intermediate: int | None = None):
     import transformers
 
     spec = dict(SHAPES[shape])
-    if layers is not None:
-        spec["num_hidden_layers"] = layers
-    if hidden is not None:
-        spec["hidden_size"] = hidden
+    for key, value in (("num_hidden_layers", layers), ("hidden_size", hidden), ("vocab_size", vocab),
+                       ("intermediate_size", intermediate)):
+        if value is not None:
+            spec[key] = value
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):     # ids beyond a smaller vocabulary
+        if isinstance(spec.get(key), int) and spec[key] >= spec["vocab_size"]:
+            spec[key] = spec["vocab_size"] - 1
     rope = {"rope_type": "default", "rope_theta": spec.pop("rope_theta"),
             "partial_rotary_factor": spec.pop("partial_rotary_factor")}
     return transformers.GlmConfig(rope_parameters=rope, tie_word_embeddings=False, **spec)
@@ -136,12 +140,14 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--layers", type=int, default=None, help="Override the number of layers.")
     p.add_argument("--hidden", type=int, default=None, help="Override the hidden size.")
+    p.add_argument("--vocab", type=int, default=None, help="Override the vocabulary size.")
+    p.add_argument("--intermediate", type=int, default=None, help="Override the MLP's intermediate size.")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--shard-gb", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    info = write_checkpoint(args.out, glm_config(args.shape, args.layers, args.hidden), args.dtype, args.shard_gb,
+    info = write_checkpoint(args.out, glm_config(args.shape, args.layers, args.hidden, args.vocab, args.intermediate), args.dtype, args.shard_gb,
                             args.seed, progress=lambda m: print(m, file=sys.stderr, flush=True))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(dict(info, shape=args.shape, seconds=round(time.perf_counter() - t0, 1),

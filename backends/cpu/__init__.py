@@ -35,15 +35,13 @@ class CpuBackend:
         return CpuExecutor(Path(artifact_dir), manifest, threads)
 
     def hidden_states(self, graph, ctx, input_ids: list[int]) -> list[np.ndarray]:
-        import onnx
         import onnxruntime as ort
 
-        from glmc.backends.cpu.lower import export_onnx
+        from glmc.backends.cpu.lower import lower
 
-        proto = export_onnx(graph, ctx.quant.accuracy_level)
         with tempfile.TemporaryDirectory() as d:
-            onnx.save_model(proto, f"{d}/debug.onnx", save_as_external_data=True)
-            sess = ort.InferenceSession(f"{d}/debug.onnx", providers=["CPUExecutionProvider"])
+            files = lower([graph], d, ctx)["graphs"]
+            sess = ort.InferenceSession(f"{d}/{files[graph.name]}", providers=["CPUExecutionProvider"])
             outs = sess.run(None, {"input_ids": np.array([input_ids]),
                                    "attention_mask": np.ones((1, len(input_ids)), np.int64)})
         n_layers = ctx.model_config["num_hidden_layers"]

@@ -14,24 +14,45 @@ import contextlib
 import hashlib
 import io
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
-from glmc.backends.cpu.ops import OPSET, translation_table
-from onnx import numpy_helper
+import onnx_ir as ir
+import torch
+from onnxscript._framework_apis.torch_2_8 import optimize
+from torch.onnx._internal.exporter._core import TorchTensor
 
+from glmc.backends.cpu.ops import OPSET, translation_table
 from glmc.ir import PassContext
-from glmc.safetensors_check import data_start, read_header
 from glmc.trace import Traced
+from glmc.weights import Const, Lazy, Transpose, WeightBook, write_safetensors
 
 INLINE_BYTES = 1024
+SMALL_ELEMENTS = 8192      # onnxscript's optimizer reads (folds, deduplicates) initializers up to this size
 WEIGHTS_FILE = "weights.safetensors"
 
 
 def export_onnx(traced: Traced, accuracy_level: int = 4) -> onnx.ModelProto:
+    """One graph with its constants in memory as an optimised ModelProto (tests, small graphs)."""
+    return _proto(optimize(export_ir(traced, accuracy_level)))
+
+
+def _proto(model) -> onnx.ModelProto:
+    proto = ir.serde.serialize_model(model)
+    # the exporter records a Python stack trace per node: useful while debugging the
+    # exporter, dead weight in an artifact (most of the .onnx bytes)
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return proto
+
+
+def export_ir(traced: Traced, accuracy_level: int = 4):
+    """The entry point as an onnx_ir Model, not yet optimised (constants not folded)."""
     import torch
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -44,91 +65,136 @@ def export_onnx(traced: Traced, accuracy_level: int = 4) -> onnx.ModelProto:
             input_names=traced.input_names,
             output_names=traced.output_names,
             dynamo=True,
-            optimize=True,
+            optimize=False,
             opset_version=OPSET,
             custom_translation_table=translation_table(accuracy_level),
             verbose=False,
         )
-    model = program.model_proto
-    # the exporter records a Python stack trace per node: useful while debugging the
-    # exporter, dead weight in an artifact (most of the .onnx bytes)
-    for node in model.graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
-    return model
+    return program.model
 
 
-class _WeightStore:
-    """Initializers moved out of the ONNX protos as soon as each graph is exported,
-    deduplicated by content, so a compile holds one copy of the weights (not one per
-    entry point) before they are written to weights.safetensors."""
+class _Weights:
+    """The graphs' large initializers as recipes (glmc/weights.py), one entry per distinct
+    recipe or content across entry points; written once to weights.safetensors."""
 
-    def __init__(self):
-        self.arrays: dict[str, np.ndarray] = {}
-        self._by_digest: dict[str, str] = {}
+    def __init__(self, book: WeightBook):
+        self.book = book
+        self.entries: dict[str, Lazy] = {}
+        self._by_key: dict = {}
         self.mapping: dict[str, dict[str, str]] = {}
+        self._pending: dict[str, list] = {}
 
-    def take(self, model_name: str, model: onnx.ModelProto) -> None:
-        names = self.mapping.setdefault(model_name, {})
-        for init in model.graph.initializer:
-            arr = numpy_helper.to_array(init)
-            if arr.nbytes <= INLINE_BYTES:
+    def _recipe(self, value) -> Lazy | None:
+        """The recipe of an initializer's value; None for one small enough to stay inline."""
+        raw = getattr(value, "raw", None)
+        if isinstance(raw, torch.Tensor) and self.book.is_lazy(raw):
+            return self.book.recipe(raw)
+        if value.nbytes <= INLINE_BYTES:
+            return None
+        arr = np.ascontiguousarray(value.numpy())
+        return Const(torch.from_numpy(arr))
+
+    def _key(self, lazy: Lazy):
+        if isinstance(lazy, Const):     # in memory: by content
+            arr = lazy.value.numpy()
+            return ("content", hashlib.sha256(arr.tobytes()).hexdigest(), str(arr.dtype), arr.shape)
+        return lazy.key
+
+    def fold_transposes(self, model) -> None:
+        """Transpose(W) of a recipe W becomes the recipe Transpose(W): the exporter writes a linear's
+        weight as Transpose + MatMul, and folding it in onnx would read the whole weight."""
+        for node in list(model.graph):
+            if node.op_type != "Transpose" or node.domain or len(node.inputs) != 1:
                 continue
-            arr = np.ascontiguousarray(arr)
-            digest = hashlib.sha256(arr.tobytes()).hexdigest() + str(arr.dtype) + str(arr.shape)
-            key = self._by_digest.get(digest)
-            if key is None:
-                key = self._by_digest[digest] = f"w{len(self.arrays)}"
-                self.arrays[key] = arr
-            names[init.name] = key
-            init.ClearField("raw_data")
-            for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                init.ClearField(f)
+            src = node.inputs[0]
+            perm = node.attributes.get("perm")
+            if src is None or not src.is_initializer() or src.const_value is None:
+                continue
+            raw = getattr(src.const_value, "raw", None)
+            if not (isinstance(raw, torch.Tensor) and self.book.is_lazy(raw) and raw.dim() == 2):
+                continue
+            if perm is not None and list(perm.as_ints()) != [1, 0]:
+                continue
+            lazy = Transpose(self.book.recipe(raw))
+            placeholder = self.book.value(lazy)
+            out = node.outputs[0]
+            folded = ir.Value(name=f"{src.name}_t", shape=ir.Shape(list(placeholder.shape)),
+                              type=ir.TensorType(src.dtype), const_value=TorchTensor(placeholder, name=f"{src.name}_t"))
+            model.graph.register_initializer(folded)
+            out.replace_all_uses_with(folded)
+            model.graph.remove(node, safe=True)
+            if not src.uses():
+                model.graph.initializers.pop(src.name)
 
-    def write(self, models: dict[str, onnx.ModelProto], out_dir: Path) -> None:
-        """Save weights.safetensors and point each model's initializers at their byte ranges."""
-        from safetensors.numpy import save_file
+    def take(self, name: str, model) -> None:
+        """Record the large initializers of one graph, before it is optimised."""
+        names = self.mapping.setdefault(name, {})
+        for init_name, value in list(model.graph.initializers.items()):
+            lazy = self._recipe(value.const_value)
+            if lazy is not None and not isinstance(lazy, Const) and math.prod(lazy.shape) <= SMALL_ELEMENTS:
+                # small enough for the optimizer to read (fold, deduplicate): computed now
+                arr = np.ascontiguousarray(lazy.full().numpy()) if lazy.shape else lazy.rows(0, 1).numpy()
+                value.const_value = ir.tensor(arr, name=init_name)
+                lazy = Const(torch.from_numpy(arr)) if arr.nbytes > INLINE_BYTES else None
+            if lazy is None:
+                continue
+            key = self._key(lazy)
+            entry = self._by_key.get(key)
+            if entry is None:
+                entry = self._by_key[key] = f"w{len(self.entries)}"
+                self.entries[entry] = lazy
+            names[init_name] = entry
 
-        path = out_dir / WEIGHTS_FILE
-        save_file(self.arrays, str(path))
-        header = read_header(path)
-        base = data_start(path)
-        for model_name, model in models.items():
-            names = self.mapping[model_name]
-            for init in model.graph.initializer:
-                key = names.get(init.name)
-                if key is None:
+    def write(self, models: dict, out_dir: Path) -> dict:
+        """weights.safetensors, computed a chunk at a time; point each graph's initializers at it."""
+        ranges = write_safetensors(self.entries, out_dir / WEIGHTS_FILE)
+        for name, model in models.items():
+            for init_name, entry in self.mapping[name].items():
+                value = model.graph.initializers.get(init_name)
+                if value is None:           # dropped by the optimizer
                     continue
-                begin, end = header[key]["data_offsets"]
-                del init.external_data[:]
-                for k, v in (("location", WEIGHTS_FILE), ("offset", str(base + begin)), ("length", str(end - begin))):
-                    entry = init.external_data.add()
-                    entry.key, entry.value = k, v
-                init.data_location = onnx.TensorProto.EXTERNAL
+                offset, length = ranges[entry]
+                value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, value.const_value.dtype,
+                                                      shape=value.const_value.shape, name=init_name,
+                                                      base_dir=str(out_dir))
+        return ranges
 
 
 def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) -> dict:
     out_dir = Path(out_dir)
     level = ctx.quant.accuracy_level
-    store = _WeightStore()
+    weights = _Weights(ctx.weights)
     models = {}
     for t in traced:
-        models[t.name] = export_onnx(t, level)
-        store.take(t.name, models[t.name])
-    store.write(models, out_dir)
-    files = {}
+        models[t.name] = model = export_ir(t, level)
+        weights.fold_transposes(model)
+        weights.take(t.name, model)
+    # written before the optimizer runs, so whatever it reads is there
+    ranges = weights.write(models, out_dir)
+    entry_at = {offset: entry for entry, (offset, _) in ranges.items()}
+    for name in models:
+        models[name] = optimize(models[name])
+    files, protos = {}, {}
     for name, model in models.items():
+        proto = _proto(model)
         fname = f"{name}.onnx"
-        onnx.save_model(model, str(out_dir / fname))
-        files[name] = fname
+        onnx.save_model(proto, str(out_dir / fname))
+        files[name], protos[name] = fname, proto
+    # graph initializer -> weights entry, read back from the saved graphs (the optimizer renames)
+    mapping = {name: {init.name: entry_at[int(_external(init)["offset"])] for init in proto.graph.initializer
+                      if _external(init).get("location") == WEIGHTS_FILE} for name, proto in protos.items()}
     return {
         "kind": "onnxruntime",
         "graphs": files,
         "weights": WEIGHTS_FILE,
-        "initializers": store.mapping,
+        "initializers": mapping,
         "io": {t.name: {"inputs": t.input_names, "outputs": t.output_names} for t in traced},
-        "op_histogram": {name: _onnx_histogram(m) for name, m in models.items()},
+        "op_histogram": {name: _onnx_histogram(m) for name, m in protos.items()},
     }
+
+
+def _external(init: onnx.TensorProto) -> dict:
+    return {e.key: e.value for e in init.external_data}
 
 
 def _onnx_histogram(model: onnx.ModelProto) -> dict[str, int]:

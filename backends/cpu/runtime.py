@@ -68,7 +68,7 @@ class _LazySessions(dict):
 
 class CpuExecutor:
     def __init__(self, artifact_dir: Path, manifest: dict, threads: int | None = None):
-        from safetensors.numpy import load_file
+        from glmc.weights import mapped_arrays
 
         backend = manifest["backend"]
         cfg = manifest["model"]["config"]
@@ -78,8 +78,8 @@ class CpuExecutor:
         self.vocab = cfg["vocab_size"]
         self.capacity = manifest["max_seq_len"]
         self.threads = threads or _tuned_threads(artifact_dir) or default_threads()
-        # one copy of the weights in memory, shared by both sessions
-        self._weights = load_file(str(artifact_dir / backend["weights"]))
+        # the weights file mapped once (read-only, paged in on use), shared by every session
+        self._weights = mapped_arrays(artifact_dir / backend["weights"])
         self._ort_weights = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in self._weights.items()}
         self._dir = artifact_dir
         self._backend = backend

@@ -58,8 +58,8 @@ class GpuBackend:
 
         device = pick_device(self.target.vendor)
         dtype = torch_dtype(ctx.dtype)
-        stored, mapping = collect_weights([graph], dtype)
-        weights = {target: stored[key].to(device) for target, key in mapping[graph.name].items()}
+        stored, mapping = collect_weights([graph], dtype, ctx.weights)
+        weights = {target: stored[key].full().to(device) for target, key in mapping[graph.name].items()}
         program = Program(to_json(graph.gm), weights, kernel_table(Configs(), Launcher()), device, dtype)
         ids = torch.tensor([input_ids], device=device)
         with torch.no_grad():

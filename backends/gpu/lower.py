@@ -21,14 +21,13 @@ from glmc.backends.gpu.kernels import Configs, kernel_table
 from glmc.backends.triton import aot
 from glmc.backends.triton._common import Launcher
 from glmc.dtypes import torch_dtype
-from glmc.errors import GlmcError
 from glmc.ir import PassContext
 from glmc.modelcfg import head_dim
 from glmc.registry import fp32_args
 from glmc.trace import Traced
+from glmc.weights import Cast, Const, Lazy, WeightBook, write_safetensors
 
 WEIGHTS_FILE = "weights.safetensors"
-FP16_MAX = 65504.0
 AOT_TOKENS = (1, 16, 128)      # prefill token counts whose launches are compiled ahead of time
 
 
@@ -39,11 +38,12 @@ def _weight(gm, target: str) -> torch.Tensor:
     return value.detach()
 
 
-def collect_weights(traced: list[Traced], dtype: torch.dtype) -> tuple[dict, dict]:
-    """-> (stored tensors by key, per-graph {get_attr target: key}); float tensors cast to `dtype`
-    unless they are rotary tables or quantization scales. Refuses fp16 overflow, naming the tensor."""
-    stored: dict[str, torch.Tensor] = {}
-    by_storage: dict[tuple, str] = {}
+def collect_weights(traced: list[Traced], dtype: torch.dtype, book: WeightBook) -> tuple[dict, dict]:
+    """-> (recipes by stored key, per-graph {get_attr target: key}); float tensors cast to `dtype`
+    unless they are rotary tables or quantization scales (a cast to fp16 refuses values beyond
+    its range, naming the tensor, when it is computed)."""
+    stored: dict[str, Lazy] = {}
+    by_key: dict = {}
     mapping: dict[str, dict[str, str]] = {}
     keep_fp32 = fp32_args()
     for t in traced:
@@ -58,16 +58,15 @@ def collect_weights(traced: list[Traced], dtype: torch.dtype) -> tuple[dict, dic
             if n.op != "get_attr":
                 continue
             w = _weight(t.gm, n.target)
-            ident = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), n.target in keep)
-            key = by_storage.get(ident)
+            lazy = book.recipe(w)
+            if w.is_floating_point() and n.target not in keep and w.dtype != dtype:
+                lazy = Cast(lazy, dtype, n.target)
+            ident = lazy.key if not isinstance(lazy, Const) else (
+                w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), w.dtype)
+            key = by_key.get(ident)
             if key is None:
-                if w.is_floating_point() and n.target not in keep and w.dtype != dtype:
-                    if dtype == torch.float16 and w.numel() and w.abs().max().item() > FP16_MAX:
-                        raise GlmcError(f"weight {n.target} holds values beyond the fp16 range (|w| max "
-                                        f"{w.abs().max().item():.3g} > 65504); compile with --dtype bf16 or fp32")
-                    w = w.to(dtype)
-                key = by_storage[ident] = f"w{len(stored)}"
-                stored[key] = w.contiguous()
+                key = by_key[ident] = f"w{len(stored)}"
+                stored[key] = lazy
             names[n.target] = key
     return stored, mapping
 
@@ -120,13 +119,11 @@ def compile_kernels(out_dir: Path, graphs: dict, weight_shapes: dict, mapping: d
 
 
 def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) -> dict:
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     archs = list(ctx.target.archs)
     dtype = torch_dtype(ctx.dtype)
-    stored, mapping = collect_weights(traced, dtype)
-    save_file(stored, str(out_dir / WEIGHTS_FILE))
+    stored, mapping = collect_weights(traced, dtype, ctx.weights)
+    write_safetensors(stored, out_dir / WEIGHTS_FILE)
     graphs, files = {}, {}
     for t in traced:
         graphs[t.name] = to_json(t.gm)

@@ -1,0 +1,341 @@
+"""Weights as recipes: what each graph constant is made of, computed when it is written.
+
+A compile traces a model whose parameters are uninitialised (never-touched) memory and
+records, per constant, a recipe over the checkpoint's tensors: `Source` (a tensor of the
+checkpoint, or a row range of one), `Cat` (qkv / gate-up packing), `Transpose`, `Cast`,
+and multi-output `Quantized` / `EmbeddingInt8` (a `Part` picks one output). Passes ask
+the context's `WeightBook` for derived weights; in a lazy book they get a placeholder
+tensor of the right shape and dtype, in an eager book (tests, --calibrate) the value.
+`write_safetensors` lays out every recipe's bytes first and then computes and writes
+them one producer at a time, in row chunks: peak memory is one chunk, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glmc.errors import GlmcError
+
+CHUNK_ELEMENTS = 1 << 24          # rows per written chunk: about 64 MB of fp32 input
+
+
+class Lazy:
+    """A weight to be computed: shape, dtype, a hashable key, and rows(r0, r1)."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+    @property
+    def key(self) -> tuple:
+        raise NotImplementedError
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def full(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0] if self.shape else 1)
+
+    @property
+    def chunkable(self) -> bool:
+        return True
+
+
+@dataclass(eq=False)
+class Source(Lazy):
+    """Rows [start, start + shape[0]) of checkpoint tensor `name`, read as fp32."""
+
+    name: str
+    shape: tuple
+    read: object = field(repr=False)         # (name, r0, r1) -> tensor
+    start: int = 0
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def key(self):
+        return ("src", self.name, self.start, self.shape)
+
+    def rows(self, r0, r1):
+        t = self.read(self.name, self.start + r0, self.start + r1).to(torch.float32)
+        if not torch.isfinite(t).all():
+            raise GlmcError(f"tensor '{self.name}' contains NaN or Inf")
+        return t
+
+
+@dataclass(eq=False)
+class Const(Lazy):
+    """A tensor already in memory (small constants, preset weights, eager results)."""
+
+    value: torch.Tensor
+
+    def __post_init__(self):
+        self.shape, self.dtype = tuple(self.value.shape), self.value.dtype
+
+    @property
+    def key(self):
+        return ("const", id(self.value))
+
+    def rows(self, r0, r1):
+        return self.value[r0:r1] if self.value.dim() else self.value
+
+
+@dataclass(eq=False)
+class Zeros(Lazy):
+    shape: tuple
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def key(self):
+        return ("zeros", self.shape, self.dtype)
+
+    def rows(self, r0, r1):
+        return torch.zeros((r1 - r0, *self.shape[1:]), dtype=self.dtype)
+
+
+@dataclass(eq=False)
+class Cat(Lazy):
+    """torch.cat(parts, 0)."""
+
+    parts: tuple
+
+    def __post_init__(self):
+        self.shape = (sum(p.shape[0] for p in self.parts), *self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+
+    @property
+    def key(self):
+        return ("cat", tuple(p.key for p in self.parts))
+
+    def rows(self, r0, r1):
+        out, base = [], 0
+        for p in self.parts:
+            n = p.shape[0]
+            lo, hi = max(r0, base), min(r1, base + n)
+            if lo < hi:
+                out.append(p.rows(lo - base, hi - base))
+            base += n
+        return torch.cat(out, 0)
+
+
+@dataclass(eq=False)
+class Transpose(Lazy):
+    x: Lazy
+
+    def __post_init__(self):
+        self.shape, self.dtype = tuple(reversed(self.x.shape)), self.x.dtype
+
+    @property
+    def key(self):
+        return ("t", self.x.key)
+
+    @property
+    def chunkable(self):
+        return False
+
+    def rows(self, r0, r1):
+        return self.x.full().T[r0:r1].contiguous()
+
+
+@dataclass(eq=False)
+class Cast(Lazy):
+    """x in `dtype`; fp16 refuses values beyond its range, naming the weight."""
+
+    x: Lazy
+    dtype: torch.dtype
+    label: str = ""
+
+    def __post_init__(self):
+        self.shape = self.x.shape
+
+    @property
+    def key(self):
+        return ("cast", self.x.key, self.dtype)
+
+    @property
+    def chunkable(self):
+        return self.x.chunkable
+
+    def rows(self, r0, r1):
+        t = self.x.rows(r0, r1)
+        if self.dtype == torch.float16 and t.numel() and t.abs().max().item() > 65504.0:
+            raise GlmcError(f"weight {self.label} holds values beyond the fp16 range (|w| max "
+                            f"{t.abs().max().item():.3g} > 65504); compile with --dtype bf16 or fp32")
+        return t.to(self.dtype)
+
+
+class Multi(Lazy):
+    """A row-wise computation with several outputs (each a `Part`)."""
+
+    outputs: tuple        # ((shape, dtype), ...)
+
+    def compute(self, r0: int, r1: int) -> tuple:
+        raise NotImplementedError
+
+    def part(self, i: int) -> "Part":
+        return Part(self, i)
+
+
+@dataclass(eq=False)
+class Part(Lazy):
+    multi: Multi
+    index: int
+
+    def __post_init__(self):
+        self.shape, self.dtype = self.multi.outputs[self.index]
+
+    @property
+    def key(self):
+        return ("part", self.multi.key, self.index)
+
+    def rows(self, r0, r1):
+        return self.multi.compute(r0, r1)[self.index]
+
+
+class WeightBook:
+    """Which graph constants are recipes. eager: derive() computes at once (tests, calibration)."""
+
+    def __init__(self, eager: bool = True):
+        self.eager = eager
+        self._by_ident: dict[tuple, Lazy] = {}
+        self._keep: list[torch.Tensor] = []
+        self._placeholders: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def _ident(t: torch.Tensor):
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+    def register(self, tensor: torch.Tensor, lazy: Lazy) -> None:
+        if tensor.numel():
+            self._by_ident[self._ident(tensor)] = lazy
+            self._keep.append(tensor)
+
+    def recipe(self, t: torch.Tensor) -> Lazy:
+        """The recipe behind graph constant t (a Const for a tensor in memory)."""
+        if t.numel():
+            found = self._by_ident.get(self._ident(t))
+            if found is not None:
+                return found
+        return Const(t)
+
+    def is_lazy(self, t: torch.Tensor) -> bool:
+        return bool(t.numel()) and self._ident(t) in self._by_ident
+
+    def value(self, lazy: Lazy) -> torch.Tensor:
+        """A graph constant for `lazy`: its value (eager book or all-Const inputs), else a placeholder."""
+        if self.eager or _all_const(lazy):
+            return lazy.full() if lazy.shape else lazy.rows(0, 1)
+        ph = self._placeholders.get(lazy.key)
+        if ph is None:
+            # never written: the pages stay unallocated; only the recipe is ever materialised
+            ph = self._placeholders[lazy.key] = torch.empty(lazy.shape, dtype=lazy.dtype)
+            self.register(ph, lazy)
+        return ph
+
+    def cat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return self.value(Cat(tuple(self.recipe(t) for t in tensors)))
+
+    def zeros_like_rows(self, t: torch.Tensor) -> Lazy:
+        return Zeros((t.shape[0],), torch.float32)
+
+    def cat_recipes(self, parts: list[Lazy]) -> torch.Tensor:
+        return self.value(Cat(tuple(parts)))
+
+
+def _all_const(lazy: Lazy) -> bool:
+    if isinstance(lazy, (Const, Zeros)):
+        return True
+    if isinstance(lazy, Source):
+        return False
+    if isinstance(lazy, Cat):
+        return all(_all_const(p) for p in lazy.parts)
+    if isinstance(lazy, (Transpose, Cast)):
+        return _all_const(lazy.x)
+    if isinstance(lazy, Part):
+        return _all_const(lazy.multi)
+    inner = getattr(lazy, "x", None)
+    return inner is not None and _all_const(inner)
+
+
+# ---------------------------------------------------------------------------- writing
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+              torch.uint8: "U8", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
+
+
+def _nbytes(shape, dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return memoryview(t.view(torch.int16).numpy()).cast("B")
+    return memoryview(t.numpy()).cast("B")
+
+
+def _producer(lazy: Lazy):
+    return lazy.multi if isinstance(lazy, Part) else lazy
+
+
+def write_safetensors(entries: dict[str, Lazy], path: Path) -> dict[str, tuple[int, int]]:
+    """Write entries (name -> recipe) as one safetensors file, computing one producer's row
+    chunk at a time. Returns name -> (absolute byte offset, length) in the file."""
+    header, offset = {}, 0
+    for name, lazy in entries.items():
+        n = _nbytes(lazy.shape, lazy.dtype)
+        header[name] = {"dtype": _ST_DTYPES[lazy.dtype], "shape": list(lazy.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(len(blob) + 8) % 64)            # tensors start 64-byte aligned
+    base = 8 + len(blob)
+    # every output of one producer, so a multi-output recipe is computed once per chunk
+    by_producer: dict[int, tuple[Lazy, list]] = {}
+    for name, lazy in entries.items():
+        prod = _producer(lazy)
+        by_producer.setdefault(id(prod), (prod, []))[1].append((name, lazy))
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        f.truncate(base + offset)
+        fd = f.fileno()
+        for prod, outs in by_producer.values():
+            rows = prod.shape[0] if prod.shape else 1
+            width = max(1, math.prod(prod.shape[1:])) if prod.shape else 1
+            step = rows if not prod.chunkable else max(1, CHUNK_ELEMENTS // width)
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                values = prod.compute(r0, r1) if isinstance(prod, Multi) else None
+                for name, lazy in outs:
+                    t = values[lazy.index] if values is not None else (
+                        lazy.rows(r0, r1) if lazy.shape else lazy.rows(0, 1).reshape(()))
+                    if tuple(t.shape[1:]) != tuple(lazy.shape[1:]) or t.dtype != lazy.dtype:
+                        raise RuntimeError(f"recipe for {name} produced {tuple(t.shape)} {t.dtype}, "
+                                           f"expected {lazy.shape} {lazy.dtype}")
+                    row_bytes = _nbytes(lazy.shape[1:], lazy.dtype) if lazy.shape else 0
+                    os.pwrite(fd, _as_bytes(t), base + header[name]["data_offsets"][0] + r0 * row_bytes)
+    return {name: (base + h["data_offsets"][0], h["data_offsets"][1] - h["data_offsets"][0])
+            for name, h in header.items()}
+
+
+def mapped_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only numpy view of one memory map."""
+    from glmc.safetensors_check import data_start, read_header
+
+    header = read_header(path)
+    base = data_start(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    np_types = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8, "I64": np.int64,
+                "I32": np.int32, "BOOL": np.bool_, "BF16": np.uint16}
+    out = {}
+    for name, h in header.items():
+        if name == "__metadata__":
+            continue
+        b, e = h["data_offsets"]
+        out[name] = mm[base + b: base + e].view(np_types[h["dtype"]]).reshape(h["shape"])
+    return out
