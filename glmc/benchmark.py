@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 
 from glmc.errors import GlmcError
 from glmc.modelcfg import head_dim
-from glmc.measure import cpu_name, matmul_tflops, measure, read_bandwidth_gbs, summarize
+from glmc.measure import cpu_name, matmul_tflops, measure, peak_rss_mb, read_bandwidth_gbs, summarize
 
 log = logging.getLogger("glmc.bench")
 
@@ -349,7 +348,7 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
             "settings": {"prompt_lengths": settings.prompt_lengths, "contexts": settings.contexts,
                          "decode_tokens": settings.decode_tokens, "repeats": settings.repeats,
                          "baselines": settings.baselines, "quick": quick},
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
             "results": results,
             "speedup_glmc_over": ratios,
             "decode_op_breakdown_ms": breakdown,

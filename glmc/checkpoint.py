@@ -23,7 +23,7 @@ from glmc.errors import GlmcError, warn
 from glmc.modelcfg import head_dim
 from glmc.settings import memory_limit_bytes
 from glmc.presets import get_preset
-from glmc.safetensors_check import read_header
+from glmc.safetensors_check import data_start, read_header
 
 SUPPORTED_MODEL_TYPES = ("glm", "glm4", "chatglm")
 # gated MLP activations: silu -> fuse_swiglu; gelu (erf) and gelu_pytorch_tanh -> fuse_gelu_mlp;
@@ -376,8 +376,8 @@ def _load_preset(name: str, bytes_per_param: float = 8.0, purpose: str = "loadin
     )
 
 
-def _load_checkpoint(ckpt: Path, allow_pickle: bool = False, bytes_per_param: float = 8.0,
-                     purpose: str = "loading") -> LoadedModel:
+def _read_config(ckpt: Path) -> tuple:
+    """config.json -> (raw dict as glm, source layout, model_type, transformers config)."""
     raw = _read_json(ckpt / "config.json", "config.json")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -390,6 +390,12 @@ def _load_checkpoint(ckpt: Path, allow_pickle: bool = False, bytes_per_param: fl
         raw = chatglm.config_from_chatglm(raw)
         model_type = "glm"
     config = build_config(raw)
+    return raw, layout, model_type, config
+
+
+def _load_checkpoint(ckpt: Path, allow_pickle: bool = False, bytes_per_param: float = 8.0,
+                     purpose: str = "loading") -> LoadedModel:
+    raw, layout, model_type, config = _read_config(ckpt)
     cfg = config.to_dict()
     check_memory(dict(cfg, model_type=model_type), str(ckpt), bytes_per_param, purpose)
     files = weight_files(ckpt, allow_pickle)
@@ -421,9 +427,9 @@ def _empty_model(model_type: str, config) -> torch.nn.Module:
 
 
 def _safetensors_entries(files: list[Path]) -> dict:
-    """stored name -> (reader, shape, dtype), from the headers only."""
-    from safetensors import SafetensorError, safe_open
-
+    """stored name -> (reader, shape, dtype), from the headers only. Rows are read with pread
+    into fresh memory, never through a memory map: mapped checkpoint pages would stay in the
+    process's resident set, and a compile would hold the checkpoint it streams."""
     found = {}
     for p in files:
         if p.suffix in _PICKLE_SUFFIXES:
@@ -434,23 +440,48 @@ def _safetensors_entries(files: list[Path]) -> dict:
                     raise GlmcError(f"{p}: tensor '{name}' appears in more than one file")
                 found[name] = (lambda n, r0, r1, t=t: t[r0:r1] if t.dim() else t, tuple(t.shape), t.dtype)
             continue
-        read_header(p)
-        try:
-            handle = safe_open(p, framework="pt")
-            for name in handle.keys():
-                if name in found:
-                    raise GlmcError(f"{p}: tensor '{name}' appears in more than one shard")
-                sl = handle.get_slice(name)
-                shape = tuple(sl.get_shape())
-                dtype = _ST_TORCH.get(sl.get_dtype())
-
-                def read(n, r0, r1, h=handle, shape=shape):
-                    sl = h.get_slice(n)
-                    return sl[r0:r1] if shape else h.get_tensor(n)
-                found[name] = (read, shape, dtype)
-        except SafetensorError as e:
-            raise GlmcError(f"{p}: unreadable safetensors ({e})") from None
+        header = read_header(p)
+        base = data_start(p)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if name in found:
+                raise GlmcError(f"{p}: tensor '{name}' appears in more than one shard")
+            dtype = _ST_TORCH.get(info["dtype"])
+            shape = tuple(info["shape"])
+            found[name] = (_RowReader(p, base + info["data_offsets"][0], shape, dtype), shape, dtype)
     return found
+
+
+class _RowReader:
+    """Rows r0:r1 of one stored tensor, read with os.pread."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple, dtype):
+        self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
+
+    def __call__(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        if self.dtype is None:
+            raise GlmcError(f"{self.path}: tensor '{name}' has a dtype glmc cannot read")
+        item = torch.empty((), dtype=self.dtype).element_size()
+        rest = self.shape[1:] if self.shape else ()
+        row = item * math.prod(rest)
+        if not self.shape:
+            r0, r1, rest = 0, 1, ()
+        out = torch.empty((r1 - r0, *rest), dtype=self.dtype)
+        view = out.view(torch.uint8).numpy().reshape(-1) if out.numel() else None
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done, want = 0, (r1 - r0) * row
+            while done < want:
+                n = os.preadv(fd, [memoryview(view)[done:]], self.offset + r0 * row + done)
+                if n <= 0:
+                    raise GlmcError(f"{self.path}: truncated while reading tensor '{name}'")
+                done += n
+        except OSError as e:
+            raise GlmcError(f"{self.path}: cannot read tensor '{name}' ({e.strerror})") from None
+        finally:
+            os.close(fd)
+        return out if self.shape else out.reshape(())
 
 
 _ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -500,26 +531,19 @@ def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str
     need_bytes(cfg) -> bytes this needs; refused up front when the machine has less."""
     path = Path(spec)
     if not path.is_dir():
-        loaded = load(spec, allow_pickle=allow_pickle, bytes_per_param=4.0, purpose=purpose)
+        if not path.exists() and os.sep not in str(spec) and not str(spec).startswith(".") and need_bytes:
+            cfg = dict(get_preset(str(spec)).config)          # a preset lives in memory: + its fp32 weights
+            _refuse_beyond(need_bytes(cfg) + 4 * count_parameters(cfg), str(spec), purpose, count_parameters(cfg))
+        loaded = load(spec, allow_pickle=allow_pickle, bytes_per_param=0.0, purpose=purpose)
         state = loaded.model.state_dict()
         loaded.tensors = TensorSource({n: (lambda k, r0, r1, t=t: t[r0:r1], n, 0, tuple(t.shape), t.dtype)
                                        for n, t in state.items()})
         return loaded
-    raw = _read_json(path / "config.json", "config.json")
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise GlmcError(
-            f"{path / 'config.json'}: model_type {model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    layout = model_type
-    if model_type == "chatglm":
-        raw = chatglm.config_from_chatglm(raw)
-        model_type = "glm"
-    config = build_config(raw)
+    raw, layout, model_type, config = _read_config(path)
     cfg = config.to_dict()
     if need_bytes is not None:
-        _refuse_beyond(need_bytes(dict(cfg, model_type=model_type)), str(path), purpose)
+        c = dict(cfg, model_type=model_type)
+        _refuse_beyond(need_bytes(c), str(path), purpose, count_parameters(c))
     files = weight_files(path, allow_pickle)
     found = _safetensors_entries(files)
     model = _empty_model(model_type, config)
@@ -537,8 +561,8 @@ def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str
     return loaded
 
 
-def _refuse_beyond(need: float, where: str, what: str) -> None:
+def _refuse_beyond(need: float, where: str, what: str, params: int) -> None:
     have = available_memory_bytes()
     if have is not None and need > have:
-        raise GlmcError(f"{where}: {what} needs about {need / 2**30:.1f} GiB, "
+        raise GlmcError(f"{where}: {what} needs about {need / 2**30:.1f} GiB ({params / 1e6:.0f}M parameters), "
                         f"this machine has {have / 2**30:.1f} GiB available")

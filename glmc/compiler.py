@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
+from glmc.measure import peak_rss_mb
 import sys
 import time
 from pathlib import Path
@@ -21,6 +21,7 @@ from glmc.backends import get_backend
 from glmc.dtypes import COMPUTE as DTYPES
 from glmc.errors import GlmcError, VerificationError
 from glmc.ir import QuantConfig, make_context
+from glmc.modelcfg import head_dim
 from glmc.pipeline import pipeline as default_pipeline
 from glmc.pipeline import run_pipeline
 from glmc.target import Target
@@ -29,7 +30,8 @@ from glmc.weights import CHUNK_ELEMENTS, WeightBook
 
 # --calibrate holds the fp32 model: measured on small-glm, 6.5x the fp32 weights (3 entry points)
 CALIBRATED_PEAK_OVER_WEIGHTS = 8.5
-BASE_COMPILE_BYTES = 1.5 * 2**30
+BASE_COMPILE_BYTES = 0.6 * 2**30
+VERIFY_OVER_ARTIFACT = 3.9
 QUANTS = ("none", "int8", "int4")
 
 
@@ -45,7 +47,7 @@ def _versions() -> dict:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
@@ -81,6 +83,7 @@ class _Stages:
 
     def __init__(self, show: bool, total: int):
         self.times: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}      # the process's peak RSS when each stage ended
         self._progress = None
         if show:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -109,6 +112,7 @@ class _Stages:
 
             def __exit__(self, *exc):
                 stages.times[name] = round(time.perf_counter() - self.t0, 3)
+                stages.peak_rss_mb[name] = round(_peak_rss_mb(), 1)
                 if stages._progress and exc[0] is None:
                     stages._progress.advance(stages._task)
 
@@ -131,7 +135,7 @@ def compile(
     symmetric: bool = True,
     lm_head: str = "int8",
     accuracy_level: int = 4,
-    embedding: str = "fp32",
+    embedding: str | None = None,
     allow_pickle: bool = False,
     tune: bool = False,
     tune_budget: float = 120.0,
@@ -150,6 +154,8 @@ def compile(
     dtype = dtype or backend.default_dtype
     if chunked_prefill is None:
         chunked_prefill = backend.chunked_prefill_default
+    if embedding is None:       # compact tables by default when quantizing (big vocabularies)
+        embedding = "fp32" if quant == "none" else "int8"
     qc = QuantConfig(quant, group_size, symmetric, lm_head, embedding, accuracy_level)
     check_options(backend, dtype, qc, calibrate)
     if tune and backend.why_cannot_run_here():
@@ -165,7 +171,7 @@ def compile(
                                          bytes_per_param=4 * CALIBRATED_PEAK_OVER_WEIGHTS, purpose="compiling")
             else:               # weights stay in the checkpoint until they are written
                 loaded = checkpoint.open_model(model, allow_pickle=allow_pickle, purpose="compiling",
-                                               need_bytes=lambda c: compile_memory_bytes(c, target, quant))
+                                               need_bytes=lambda c: compile_memory_bytes(c, qc, max_seq_len, verify))
             book = _weight_book(loaded, eager=bool(calibrate))
         cfg = loaded.config
         limit = cfg["max_position_embeddings"]
@@ -218,6 +224,7 @@ def compile(
                 report = {
                     "seconds": round(time.perf_counter() - t_start, 2),
                     "stage_seconds": stages.times,
+                    "stage_peak_rss_mb": stages.peak_rss_mb,
                     "peak_rss_mb": round(_peak_rss_mb(), 1),
                     "parameters": n_params,
                     "parameter_bytes_fp32": n_params * 4,
@@ -269,7 +276,7 @@ def _quant_summary(report: dict, q: QuantConfig, calibrate: int) -> dict | None:
     packed = sum(v["bytes_packed"] for v in report.values())
     return {
         "quant": q.mode, "group_size": q.group_size if q.mode == "int4" else None,
-        "symmetric": q.symmetric, "lm_head": q.lm_head, "accuracy_level": q.accuracy_level,
+        "symmetric": q.symmetric, "lm_head": q.lm_head, "embedding": q.embedding, "accuracy_level": q.accuracy_level,
         "calibration_sequences": calibrate,
         "linear_bytes_fp32": fp32, "linear_bytes_fp16": fp32 // 2, "linear_bytes_packed": packed,
         "packed_over_fp16": round(packed / max(1, fp32 // 2), 4),
@@ -291,18 +298,41 @@ def _weight_book(loaded, eager: bool) -> WeightBook:
     return book
 
 
-def compile_memory_bytes(cfg: dict, target, quant: str) -> float:
-    """Peak memory of a streaming compile with verification (measured: see README)."""
+def compile_memory_bytes(cfg: dict, qc: QuantConfig, max_seq_len: int | None, verify: bool) -> float:
+    """Peak memory of a compile, estimated from the config before any weight is read.
+
+    Measured on this project's machine (report.json's stage_peak_rss_mb; README, "Model size"):
+    the process with its libraries and traced graphs is ~0.6 GiB; trace holds the decode
+    entry's example KV cache; lowering one row chunk of one weight at a time (a whole matrix
+    for an unquantized transpose); verification one fp32 decoder layer of the reference plus
+    the artifact in onnxruntime, which measured 3.9x its weight bytes (the mapped file and a
+    pre-packed copy per session) on a 12-layer fp32 model."""
     from glmc.checkpoint import count_parameters
 
-    H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    layer = (count_parameters(cfg) - V * H * (1 if cfg.get("tie_word_embeddings") else 2)) / cfg["num_hidden_layers"]
-    largest = max(V * H, 2 * I * H)
-    return BASE_COMPILE_BYTES + 4 * layer + 3 * 4 * min(largest, CHUNK_ELEMENTS * 4) + _runtime_bytes(cfg, quant)
+    H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    seq = max_seq_len if max_seq_len is not None else min(cfg["max_position_embeddings"], 2048)
+    kv_example = 2 * 2 * L * cfg["num_key_value_heads"] * seq * head_dim(cfg) * 4 * 2
+    tables = V * H * (1 if cfg.get("tie_word_embeddings") else 2)
+    linears = count_parameters(cfg) - tables
+    largest = max(V * H, 2 * cfg["intermediate_size"] * H)
+    lower = 3 * 4 * (largest if qc.mode == "none" else min(largest, CHUNK_ELEMENTS))
+    need = BASE_COMPILE_BYTES + kv_example + lower
+    if verify:
+        need += 4 * linears / L + VERIFY_OVER_ARTIFACT * artifact_bytes(cfg, qc)
+    return need
 
 
-def _runtime_bytes(cfg, quant):
-    return 0
+def artifact_bytes(cfg: dict, qc: QuantConfig) -> float:
+    """The weight bytes a compile writes (before it writes them)."""
+    from glmc.checkpoint import count_parameters
+
+    H, V = cfg["hidden_size"], cfg["vocab_size"]
+    tied = bool(cfg.get("tie_word_embeddings"))
+    linears = count_parameters(cfg) - V * H * (1 if tied else 2)
+    per_param = {"none": 4.0, "int8": 1.0 + 4 / 128, "int4": 0.5 + 4 / qc.group_size + (0 if qc.symmetric else 0.5 / qc.group_size)}[qc.mode]
+    embedding = V * H * (1.0 if qc.embedding == "int8" else 4.0)
+    head = V * H * (4.0 if qc.mode == "none" or qc.lm_head == "none" else 1.0 + 4 / 128)
+    return linears * per_param + embedding + head
 
 
 def _verify(tmp: Path, backend, reference, ctx, pipeline):

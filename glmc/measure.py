@@ -72,3 +72,17 @@ def cpu_name() -> str:
     except OSError:
         m = None
     return m.group(1).strip() if m else (platform.processor() or platform.machine())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (MiB): VmHWM, which starts afresh at exec. ru_maxrss
+    does not: a process started from a big parent reports the parent's size as its own."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

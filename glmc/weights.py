@@ -323,6 +323,22 @@ def write_safetensors(entries: dict[str, Lazy], path: Path) -> dict[str, tuple[i
             for name, h in header.items()}
 
 
+def release_pages(arrays: dict[str, np.ndarray]) -> None:
+    """Drop the resident pages of `mapped_arrays`' map (they stay in the page cache; the next
+    read faults them back in). After onnxruntime has pre-packed a weight it never reads the
+    original again, so its mapped pages would only inflate the resident set."""
+    import mmap
+
+    for a in arrays.values():
+        base = a
+        while getattr(base, "base", None) is not None and not isinstance(base, np.memmap):
+            base = base.base
+        m = getattr(base, "_mmap", None)
+        if m is not None:
+            m.madvise(mmap.MADV_DONTNEED)
+            return
+
+
 def mapped_arrays(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as a read-only numpy view of one memory map."""
     from glmc.safetensors_check import data_start, read_header

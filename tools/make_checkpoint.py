@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -149,7 +148,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     info = write_checkpoint(args.out, glm_config(args.shape, args.layers, args.hidden, args.vocab, args.intermediate), args.dtype, args.shard_gb,
                             args.seed, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from glmc.measure import peak_rss_mb
+
+    peak = peak_rss_mb()
     print(json.dumps(dict(info, shape=args.shape, seconds=round(time.perf_counter() - t0, 1),
                           peak_rss_mb=round(peak, 1))))
     return 0

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from glmc.backends.kv import store_decode_kv, store_kv
 from glmc.modelcfg import head_dim
+from glmc.weights import release_pages
 
 
 def default_threads() -> int:
@@ -99,8 +100,12 @@ class CpuExecutor:
         opts.log_severity_level = 3
         for init_name, key in self._backend["initializers"][name].items():
             opts.add_initializer(init_name, self._ort_weights[key])
-        return ort.InferenceSession(str(self._dir / self._backend["graphs"][name]), sess_options=opts,
-                                    providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(self._dir / self._backend["graphs"][name]), sess_options=opts,
+                                       providers=["CPUExecutionProvider"])
+        # each session pre-packs its matmul weights into memory of its own; the mapped
+        # originals it read to do so are dropped from the resident set (still in the page cache)
+        release_pages(self._weights)
+        return session
 
     def profile(self, name: str, prefix: str) -> None:
         """Replace session `name` with one that writes onnxruntime's profile to `prefix`*.json."""

@@ -44,9 +44,10 @@ def test_quantized_agrees_with_unquantized(variant, quant, threshold, artifacts,
     assert len(model.generate([[5, 6, 7]], max_new_tokens=8)[0]) >= 1
 
 
-def test_int8_embedding_option(artifacts, checkpoints, reference):
-    fp = artifacts("glm-gqa", quant="int8")
-    path = artifacts("glm-gqa", quant="int8", embedding="int8")
+def test_int8_embedding_is_the_quantized_default(artifacts, checkpoints, reference):
+    fp = artifacts("glm-gqa", quant="int8", embedding="fp32")
+    path = artifacts("glm-gqa", quant="int8")
+    assert json.loads((path / "report.json").read_text())["quantization"]["embedding"] == "int8"
     model = glmc.load(path)
     assert _agreement(model, reference(checkpoints("glm-gqa"))) >= 0.9
     assert (path / "weights.safetensors").stat().st_size < (fp / "weights.safetensors").stat().st_size
