@@ -187,18 +187,19 @@ def inspect(model_or_artifact, full, target):
 @click.option("--model", "source", default=None,
               help="Reference checkpoint or preset (default: the one the artifact was compiled from).")
 def verify(artifact, source):
-    """Re-check ARTIFACT against transformers' eager model; print the max logits difference."""
-    from glmc.checkpoint import load as load_model
+    """Re-check ARTIFACT against transformers' own modules (one decoder layer in memory at a
+    time); print the max logits difference."""
+    from glmc.checkpoint import open_model
     from glmc.runtime import load
-    from glmc.verify import compare
+    from glmc.verify import Reference, compare
 
     rt = load(artifact)
     src = rt.manifest["source"]
     name = source or src["name"]
-    ref = load_model(name)
+    ref = open_model(name, purpose="verifying")
     if ref.source["sha256"] != src["sha256"]:
         raise GlmcError(f"{name}: is not the checkpoint {artifact} was compiled from (sha256 differs)")
-    r = compare(rt, ref.model, rt.manifest["dtype"], rt.manifest["quant"])
+    r = compare(rt, Reference.of(ref), rt.manifest["dtype"], rt.manifest["quant"])
     measured = (f"{r.relative_rms:.3f} relative RMS logits error" if r.measure == "relative_rms"
                 else f"{r.max_abs_diff:.3e}")
     click.echo(f"max |logits diff| {r.max_abs_diff:.3e} over {r.positions} positions; checked {measured} "

@@ -1,0 +1,155 @@
+"""A real-size model on this machine: compile (int4, int8, cuda fp16 cross-compile), load,
+prefill and decode, with wall time and peak RSS of each step.
+
+    python tools/make_checkpoint.py glm4-9b /data/glm4-9b           # 18.8 GB bf16, ~2-3 min
+    python bench/big_model.py /data/glm4-9b --work /data/glmc-big --out bench/results/glm4-9b-cpu.json
+
+Each compile runs as its own `glmc compile` process and reports from its report.json
+(peak RSS is the process's VmHWM). The runtime is measured in a child process too:
+load time and RSS, prefill tokens/s at 128 and 1024 tokens, decode tokens/s (min /
+median / max over steps) and decode's fraction of the bandwidth roofline: bytes a
+decode step must read (the artifact's weights the step touches, plus the KV cache it
+reads) / read bandwidth, measured in the same child just before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from report_json import emit  # noqa: E402  (bench/, the script's own directory)
+
+_RUNTIME = r"""
+import json, sys, time
+import numpy as np
+from glmc.measure import cpu_name, measure, peak_rss_mb, read_bandwidth_gbs, summarize
+
+path, prompts, steps = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], int(sys.argv[3])
+bandwidth = read_bandwidth_gbs()
+import glmc
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+t0 = time.perf_counter()
+model = glmc.load(path)
+ex = model.executor
+load_s = time.perf_counter() - t0
+out = {"cpu": cpu_name(), "read_bandwidth_gbs": round(bandwidth, 2), "load_seconds": round(load_s, 2),
+       "rss_after_load_mb": round(rss_mb(), 1), "prefill": {}}
+cache = None
+for T in prompts:
+    ids = (np.arange(T) % 1000 + 5)[None].astype(np.int64)
+    times = []
+    for _ in range(2):
+        cache = ex.new_cache(1)
+        t0 = time.perf_counter()
+        last = ex.prefill(cache, ids, np.ones_like(ids))
+        times.append(time.perf_counter() - t0)
+    s = summarize(times)
+    out["prefill"][str(T)] = {"tokens_per_s": {"min": round(T / s["max"], 2), "median": round(T / s["median"], 2),
+                                               "max": round(T / s["min"], 2)}, "seconds": s}
+pos = np.array([prompts[-1]])
+tok = np.array([[int(last[0].argmax())]])
+times = []
+for _ in range(steps):
+    t0 = time.perf_counter()
+    logits = ex.decode(cache, tok, pos)
+    times.append(time.perf_counter() - t0)
+    tok = np.array([[int(logits[0, 0].argmax())]])
+    pos += 1
+s = summarize(times)
+out["decode"] = {"context": prompts[-1], "steps": steps, "seconds": s,
+                 "tokens_per_s": {"min": round(1 / s["max"], 3), "median": round(1 / s["median"], 3),
+                                  "max": round(1 / s["min"], 3)}}
+out["rss_after_generation_mb"] = round(rss_mb(), 1)
+out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+print("RESULT" + json.dumps(out))
+"""
+
+
+def _compile(ckpt: Path, out: Path, args: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "glmc.cli", "compile", str(ckpt), "-o", str(out), *args]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"command": " ".join(cmd[2:]), "error": (r.stderr or r.stdout).strip().splitlines()[-1]}
+    report = json.loads((out / "report.json").read_text())
+    return {"command": "glmc " + " ".join(cmd[4:]), "wall_seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb": report["peak_rss_mb"], "stage_seconds": report["stage_seconds"],
+            "stage_peak_rss_mb": report.get("stage_peak_rss_mb"), "artifact_bytes": report["artifact_bytes"],
+            "verify": report["verify"]}
+
+
+def _decode_bytes(artifact: Path, context: int) -> int:
+    """Bytes one decode step reads: every weight but the embedding table (one row of it) plus
+    the KV cache (the decode graph attends over its whole capacity)."""
+    from glmc.modelcfg import head_dim
+    from glmc.safetensors_check import read_header
+
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    cfg = manifest["model"]["config"]
+    header = read_header(artifact / manifest["backend"]["weights"])
+    sizes = sorted(((h["data_offsets"][1] - h["data_offsets"][0], tuple(h["shape"]))
+                    for k, h in header.items() if k != "__metadata__"), reverse=True)
+    embed = next((n for n, shape in sizes if shape and shape[0] == cfg["vocab_size"]), 0)
+    weights = sum(n for n, _ in sizes) - embed + embed // cfg["vocab_size"]
+    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * manifest["max_seq_len"] * head_dim(cfg) * 4
+    return weights + kv
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--work", type=Path, required=True, help="where the artifacts are written")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--quants", default="int4,int8")
+    ap.add_argument("--cuda", default="cuda:sm_80,sm_90", help="cross-compile target ('' to skip)")
+    ap.add_argument("--verify", action="store_true", help="compile with verification (needs the memory)")
+    ap.add_argument("--prompts", default="128,1024")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--reuse", action="store_true", help="keep artifacts that exist")
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    verify = [] if args.verify else ["--no-verify"]
+    report = {"checkpoint": str(args.checkpoint), "config": json.loads((args.checkpoint / "config.json").read_text()),
+              "compiles": {}, "runtime": {}, "cpu_count": os.cpu_count()}
+    for quant in [q for q in args.quants.split(",") if q]:
+        out = args.work / f"cpu-{quant}.glmc"
+        if not (args.reuse and (out / "report.json").exists()):
+            report["compiles"][f"cpu-{quant}"] = _compile(args.checkpoint, out, ["--quant", quant, *verify])
+        else:
+            report["compiles"][f"cpu-{quant}"] = {"reused": str(out)}
+        r = subprocess.run([sys.executable, "-c", _RUNTIME, str(out), args.prompts, str(args.steps)],
+                           capture_output=True, text=True)
+        if r.returncode != 0 or "RESULT" not in r.stdout:
+            report["runtime"][quant] = {"error": (r.stderr or r.stdout).strip().splitlines()[-1]}
+            continue
+        rt = json.loads(r.stdout.split("RESULT", 1)[1])
+        nbytes = _decode_bytes(out, rt["decode"]["context"])
+        roof = rt["read_bandwidth_gbs"] * 1e9 / nbytes
+        rt["decode"]["bytes_per_token"] = nbytes
+        rt["decode"]["roofline_tokens_per_s"] = round(roof, 3)
+        rt["decode"]["fraction_of_roofline"] = round(rt["decode"]["tokens_per_s"]["median"] / roof, 3)
+        weights = (out / "weights.safetensors").stat().st_size
+        rt["weight_bytes"] = weights
+        rt["rss_over_weights"] = round(rt["rss_after_generation_mb"] * 2**20 / weights, 3)
+        report["runtime"][quant] = rt
+    if args.cuda:
+        out = args.work / "cuda-fp16.glmc"
+        report["compiles"]["cuda-fp16"] = _compile(args.checkpoint, out, ["--target", args.cuda, "--no-verify"])
+    emit(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
