@@ -74,7 +74,7 @@ def presets():
 @click.option("--lm-head", default="int8", show_default=True, type=click.Choice(["int8", "none"]),
               help="Quantize the lm_head to int8 (with --quant) or keep it fp32.")
 @click.option("--embedding", default=None, type=click.Choice(["fp32", "int8"]),
-              help="Embedding table precision. Default: int8 (per-row scales) with --quant, else fp32; "
+              help="Embedding table precision. Default: int8 (per-row scales) with --quant on cpu, else fp32; "
                    "a 151552 x 4096 table is 2.5 GB in fp32, 0.6 GB in int8.")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
               help="cpu int4/int8 matmuls: 4 = int8 activations inside the kernel (fast), 0 = fp32 activations.")

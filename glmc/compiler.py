@@ -154,8 +154,9 @@ def compile(
     dtype = dtype or backend.default_dtype
     if chunked_prefill is None:
         chunked_prefill = backend.chunked_prefill_default
-    if embedding is None:       # compact tables by default when quantizing (big vocabularies)
-        embedding = "fp32" if quant == "none" else "int8"
+    if embedding is None:       # compact tables by default when quantizing (big vocabularies); the GPU
+        # programs' int8 gather returns fp32 rows into an fp16 program, so GPUs keep the table
+        embedding = "int8" if quant != "none" and backend.target.family == "cpu" else "fp32"
     qc = QuantConfig(quant, group_size, symmetric, lm_head, embedding, accuracy_level)
     check_options(backend, dtype, qc, calibrate)
     if tune and backend.why_cannot_run_here():
