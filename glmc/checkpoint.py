@@ -24,6 +24,7 @@ from glmc.modelcfg import head_dim
 from glmc.settings import memory_limit_bytes
 from glmc.presets import get_preset
 from glmc.safetensors_check import data_start, read_header
+from glmc.weights import ST_DTYPES
 
 SUPPORTED_MODEL_TYPES = ("glm", "glm4", "chatglm")
 # gated MLP activations: silu -> fuse_swiglu; gelu (erf) and gelu_pytorch_tanh -> fuse_gelu_mlp;
@@ -438,7 +439,7 @@ def _safetensors_entries(files: list[Path]) -> dict:
             for name, t in state.items():
                 if name in found:
                     raise GlmcError(f"{p}: tensor '{name}' appears in more than one file")
-                found[name] = (lambda n, r0, r1, t=t: t[r0:r1] if t.dim() else t, tuple(t.shape), t.dtype)
+                found[name] = (_in_memory(t), tuple(t.shape), t.dtype)
             continue
         header = read_header(p)
         base = data_start(p)
@@ -447,10 +448,15 @@ def _safetensors_entries(files: list[Path]) -> dict:
                 continue
             if name in found:
                 raise GlmcError(f"{p}: tensor '{name}' appears in more than one shard")
-            dtype = _ST_TORCH.get(info["dtype"])
+            dtype = ST_DTYPES.get(info["dtype"])
             shape = tuple(info["shape"])
             found[name] = (_RowReader(p, base + info["data_offsets"][0], shape, dtype), shape, dtype)
     return found
+
+
+def _in_memory(t: torch.Tensor):
+    """A TensorSource reader of a tensor already in memory."""
+    return lambda name, r0, r1: t[r0:r1] if t.dim() else t
 
 
 class _RowReader:
@@ -483,10 +489,6 @@ class _RowReader:
             os.close(fd)
         return out if self.shape else out.reshape(())
 
-
-_ST_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-             "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-             "BOOL": torch.bool}
 
 
 def _map_entries(found: dict, layout: str, cfg: dict, where: str, expected: dict, tied: bool) -> TensorSource:
@@ -536,7 +538,7 @@ def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str
             _refuse_beyond(need_bytes(cfg) + 4 * count_parameters(cfg), str(spec), purpose, count_parameters(cfg))
         loaded = load(spec, allow_pickle=allow_pickle, bytes_per_param=0.0, purpose=purpose)
         state = loaded.model.state_dict()
-        loaded.tensors = TensorSource({n: (lambda k, r0, r1, t=t: t[r0:r1], n, 0, tuple(t.shape), t.dtype)
+        loaded.tensors = TensorSource({n: (_in_memory(t), n, 0, tuple(t.shape), t.dtype)
                                        for n, t in state.items()})
         return loaded
     raw, layout, model_type, config = _read_config(path)

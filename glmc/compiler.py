@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from glmc.measure import peak_rss_mb
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from glmc.backends import get_backend
 from glmc.dtypes import COMPUTE as DTYPES
 from glmc.errors import GlmcError, VerificationError
 from glmc.ir import QuantConfig, make_context
+from glmc.measure import peak_rss_mb
 from glmc.modelcfg import head_dim
 from glmc.pipeline import pipeline as default_pipeline
 from glmc.pipeline import run_pipeline
@@ -44,10 +44,6 @@ def _versions() -> dict:
     return {"glmc": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "python": sys.version.split()[0]}
-
-
-def _peak_rss_mb() -> float:
-    return peak_rss_mb()
 
 
 def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
@@ -112,7 +108,7 @@ class _Stages:
 
             def __exit__(self, *exc):
                 stages.times[name] = round(time.perf_counter() - self.t0, 3)
-                stages.peak_rss_mb[name] = round(_peak_rss_mb(), 1)
+                stages.peak_rss_mb[name] = round(peak_rss_mb(), 1)
                 if stages._progress and exc[0] is None:
                     stages._progress.advance(stages._task)
 
@@ -226,7 +222,7 @@ def compile(
                     "seconds": round(time.perf_counter() - t_start, 2),
                     "stage_seconds": stages.times,
                     "stage_peak_rss_mb": stages.peak_rss_mb,
-                    "peak_rss_mb": round(_peak_rss_mb(), 1),
+                    "peak_rss_mb": round(peak_rss_mb(), 1),
                     "parameters": n_params,
                     "parameter_bytes_fp32": n_params * 4,
                     "artifact_bytes": sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()),

@@ -150,28 +150,33 @@ class _RowWise(Multi):
 
 
 class Quantized(_RowWise):
-    """quantize(x) as (qweight, scales[, zeros]); rows are output channels."""
+    """quantize(x [* act_scale]) as (qweight, scales[, zeros]); rows are output channels."""
 
-    def __init__(self, x: Lazy, bits: int, block_size: int, symmetric: bool):
+    def __init__(self, x: Lazy, bits: int, block_size: int, symmetric: bool,
+                 act_scale: torch.Tensor | None = None, alpha: float = 0.0):
         super().__init__(x)
         self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
+        # activation-aware (AWQ-style): W * s is quantized, the graph divides x by s
+        self.act_scale, self.alpha = act_scale, alpha
         N, K = x.shape
         nb = math.ceil(K / block_size)
         outs = [((N, nb, block_size * bits // 8), torch.uint8), ((N, nb), torch.float32)]
         if not (bits == 8 or symmetric):
             outs.append(((N, math.ceil(nb * bits / 8)), torch.uint8))
         self.outputs = tuple(outs)
-        self.row = {"bits": bits, "shape": list(x.shape), "alpha": 0.0, "relative_error": None,
+        self.row = {"bits": bits, "shape": list(x.shape), "alpha": alpha, "relative_error": None,
                     "bytes_fp32": N * K * 4, "bytes_packed": sum(math.prod(s) * (4 if d == torch.float32 else 1)
                                                                 for s, d in outs)}
 
     @property
     def key(self):
-        return ("quant", self.x.key, self.bits, self.block_size, self.symmetric)
+        return ("quant", self.x.key, self.bits, self.block_size, self.symmetric, self.alpha)
 
     def _compute(self, w):
-        p = quantize(w, self.bits, self.block_size, self.symmetric)
-        err2 = float((dequantize(p) - w.float()).pow(2).sum())
+        s = self.act_scale
+        p = quantize(w * s if s is not None else w, self.bits, self.block_size, self.symmetric)
+        deq = dequantize(p) / s if s is not None else dequantize(p)
+        err2 = float((deq - w.float()).pow(2).sum())
         outs = (p.qweight, p.scales) + ((p.zeros,) if p.zeros is not None else ())
         return outs, err2, float(w.float().pow(2).sum())
 

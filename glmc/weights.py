@@ -49,20 +49,19 @@ class Lazy:
 
 @dataclass(eq=False)
 class Source(Lazy):
-    """Rows [start, start + shape[0]) of checkpoint tensor `name`, read as fp32."""
+    """Checkpoint tensor `name` (rows as the checkpoint's TensorSource reads them), as fp32."""
 
     name: str
     shape: tuple
     read: object = field(repr=False)         # (name, r0, r1) -> tensor
-    start: int = 0
     dtype: torch.dtype = torch.float32
 
     @property
     def key(self):
-        return ("src", self.name, self.start, self.shape)
+        return ("src", self.name, self.shape)
 
     def rows(self, r0, r1):
-        t = self.read(self.name, self.start + r0, self.start + r1).to(torch.float32)
+        t = self.read(self.name, r0, r1).to(torch.float32)
         if not torch.isfinite(t).all():
             raise GlmcError(f"tensor '{self.name}' contains NaN or Inf")
         return t
@@ -198,7 +197,8 @@ class Part(Lazy):
 
 
 class WeightBook:
-    """Which graph constants are recipes. eager: derive() computes at once (tests, calibration)."""
+    """Which graph constants are recipes. An eager book's `value` computes at once (tests,
+    calibration); a lazy one's gives a placeholder and keeps the recipe."""
 
     def __init__(self, eager: bool = True):
         self.eager = eager
@@ -240,11 +240,6 @@ class WeightBook:
     def cat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return self.value(Cat(tuple(self.recipe(t) for t in tensors)))
 
-    def zeros_like_rows(self, t: torch.Tensor) -> Lazy:
-        return Zeros((t.shape[0],), torch.float32)
-
-    def cat_recipes(self, parts: list[Lazy]) -> torch.Tensor:
-        return self.value(Cat(tuple(parts)))
 
 
 def _all_const(lazy: Lazy) -> bool:
@@ -254,18 +249,19 @@ def _all_const(lazy: Lazy) -> bool:
         return False
     if isinstance(lazy, Cat):
         return all(_all_const(p) for p in lazy.parts)
-    if isinstance(lazy, (Transpose, Cast)):
-        return _all_const(lazy.x)
     if isinstance(lazy, Part):
         return _all_const(lazy.multi)
-    inner = getattr(lazy, "x", None)
+    inner = getattr(lazy, "x", None)        # Transpose, Cast, a Multi's input
     return inner is not None and _all_const(inner)
 
 
 # ---------------------------------------------------------------------------- writing
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
-              torch.uint8: "U8", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
+# safetensors dtype names, both ways
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+             "BOOL": torch.bool}
+_ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 
 
 def _nbytes(shape, dtype) -> int:
@@ -289,7 +285,7 @@ def write_safetensors(entries: dict[str, Lazy], path: Path) -> dict[str, tuple[i
     header, offset = {}, 0
     for name, lazy in entries.items():
         n = _nbytes(lazy.shape, lazy.dtype)
-        header[name] = {"dtype": _ST_DTYPES[lazy.dtype], "shape": list(lazy.shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": _ST_NAMES[lazy.dtype], "shape": list(lazy.shape), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(len(blob) + 8) % 64)            # tensors start 64-byte aligned
@@ -323,35 +319,29 @@ def write_safetensors(entries: dict[str, Lazy], path: Path) -> dict[str, tuple[i
             for name, h in header.items()}
 
 
-def release_pages(arrays: dict[str, np.ndarray]) -> None:
-    """Drop the resident pages of `mapped_arrays`' map (they stay in the page cache; the next
-    read faults them back in). After onnxruntime has pre-packed a weight it never reads the
-    original again, so its mapped pages would only inflate the resident set."""
+def release_pages(mm: np.memmap) -> None:
+    """Drop the resident pages of a map from `mapped_arrays` (they stay in the page cache; the
+    next read faults them back in). After onnxruntime has pre-packed a weight it never reads
+    the original again, so its mapped pages would only inflate the resident set."""
     import mmap
 
-    for a in arrays.values():
-        base = a
-        while getattr(base, "base", None) is not None and not isinstance(base, np.memmap):
-            base = base.base
-        m = getattr(base, "_mmap", None)
-        if m is not None:
-            m.madvise(mmap.MADV_DONTNEED)
-            return
+    mm._mmap.madvise(mmap.MADV_DONTNEED)
 
 
-def mapped_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a read-only numpy view of one memory map."""
+def mapped_arrays(path: Path) -> tuple[np.memmap, dict[str, np.ndarray]]:
+    """The file's memory map and every tensor in it as a read-only numpy view of that map
+    (bf16 as uint16)."""
     from glmc.safetensors_check import data_start, read_header
 
     header = read_header(path)
     base = data_start(path)
     mm = np.memmap(path, dtype=np.uint8, mode="r")
-    np_types = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8, "I64": np.int64,
-                "I32": np.int32, "BOOL": np.bool_, "BF16": np.uint16}
     out = {}
     for name, h in header.items():
         if name == "__metadata__":
             continue
         b, e = h["data_offsets"]
-        out[name] = mm[base + b: base + e].view(np_types[h["dtype"]]).reshape(h["shape"])
-    return out
+        dtype = ST_DTYPES[h["dtype"]]
+        np_dtype = np.uint16 if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
+        out[name] = mm[base + b: base + e].view(np_dtype).reshape(h["shape"])
+    return mm, out

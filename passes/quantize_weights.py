@@ -24,8 +24,9 @@ from torch.fx import GraphModule
 import glmc.ops  # noqa: F401  (registers torch.ops.glmc)
 from glmc.ir import PassContext, PassResult
 from glmc.match import add_constant, arg, aten, attr_tensor, is_op, replace, val
-from glmc.quant import EmbeddingInt8, Packed, Quantized, dequantize, digest, quantize
+from glmc.quant import EmbeddingInt8, Quantized, dequantize, digest, quantize
 from glmc.rewrite import Rule, rewrite
+from glmc.weights import Const
 
 ALPHAS = [i / 10 for i in range(11)]
 
@@ -62,22 +63,16 @@ def search_scale(w: torch.Tensor, x: torch.Tensor, bits: int, group: int, symmet
     return best
 
 
-def _quantized(w: torch.Tensor, key: str, bits: int, ctx: PassContext) -> tuple:
-    """(packed, act scale or None, report row) for weight w (digest `key`); pure in (w, bits,
-    ctx.quant, calibration)."""
+def _quantized(w: torch.Tensor, key, bits: int, block: int, ctx: PassContext) -> Quantized:
+    """The quantization recipe of weight w (identified by `key`): round-to-nearest, or with
+    calibration rows for it (int4) the activation-aware scale searched on them."""
     q = ctx.quant
-    wf = w.detach().float()
     rows = ctx.calibration.get(key)
-    s, alpha = None, 0.0
-    if rows is not None and bits == 4:
-        s, _, alpha = search_scale(wf, rows, bits, q.group_size, q.symmetric)
-    packed: Packed = quantize(wf * s if s is not None else wf, bits,
-                              q.group_size if bits == 4 else _int8_block(wf.shape[1]), q.symmetric)
-    deq = dequantize(packed) / (s if s is not None else 1.0)
-    row = {"bits": bits, "shape": list(wf.shape), "alpha": alpha,
-           "relative_error": round(float((deq - wf).norm() / wf.norm().clamp_min(1e-30)), 6),
-           "bytes_fp32": wf.numel() * 4, "bytes_packed": packed.nbytes()}
-    return packed, s, row
+    if rows is None or bits != 4:
+        return Quantized(ctx.weights.recipe(w), bits, block, q.symmetric)
+    wf = w.detach().float()         # the search needs the weight in memory (--calibrate is eager)
+    s, _, alpha = search_scale(wf, rows, bits, block, q.symmetric)
+    return Quantized(Const(wf), bits, block, q.symmetric, act_scale=s, alpha=alpha)
 
 
 def _match_embedding(gm: GraphModule, node, ctx: PassContext):
@@ -122,14 +117,9 @@ def _replace_linear(gm: GraphModule, m, ctx: PassContext, report: dict) -> None:
     key = _weight_key(w, ctx)   # a content hash in memory: once per weight and entry point
     book, q = ctx.weights, ctx.quant
     block = q.group_size if bits == 4 else _int8_block(w.shape[1])
-    if key in ctx.calibration and bits == 4:      # activation-aware: weights in memory
-        packed, s, row = ctx.memo.get((key, bits), lambda: _quantized(w, key, bits, ctx))
-        parts = [packed.qweight, packed.scales] + ([packed.zeros] if packed.zeros is not None else [])
-        K = packed.K
-    else:
-        multi = ctx.memo.get((key, bits), lambda: Quantized(book.recipe(w), bits, block, q.symmetric))
-        parts = [book.value(multi.part(i)) for i in range(len(multi.outputs))]
-        s, row, K = None, multi.row, w.shape[1]
+    multi = ctx.memo.get((key, bits), lambda: _quantized(w, key, bits, block, ctx))
+    parts = [book.value(multi.part(i)) for i in range(len(multi.outputs))]
+    s, row, K = multi.act_scale, multi.row, w.shape[1]
     w_node = node.args[1]
     report[w_node.target if w_node.op == "get_attr" else str(w_node)] = row
     graph = gm.graph

@@ -82,7 +82,6 @@ class _Weights:
         self.entries: dict[str, Lazy] = {}
         self._by_key: dict = {}
         self.mapping: dict[str, dict[str, str]] = {}
-        self._pending: dict[str, list] = {}
 
     def _recipe(self, value) -> Lazy | None:
         """The recipe of an initializer's value; None for one small enough to stay inline."""

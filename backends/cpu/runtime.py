@@ -80,7 +80,7 @@ class CpuExecutor:
         self.capacity = manifest["max_seq_len"]
         self.threads = threads or _tuned_threads(artifact_dir) or default_threads()
         # the weights file mapped once (read-only, paged in on use), shared by every session
-        self._weights = mapped_arrays(artifact_dir / backend["weights"])
+        self._map, self._weights = mapped_arrays(artifact_dir / backend["weights"])
         self._ort_weights = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in self._weights.items()}
         self._dir = artifact_dir
         self._backend = backend
@@ -104,7 +104,7 @@ class CpuExecutor:
                                        providers=["CPUExecutionProvider"])
         # each session pre-packs its matmul weights into memory of its own; the mapped
         # originals it read to do so are dropped from the resident set (still in the page cache)
-        release_pages(self._weights)
+        release_pages(self._map)
         return session
 
     def profile(self, name: str, prefix: str) -> None:
