@@ -21,4 +21,6 @@ def store_decode_kv(cache, kv, rows, position) -> None:
     for i in range(len(cache.k)):
         cache.k[i][rows, :, position] = kv[2 * i][:, :, 0]
         cache.v[i][rows, :, position] = kv[2 * i + 1][:, :, 0]
-    cache.mask[rows, position] = 1
+    # a value of the cache's own array type and device: a Python 1 would be a host-to-device
+    # copy, which a CUDA graph capture refuses
+    cache.mask[rows, position] = rows * 0 + 1

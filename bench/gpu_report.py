@@ -8,7 +8,7 @@
 Every kernel output is checked against torch before it is timed. Timings: CUDA events,
 warm-up, 20 repeats, min/median/max; the L2 cache is flushed between GEMV repeats.
 
-  python bench/gpu_report.py --out bench/results/gpu-$(hostname).json [--skip-e2e]
+  python bench/gpu_report.py --out bench/results/gpu-$(hostname).json [--skip-e2e] [--skip-kernels] [--presets small-glm]
 """
 
 from __future__ import annotations
@@ -124,6 +124,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--presets", default="small-glm,glm-1b", help="end-to-end presets, comma-separated")
     ap.add_argument("--work", default="/tmp")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -133,11 +135,12 @@ def main():
               "triton": triton.__version__, "python": platform.python_version(),
               "memory_GiB": round(props.total_memory / 2**30, 1)}
     report["copy_bandwidth_GB_s"] = copy_bandwidth() / 1e9
-    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")    # 256 MiB > L2
-    report["gemv_int4"] = bench_gemv(report["copy_bandwidth_GB_s"] * 1e9, flush)
-    report["gemm_fp16"] = bench_gemm()
+    if not args.skip_kernels:
+        flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")    # 256 MiB > L2
+        report["gemv_int4"] = bench_gemv(report["copy_bandwidth_GB_s"] * 1e9, flush)
+        report["gemm_fp16"] = bench_gemm()
     if not args.skip_e2e:
-        report["end_to_end"] = [bench_e2e(p, args.work) for p in ("small-glm", "glm-1b")]
+        report["end_to_end"] = [bench_e2e(p, args.work) for p in args.presets.split(",")]
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report, indent=2))

@@ -145,7 +145,9 @@ def kv_names(prefix: str, n_layers: int) -> list[str]:
 
 def trace_prefill(model, config: dict, max_seq_len: int, hidden_states: bool = False, name: str = "prefill") -> Traced:
     L, _, _ = _shape(config)
-    B, T = Dim("batch", min=1, max=256), Dim("seq", min=1, max=max_seq_len)
+    # Dim.DYNAMIC for the length: torch 2.11's exporter adds a guard (min(64*seq, 512*seq) ==
+    # 64*seq) that a named Dim's range check cannot prove; the runtime bounds prompts by the capacity
+    B, T = Dim("batch", min=1, max=256), Dim.DYNAMIC
     args = (torch.randint(3, config["vocab_size"], (2, 5)), torch.ones(2, 5, dtype=torch.int64))
     dyn = ({0: B, 1: T}, {0: B, 1: T})
     with torch.no_grad():

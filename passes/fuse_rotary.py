@@ -20,7 +20,7 @@ from torch.fx import GraphModule
 
 import glmc.ops  # noqa: F401  (registers torch.ops.glmc)
 from glmc.ir import PassContext
-from glmc.match import add_constant, arg, aten, attr_tensor, is_op, only_user, other, replace, scalar, shape, strip_casts
+from glmc.match import CASTS, add_constant, arg, aten, attr_tensor, is_op, only_user, other, replace, scalar, shape, strip_casts
 from glmc.rewrite import Rule, rewrite
 
 def _even_odd(stack, xr):
@@ -65,20 +65,38 @@ def _angles(gm, c, fn):
     if not (is_op(cat, aten.cat.default) and isinstance(parts, (list, tuple)) and len(parts) == 2
             and parts[0] is parts[1]):
         return None
-    f = parts[0]
-    if not is_op(f, aten.mul.Tensor) or len(f.args) != 2:
+    found = _freqs(gm, parts[0])
+    return None if found is None else (*found, s)
+
+
+def _freqs(gm, f):
+    """The angle table f (B, T, R/2) -> (pos (B, T), inv_freq), in either of transformers' forms:
+    pos[..., None].float() * inv_freq, or (earlier releases)
+    (inv_freq[None, :, None].float().expand(B, -1, 1) @ pos[:, None, :].float()).transpose(1, 2)."""
+    if is_op(f, aten.mul.Tensor) and len(f.args) == 2:
+        for a, b in (f.args, f.args[::-1]):
+            inv = attr_tensor(gm, b)
+            p = strip_casts(a)
+            if inv is not None and inv.dim() == 1 and is_op(p, aten.unsqueeze.default) and arg(p, 1) in (-1, 2):
+                return _positions(arg(p, 0), inv)
         return None
-    for a, b in (f.args, f.args[::-1]):
-        inv = attr_tensor(gm, b)
-        if inv is None or inv.dim() != 1:
-            continue
-        p = strip_casts(a)
-        if is_op(p, aten.unsqueeze.default) and arg(p, 1) in (-1, 2):
-            pos = arg(p, 0)
-            ps = shape(pos)
-            if ps is not None and len(ps) == 2:
-                return pos, inv, s
-    return None
+    if not (is_op(f, aten.transpose.int) and sorted(a % 3 for a in f.args[1:3]) == [1, 2]):
+        return None
+    mm = arg(f, 0)
+    if not is_op(mm, aten.matmul.default) or len(mm.args) != 2:
+        return None
+    a, p = strip_casts(mm.args[0]), strip_casts(mm.args[1])
+    while is_op(a, aten.expand.default, aten.unsqueeze.default, *CASTS):
+        a = a.args[0]
+    inv = attr_tensor(gm, a)
+    if inv is None or inv.dim() != 1 or not (is_op(p, aten.unsqueeze.default) and arg(p, 1) in (1, -2)):
+        return None
+    return _positions(arg(p, 0), inv)
+
+
+def _positions(pos, inv):
+    ps = shape(pos)
+    return (pos, inv) if ps is not None and len(ps) == 2 else None
 
 
 def _match(gm: GraphModule, add, ctx: PassContext):

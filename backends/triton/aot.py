@@ -176,7 +176,8 @@ def load_prebuilt(kernels_dir: Path, index: dict, arch: str) -> dict:
 
         def run(launch, compiled=compiled):
             values = dict(zip(launch.names, launch.args), **launch.constexprs)
-            compiled[launch.grid](*[values[n] for n in launch.kernel.arg_names])
+            grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))   # a compiled kernel's runner takes 3 dims
+            compiled[grid](*[values[n] for n in launch.kernel.arg_names])
 
         runners[e["key"]] = run
     return runners
