@@ -18,7 +18,7 @@ from pathlib import Path
 
 from glmc.errors import GlmcError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2     # 2: cpu artifacts run every step through one extend graph
 MANIFEST = "manifest.json"
 
 

@@ -240,14 +240,19 @@ def compile(
 
 
 def trace_entries(model, ctx, pipeline, extend: bool) -> list:
-    """The entry points a compile traces: prefill, decode, [extend], and score (every
-    position's logits) when last_token_logits leaves prefill with the last token's only."""
+    """The entry points a compile traces: cpu: extend; gpu: prefill, decode, [extend]; and
+    score (every position's logits) when last_token_logits leaves prefill with the last token's only."""
     from glmc import trace
 
     cfg, seq = dict(ctx.model_config), ctx.max_seq_len
-    graphs = [trace.trace_prefill(model, cfg, seq), trace.trace_decode(model, cfg, seq)]
-    if extend:      # long prompts prefilled chunk by chunk over the cache
-        graphs.append(trace.trace_extend(model, cfg, seq))
+    if ctx.target.family == "cpu":
+        # one entry for prompts, chunks and decode steps: one onnxruntime session, so one
+        # pre-packed copy of the weights, and each call reads only the cache slots in use
+        graphs = [trace.trace_extend(model, cfg, seq)]
+    else:
+        graphs = [trace.trace_prefill(model, cfg, seq), trace.trace_decode(model, cfg, seq)]
+        if extend:      # long prompts prefilled chunk by chunk over the cache
+            graphs.append(trace.trace_extend(model, cfg, seq))
     if any(name == "last_token_logits" for name, _ in pipeline):
         graphs.append(trace.trace_prefill(model, cfg, seq, name="score"))
     return graphs

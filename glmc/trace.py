@@ -99,10 +99,12 @@ class ExtendEntry(torch.nn.Module):
         from transformers import DynamicCache
 
         B, C = input_ids.shape
+        # the cache buffers have the artifact's whole capacity; cache_mask covers the slots in
+        # use (any length up to the capacity), and only those are read
         S = cache_mask.shape[1]
         n_layers = len(past) // 2
         cache = DynamicCache(
-            ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(n_layers)],
+            ddp_cache_data=[(past[2 * i][:, :, :S], past[2 * i + 1][:, :, :S]) for i in range(n_layers)],
             config=self.model.config,
         )
         causal = torch.ones(C, C, dtype=torch.bool).tril().unsqueeze(0) & attention_mask.bool().unsqueeze(1)
@@ -180,15 +182,16 @@ def trace_decode(model, config: dict, max_seq_len: int) -> Traced:
 def trace_extend(model, config: dict, max_seq_len: int) -> Traced:
     L, Hkv, D = _shape(config)
     # Dim.DYNAMIC: the exporter adds a harmless guard on the cache-plus-chunk length that
-    # a named Dim's range check cannot prove; the runtime bounds chunks by the capacity
-    B, C = Dim("batch", min=1, max=256), Dim.DYNAMIC
+    # a named Dim's range check cannot prove; the runtime bounds chunks by the capacity.
+    # The cache buffers keep the capacity S; cache_mask's length (the slots in use) is dynamic.
+    B, C, N = Dim("batch", min=1, max=256), Dim.DYNAMIC, Dim.DYNAMIC
     S = max_seq_len
     past = tuple(torch.zeros(2, Hkv, S, D) for _ in range(2 * L))
-    cache_mask = torch.zeros(2, S, dtype=torch.int64)
+    cache_mask = torch.zeros(2, 5, dtype=torch.int64)
     cache_mask[:, :4] = 1
     args = (torch.randint(3, config["vocab_size"], (2, 3)), torch.ones(2, 3, dtype=torch.int64),
             torch.tensor([4, 4]), cache_mask, *past)
-    dyn = ({0: B, 1: C}, {0: B, 1: C}, {0: B}, {0: B}, tuple({0: B} for _ in past))
+    dyn = ({0: B, 1: C}, {0: B, 1: C}, {0: B}, {0: B, 1: N}, tuple({0: B} for _ in past))
     with torch.no_grad():
         ep = torch.export.export(ExtendEntry(model), args, dynamic_shapes=dyn, strict=False)
     flat_dyn = (dyn[0], dyn[1], dyn[2], dyn[3], *dyn[4])

@@ -32,15 +32,15 @@ def test_tampered_weights_are_refused(art):
 
 
 def test_truncated_file_is_refused(art):
-    p = art / "decode.onnx"
+    p = art / "extend.onnx"
     p.write_bytes(p.read_bytes()[:100])
-    with pytest.raises(GlmcError, match="decode.onnx does not match"):
+    with pytest.raises(GlmcError, match="extend.onnx does not match"):
         glmc.load(art)
 
 
 def test_missing_file_is_refused(art):
-    (art / "prefill.onnx").unlink()
-    with pytest.raises(GlmcError, match="prefill.onnx listed in the manifest is missing"):
+    (art / "score.onnx").unlink()
+    with pytest.raises(GlmcError, match="score.onnx listed in the manifest is missing"):
         glmc.load(art)
 
 

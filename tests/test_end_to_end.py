@@ -110,3 +110,24 @@ def test_decode_is_incremental_not_a_rerun_of_the_prompt(artifacts, monkeypatch)
         monkeypatch.setattr(model.executor, name, counted)
     model.generate([[5, 6, 7]], max_new_tokens=16, stop_at_eos=False)
     assert calls == {"prefill": 1, "decode": 15}
+
+
+def test_each_step_reads_only_the_filled_cache_slots(artifacts, monkeypatch):
+    """cpu: one extend session runs the prompt and every decode step; a step is given the
+    slots in use (cache_mask's length), not the artifact's capacity, and its logits are
+    checked against transformers by test_prefill_and_every_decode_step_match_transformers."""
+    model = glmc.load(artifacts("tiny-glm"))
+    ex = model.executor
+    seen = []
+    real = ex._extend
+
+    def spy(cache, ids, mask, position, used):
+        seen.append((ids.shape[1], used))
+        return real(cache, ids, mask, position, used)
+
+    monkeypatch.setattr(ex, "_extend", spy)
+    model.generate([[5, 6, 7], [8, 9]], max_new_tokens=5, stop_at_eos=False)
+    # prompt: 3 tokens (right-padded batch) after 0 slots; step k: 1 token after 3 + k slots
+    assert seen == [(3, 0)] + [(1, 3 + k) for k in range(4)]
+    assert model.executor.capacity > 3 + 4
+    assert set(ex.sessions.keys()) == {"extend"}      # one session: one pre-packed copy of the weights

@@ -59,14 +59,15 @@ class CpuBackend:
         rt = Runtime(artifact, verify=False)
         ex = rt.executor
         with tempfile.TemporaryDirectory() as d:
-            ex.profile("decode", str(Path(d) / "decode"))
             ids = list(range(5, 5 + context))
             cache, last = rt.prefill([ids])
+            # a profiling session from here on: decode steps only (the cache is the runtime's)
+            ex.profile("extend", str(Path(d) / "decode"))
             pos, tok = np.array([context]), int(last[0].argmax())
             for _ in range(steps):
                 tok = int(ex.decode(cache, np.array([[tok]]), pos)[0, 0].argmax())
                 pos += 1
-            events = json.loads(Path(ex.sessions["decode"].end_profiling()).read_text())
+            events = json.loads(Path(ex.sessions["extend"].end_profiling()).read_text())
         per_op: dict[str, float] = {}
         for e in events:
             if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):

@@ -1,10 +1,15 @@
 """Run a CPU artifact with onnxruntime.
 
-The KV cache lives in numpy buffers owned by the runtime, one (B, Hkv, S, D)
-array per layer for K and for V, wrapped once as OrtValues (zero-copy on CPU).
-A decode step binds them as inputs, gets only the new token's K/V back (into
-preallocated outputs) and writes them into slot `position`: nothing proportional
-to the cache size is copied per step.
+Generation runs on one onnxruntime session, the extend graph: a prompt, a chunk of
+one and a decode step are all "C tokens after the first `used` cache slots". One
+session means one pre-packed copy of the weights (each session packs its own).
+
+The KV cache lives in numpy buffers owned by the runtime, one (B, Hkv, S, D) array
+per layer for K and for V (S: the artifact's capacity), wrapped once as OrtValues
+(zero-copy on CPU). A step binds the whole buffers plus cache_mask for the slots in
+use; the graph slices the buffers to those slots, so a step reads what is filled,
+not the capacity. Only the new tokens' K/V come back (into preallocated outputs),
+written into their slots.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class KVCache:
         self.v = [np.zeros(shape, np.float32) for _ in range(n_layers)]
         self.mask = np.zeros((batch, capacity), np.int64)   # 1 where a slot holds a real token
         self.batch, self.capacity = batch, capacity
+        self.used = 0         # slots [0, used) may hold tokens: the only ones a step reads
         self.ort_past = [ort.OrtValue.ortvalue_from_numpy(a) for kv in zip(self.k, self.v) for a in kv]
         self.ort_mask = ort.OrtValue.ortvalue_from_numpy(self.mask)
 
@@ -85,7 +91,8 @@ class CpuExecutor:
         self._dir = artifact_dir
         self._backend = backend
         # sessions are created on first use: each holds its own pre-packed copy of the
-        # matmul weights, and generation never needs the full-logits "score" entry
+        # matmul weights. Generation runs on the extend session alone; the full-logits
+        # "score" entry is for verification
         self.sessions = _LazySessions(self._make_session, backend["graphs"])
         self.io = backend["io"]
 
@@ -114,50 +121,57 @@ class CpuExecutor:
     def new_cache(self, batch: int) -> KVCache:
         return KVCache(batch, self.n_layers, self.kv_heads, self.capacity, self.head_dim)
 
-    def prefill(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """(B, T) right-padded ids and mask -> (B, V) logits of each row's last real token.
+    def _extend(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
+                position: np.ndarray, used: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One call of the extend graph: (B, C) tokens at per-row positions `position`.. after
+        the first `used` cache slots (the only ones the graph reads) -> (logits, new K/V).
 
-        Fills cache slots [0, T). The prefill graph returns (B, 1, V) when
-        last_token_logits rewrote it, else (B, T, V).
-        """
-        outs = self.sessions["prefill"].run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
-        cache.store(outs[1:], 0, attention_mask)
-        logits = outs[0]
+        The logits are (B, 1, V) for each row's last real token when last_token_logits
+        rewrote the graph, else (B, C, V)."""
+        B, C = input_ids.shape
+        sess = self.sessions["extend"]
+        binding = sess.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_cpu_input("position", position)
+        binding.bind_cpu_input("cache_mask", np.ascontiguousarray(cache.mask[:, :used]))
+        for name, value in zip(self.io["extend"]["inputs"][4:], cache.ort_past):
+            binding.bind_ortvalue_input(name, value)
+        new = [np.empty((B, self.kv_heads, C, self.head_dim), np.float32) for _ in range(2 * self.n_layers)]
+        binding.bind_output("logits")
+        for name, arr in zip(self.io["extend"]["outputs"][1:], new):
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(arr))
+        sess.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy(), new
+
+    def prefill(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(B, T) right-padded ids and mask -> (B, V) logits of each row's last real token;
+        fills cache slots [0, T)."""
+        logits = self.extend(cache, input_ids, attention_mask, 0)
         if logits.shape[1] == 1:
             return logits[:, 0]
         return logits[np.arange(len(logits)), attention_mask.sum(1) - 1]
 
     def extend(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray, start: int) -> np.ndarray:
-        """(B, C) more prompt tokens at positions start.. -> (B, C, V) logits; fills slots [start, start+C)."""
+        """(B, C) more prompt tokens at positions start.. -> logits; fills slots [start, start+C)."""
         B, C = input_ids.shape
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "position": np.full(B, start, np.int64), "cache_mask": cache.mask}
-        feeds.update(zip(self.io["extend"]["inputs"][4:], (a for pair in zip(cache.k, cache.v) for a in pair)))
-        outs = self.sessions["extend"].run(None, feeds)
-        cache.store(outs[1:], start, attention_mask)
-        return outs[0]
-
-    def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """(B, T) -> (B, T, V) logits for every position (no cache)."""
-        name = "score" if "score" in self.sessions else "prefill"
-        return self.sessions[name].run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        logits, new = self._extend(cache, input_ids, attention_mask, np.full(B, start, np.int64), start)
+        cache.store(new, start, attention_mask)
+        cache.used = max(cache.used, start + C)
+        return logits
 
     def decode(self, cache: KVCache, input_ids: np.ndarray, position: np.ndarray) -> np.ndarray:
         """(B, 1) ids at (B,) positions -> (B, 1, V) logits; writes slot `position`."""
         B = cache.batch
-        sess = self.sessions["decode"]
-        binding = sess.io_binding()
-        binding.bind_cpu_input("input_ids", input_ids)
-        binding.bind_cpu_input("position", position)
-        binding.bind_ortvalue_input("cache_mask", cache.ort_mask)
-        for name, value in zip(self.io["decode"]["inputs"][3:], cache.ort_past):
-            binding.bind_ortvalue_input(name, value)
-        logits = np.empty((B, 1, self.vocab), np.float32)
-        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        new = [np.empty((B, self.kv_heads, 1, self.head_dim), np.float32) for _ in range(2 * self.n_layers)]
-        for name, arr in zip(self.io["decode"]["outputs"][1:], new):
-            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(arr))
-        sess.run_with_iobinding(binding)
+        logits, new = self._extend(cache, input_ids, np.ones((B, 1), np.int64), position, cache.used)
         cache.store_step(new, np.arange(B), position)
+        cache.used = max(cache.used, int(position.max()) + 1)
         return logits
 
+    def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(B, T) -> (B, T, V) logits for every position (no cache)."""
+        if "score" in self.sessions:
+            return self.sessions["score"].run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        # no score entry: last_token_logits did not run, so extend returns every position
+        return self._extend(self.new_cache(len(input_ids)), input_ids, attention_mask,
+                            np.zeros(len(input_ids), np.int64), 0)[0]
