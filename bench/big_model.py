@@ -102,7 +102,7 @@ def _compile(ckpt: Path, out: Path, args: list[str], reuse: bool = False) -> dic
 
 def _decode_bytes(artifact: Path, context: int) -> int:
     """Bytes one decode step reads: every weight but the embedding table (one row of it) plus
-    the KV cache (the decode graph attends over its whole capacity)."""
+    the KV cache's filled slots (a step reads only the slots in use)."""
     from glmc.modelcfg import head_dim
     from glmc.safetensors_check import read_header
 
@@ -113,7 +113,8 @@ def _decode_bytes(artifact: Path, context: int) -> int:
                     for k, h in header.items() if k != "__metadata__"), reverse=True)
     embed = next((n for n, shape in sizes if shape and shape[0] == cfg["vocab_size"]), 0)
     weights = sum(n for n, _ in sizes) - embed + embed // cfg["vocab_size"]
-    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * manifest["max_seq_len"] * head_dim(cfg) * 4
+    kv_bytes = 2 if manifest["backend"].get("kv_cache") == "fp16" else 4
+    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * context * head_dim(cfg) * kv_bytes
     return weights + kv
 
 

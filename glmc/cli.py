@@ -76,15 +76,17 @@ def presets():
 @click.option("--embedding", default=None, type=click.Choice(["fp32", "int8"]),
               help="Embedding table precision. Default: int8 (per-row scales) with --quant on cpu, else fp32; "
                    "a 151552 x 4096 table is 2.5 GB in fp32, 0.6 GB in int8.")
+@click.option("--kv-cache", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+              help="cpu KV-cache storage; fp16 halves the cache (long contexts), attention still computes in fp32.")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
               help="cpu int4/int8 matmuls: 4 = int8 activations inside the kernel (fast), 0 = fp32 activations.")
 @click.option("--chunked-prefill/--no-chunked-prefill", default=None,
-              help="Build the extend entry point so long prompts are prefilled in (tuned) chunks "
-                   "(default: on for cuda/rocm, off for cpu).")
+              help="GPU targets: build the extend entry point so long prompts are prefilled in (tuned) "
+                   "chunks (default: on). cpu artifacts always run every step through it.")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept .bin/.pt weights, loaded only through torch.load(weights_only=True).")
 def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, tune_budget, verify, fuse, calibrate,
-            asym, lm_head, embedding, accuracy_level, chunked_prefill, allow_pickle):
+            asym, lm_head, embedding, kv_cache, accuracy_level, chunked_prefill, allow_pickle):
     """Compile MODEL (a checkpoint directory or a preset name) into an artifact."""
     import json
 
@@ -94,7 +96,7 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
     out = do_compile(model, output, target=target, dtype=dtype, quant=quant, group_size=group_size,
                      max_seq_len=max_seq_len, verify=verify, fuse=fuse, progress=sys.stderr.isatty(),
                      calibrate=calibrate, symmetric=not asym, lm_head=lm_head, accuracy_level=accuracy_level,
-                     embedding=embedding, allow_pickle=allow_pickle, tune=tune, tune_budget=tune_budget,
+                     embedding=embedding, kv_cache=kv_cache, allow_pickle=allow_pickle, tune=tune, tune_budget=tune_budget,
                      chunked_prefill=chunked_prefill)
     report = json.loads((out / "report.json").read_text())
     v = report["verify"]

@@ -42,6 +42,7 @@ class QuantConfig:
     lm_head: str = "int8"           # int8 | none (keep fp32)
     embedding: str = "fp32"         # fp32 | int8
     accuracy_level: int = 4         # onnxruntime MatMulNBits: 4 = int8 activations in the kernel
+    kv_cache: str = "fp32"          # cpu KV-cache storage: fp32 | fp16 (attention still computes in fp32)
 
     @property
     def bits(self) -> int:

@@ -35,6 +35,9 @@ RELATIVE_RMS = {
     for quant, bound in (("int8", 0.2), ("int4", 0.7))
 }
 DECODE_STEPS = 4
+# --kv-cache fp16: K/V are rounded once each to fp16 (relative error <= 2^-11 ~ 4.9e-4),
+# everything else is computed in fp32 (tiny-glm measured 1.4e-4 max |logits diff|)
+KV_FP16 = (2e-3, 2e-3)
 
 
 def tolerance(dtype: str, quant: str) -> tuple[float, float]:
@@ -164,6 +167,8 @@ def compare(runtime, reference, dtype: str, quant: str) -> VerifyResult:
     teacher-forced decode steps of the artifact vs the reference's logits over prompt +
     continuation, computed in one layer-by-layer pass."""
     atol, rtol = tolerance(dtype, quant)
+    if runtime.manifest.get("backend", {}).get("kv_cache") == "fp16":
+        atol, rtol = max(atol, KV_FP16[0]), max(rtol, KV_FP16[1])
     prompts = fixed_prompts(runtime.vocab_size, runtime.max_seq_len)
     cont = continuation(runtime.vocab_size, prompts)
     refs, _ = Reference.of(reference).run([p + c for p, c in zip(prompts, cont)])

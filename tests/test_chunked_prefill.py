@@ -55,7 +55,12 @@ def test_bad_chunk_is_a_clear_error(artifacts):
         glmc.load(artifacts("glm-gqa", chunked_prefill=True), prefill_chunk=-3)
 
 
-def test_without_the_extend_entry_prefill_is_one_call(artifacts):
-    rt = glmc.load(artifacts("glm-gqa"), prefill_chunk=16)       # compiled --no-chunked-prefill
-    assert rt.prefill_chunk is None
-    assert len(rt.generate([list(range(5, 45))], 2)[0]) == 2
+def test_cpu_artifacts_always_chunk_through_their_one_entry(artifacts):
+    """A cpu artifact's generation entry is extend (format 2), with or without --chunked-prefill:
+    an explicit chunk is honoured and gives the tokens of one call."""
+    art = artifacts("glm-gqa")                                    # compiled --no-chunked-prefill
+    assert set(glmc.load(art).manifest["backend"]["graphs"]) == {"extend", "score"}
+    rt = glmc.load(art, prefill_chunk=16)
+    assert rt.prefill_chunk == 16
+    prompt = [list(range(5, 45))]
+    assert rt.generate(prompt, 4, stop_at_eos=False) == glmc.load(art).generate(prompt, 4, stop_at_eos=False)

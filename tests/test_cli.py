@@ -98,6 +98,7 @@ def test_inspect_model_counts_equal_the_compile_manifest(cli, checkpoints, artif
         (["compile", "tiny-glm", "--dtype", "fp8"], "unknown dtype"),
         (["compile", "tiny-glm", "--target", "tpu"], "unknown target"),
         (["compile", "tiny-glm", "--max-seq-len", "100000"], "--max-seq-len must be in"),
+        (["compile", "tiny-glm", "--target", "cuda", "--kv-cache", "fp16"], "--kv-cache fp16 is a cpu option"),
         (["run", "missing.glmc", "--ids", "1"], "no such artifact directory"),
         (["verify", "missing.glmc"], "no such artifact directory"),
     ],

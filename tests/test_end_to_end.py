@@ -131,3 +131,25 @@ def test_each_step_reads_only_the_filled_cache_slots(artifacts, monkeypatch):
     assert seen == [(3, 0)] + [(1, 3 + k) for k in range(4)]
     assert model.executor.capacity > 3 + 4
     assert set(ex.sessions.keys()) == {"extend"}      # one session: one pre-packed copy of the weights
+
+
+def test_fp16_kv_cache_halves_the_cache_and_matches_transformers(tmp_path, checkpoints, reference):
+    """--kv-cache fp16 (cpu): the graph's cache inputs are fp16 (cast to fp32 after the slice of
+    the slots in use), the runtime's buffers are half the size, and prefill + every teacher-forced
+    decode step still match transformers within verify.KV_FP16 (compile's own verification)."""
+    import onnx
+
+    from glmc.verify import KV_FP16, compare
+
+    ckpt = checkpoints("glm-gqa")
+    art = glmc.compile(ckpt, tmp_path / "kv16.glmc", max_seq_len=64, kv_cache="fp16", verify=False)
+    graph = onnx.load(str(art / "extend.onnx"), load_external_data=False).graph
+    past = [i for i in graph.input if i.name.startswith("past_")]
+    assert past and all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in past)
+    rt = glmc.load(art)
+    cache = rt.executor.new_cache(1)
+    assert cache.k[0].dtype == np.float16 and cache.k[0].nbytes * 2 == np.zeros(cache.k[0].shape, np.float32).nbytes
+    d = compare(rt, reference(ckpt), "fp32", "none").as_dict()
+    assert d["ok"], d
+    assert d["allowed"] <= KV_FP16[0] + KV_FP16[1] * d["max_abs_ref_logit"] + 1e-12, d   # no looser than KV_FP16
+    assert d["max_abs_diff"] > 1e-5, d      # the rounding is really there (an fp32 cache differs by ~1e-6)

@@ -14,8 +14,8 @@ from glmc.target import Target
 class CpuBackend:
     default_dtype = "fp32"
     dtypes = ("fp32",)
-    # the extend entry's ONNX export nearly doubles compile time, and one prefill call
-    # measured faster than chunks here (bench/results/chunk-cpu.json): opt-in
+    # cpu artifacts always carry the extend entry (it is their one generation entry);
+    # chunking itself stays opt-in at run time (prefill_chunk / glmc tune)
     chunked_prefill_default = False
 
     def __init__(self, target: Target):

@@ -166,6 +166,8 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
     models = {}
     for t in traced:
         models[t.name] = model = export_ir(t, level)
+        if ctx.quant.kv_cache == "fp16":
+            store_cache_fp16(model)
         weights.fold_transposes(model)
         weights.take(t.name, model)
     # written before the optimizer runs, so whatever it reads is there
@@ -184,12 +186,37 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
                       if _external(init).get("location") == WEIGHTS_FILE} for name, proto in protos.items()}
     return {
         "kind": "onnxruntime",
+        "kv_cache": ctx.quant.kv_cache,
         "graphs": files,
         "weights": WEIGHTS_FILE,
         "initializers": mapping,
         "io": {t.name: {"inputs": t.input_names, "outputs": t.output_names} for t in traced},
         "op_histogram": {name: _onnx_histogram(m) for name, m in protos.items()},
     }
+
+
+def store_cache_fp16(model) -> None:
+    """The graph's past_* inputs (the KV-cache buffers) become fp16. Each is read through a
+    Slice of the slots in use; the Cast to fp32 goes after that Slice, so a step converts
+    only the filled slots, and attention computes in fp32 as before."""
+    graph = model.graph
+    for value in graph.inputs:
+        if not value.name.startswith("past_"):
+            continue
+        value.dtype = ir.DataType.FLOAT16
+        users = [u for u, _ in value.uses()]
+        sliced = all(u.op_type == "Slice" and u.inputs[0] is value for u in users)
+        for src in ([u.outputs[0] for u in users] if sliced else [value]):
+            src.dtype = ir.DataType.FLOAT16
+            uses = list(src.uses())
+            cast = ir.node("Cast", inputs=[src], attributes={"to": ir.DataType.FLOAT})
+            cast.outputs[0].dtype, cast.outputs[0].shape = ir.DataType.FLOAT, src.shape
+            if src.producer() is not None:
+                graph.insert_after(src.producer(), cast)
+            else:
+                graph.insert_before(graph.node(0), cast)
+            for user, index in uses:
+                user.replace_input_with(index, cast.outputs[0])
 
 
 def _external(init: onnx.TensorProto) -> dict:

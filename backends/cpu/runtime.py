@@ -42,10 +42,11 @@ def _tuned_threads(artifact_dir: Path) -> int | None:
 
 
 class KVCache:
-    def __init__(self, batch: int, n_layers: int, kv_heads: int, capacity: int, head_dim: int):
+    def __init__(self, batch: int, n_layers: int, kv_heads: int, capacity: int, head_dim: int, dtype=np.float32):
         shape = (batch, kv_heads, capacity, head_dim)
-        self.k = [np.zeros(shape, np.float32) for _ in range(n_layers)]
-        self.v = [np.zeros(shape, np.float32) for _ in range(n_layers)]
+        # fp16 storage (--kv-cache fp16): new K/V arrive fp32 and are rounded as they are stored
+        self.k = [np.zeros(shape, dtype) for _ in range(n_layers)]
+        self.v = [np.zeros(shape, dtype) for _ in range(n_layers)]
         self.mask = np.zeros((batch, capacity), np.int64)   # 1 where a slot holds a real token
         self.batch, self.capacity = batch, capacity
         self.used = 0         # slots [0, used) may hold tokens: the only ones a step reads
@@ -84,6 +85,7 @@ class CpuExecutor:
         self.head_dim = head_dim(cfg)
         self.vocab = cfg["vocab_size"]
         self.capacity = manifest["max_seq_len"]
+        self.kv_dtype = np.float16 if backend.get("kv_cache") == "fp16" else np.float32
         self.threads = threads or _tuned_threads(artifact_dir) or default_threads()
         # the weights file mapped once (read-only, paged in on use), shared by every session
         self._map, self._weights = mapped_arrays(artifact_dir / backend["weights"])
@@ -119,7 +121,7 @@ class CpuExecutor:
         self.sessions[name] = self._make_session(name, profile_prefix=prefix)
 
     def new_cache(self, batch: int) -> KVCache:
-        return KVCache(batch, self.n_layers, self.kv_heads, self.capacity, self.head_dim)
+        return KVCache(batch, self.n_layers, self.kv_heads, self.capacity, self.head_dim, self.kv_dtype)
 
     def _extend(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
                 position: np.ndarray, used: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -147,13 +149,16 @@ class CpuExecutor:
     def prefill(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """(B, T) right-padded ids and mask -> (B, V) logits of each row's last real token;
         fills cache slots [0, T)."""
-        logits = self.extend(cache, input_ids, attention_mask, 0)
+        logits = self._fill(cache, input_ids, attention_mask, 0)
         if logits.shape[1] == 1:
             return logits[:, 0]
         return logits[np.arange(len(logits)), attention_mask.sum(1) - 1]
 
     def extend(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray, start: int) -> np.ndarray:
         """(B, C) more prompt tokens at positions start.. -> logits; fills slots [start, start+C)."""
+        return self._fill(cache, input_ids, attention_mask, start)
+
+    def _fill(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray, start: int) -> np.ndarray:
         B, C = input_ids.shape
         logits, new = self._extend(cache, input_ids, attention_mask, np.full(B, start, np.int64), start)
         cache.store(new, start, attention_mask)
