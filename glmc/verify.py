@@ -174,6 +174,7 @@ def compare(runtime, reference, dtype: str, quant: str) -> VerifyResult:
     refs, _ = Reference.of(reference).run([p + c for p, c in zip(prompts, cont)])
     executor = runtime.executor
     full = runtime.logits(prompts)                       # every position (score entry)
+    executor.release_scoring()     # one entry's weights in memory at a time: cpu drops its score session
     cache, last = runtime.prefill(prompts)              # the generation path (last token)
     worst, scale, checked, agree = 0.0, 0.0, 0, 0
     rel = []

@@ -116,6 +116,10 @@ class CpuExecutor:
         release_pages(self._map)
         return session
 
+    def release_scoring(self) -> None:
+        """Drop the score session (and its pre-packed weights); rebuilt if asked for again."""
+        self.sessions.pop("score", None)
+
     def profile(self, name: str, prefix: str) -> None:
         """Replace session `name` with one that writes onnxruntime's profile to `prefix`*.json."""
         self.sessions[name] = self._make_session(name, profile_prefix=prefix)

@@ -140,6 +140,9 @@ class GpuExecutor:
             cache.store(outs[1:], start, mask)
         return outs[0].float().cpu().numpy()
 
+    def release_scoring(self) -> None:
+        """Nothing to drop: the GPU programs share one copy of the weights."""
+
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         name = "score" if "score" in self._programs else "prefill"
         with torch.no_grad():
