@@ -51,7 +51,6 @@ class KVCache:
         self.batch, self.capacity = batch, capacity
         self.used = 0         # slots [0, used) may hold tokens: the only ones a step reads
         self.ort_past = [ort.OrtValue.ortvalue_from_numpy(a) for kv in zip(self.k, self.v) for a in kv]
-        self.ort_mask = ort.OrtValue.ortvalue_from_numpy(self.mask)
 
     store = store_kv              # prefill / extend outputs into their slots
     store_step = store_decode_kv  # a decode step's one new token per row
@@ -83,7 +82,6 @@ class CpuExecutor:
         self.n_layers = cfg["num_hidden_layers"]
         self.kv_heads = cfg["num_key_value_heads"]
         self.head_dim = head_dim(cfg)
-        self.vocab = cfg["vocab_size"]
         self.capacity = manifest["max_seq_len"]
         self.kv_dtype = np.float16 if backend.get("kv_cache") == "fp16" else np.float32
         self.threads = threads or _tuned_threads(artifact_dir) or default_threads()
