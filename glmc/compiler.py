@@ -62,9 +62,10 @@ def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
         raise GlmcError("--embedding int8 needs --quant int8 or int4 (choices: fp32, int8)")
     if q.lm_head not in ("int8", "none"):
         raise GlmcError(f"--lm-head must be int8 or none, got {q.lm_head!r}")
-    if q.kv_cache not in ("fp32", "fp16") or (q.kv_cache != "fp32" and backend.target.family != "cpu"):
-        raise GlmcError(f"--kv-cache {q.kv_cache} is a cpu option (fp32 or fp16); GPU targets keep the cache "
-                        "in the compute dtype")
+    if q.kv_cache not in ("fp32", "fp16"):
+        raise GlmcError(f"--kv-cache must be fp32 or fp16, got {q.kv_cache!r}")
+    if q.kv_cache != "fp32" and backend.target.family != "cpu":
+        raise GlmcError(f"--kv-cache {q.kv_cache} is a cpu option; GPU targets keep the cache in the compute dtype")
     if q.accuracy_level not in (0, 1, 2, 3, 4):
         raise GlmcError(f"--accuracy-level must be 0..4, got {q.accuracy_level!r}")
     if not isinstance(calibrate, int) or calibrate < 0 or (calibrate and q.mode != "int4"):
