@@ -85,7 +85,7 @@ def _freqs(gm, f):
     mm = arg(f, 0)
     if not is_op(mm, aten.matmul.default) or len(mm.args) != 2:
         return None
-    a, p = strip_casts(mm.args[0]), strip_casts(mm.args[1])
+    a, p = mm.args[0], strip_casts(mm.args[1])
     while is_op(a, aten.expand.default, aten.unsqueeze.default, *CASTS):
         a = a.args[0]
     inv = attr_tensor(gm, a)
