@@ -353,11 +353,16 @@ def _verify(tmp: Path, backend, reference, ctx, pipeline):
     result = compare(runtime, reference, ctx.dtype, ctx.quant.mode)
     del runtime
     if not result.ok:
-        where = diagnose(backend, reference, ctx, pipeline, result.allowed)
-        measured = (f"max abs logits diff {result.max_abs_diff:.3g}" if result.measure == "max_abs_diff"
-                    else f"relative RMS logits error {result.relative_rms:.3g}")
+        # a layer-by-layer run says where itself; otherwise lower a hidden-states graph to find it
+        where = (f"first diverges at {result.where}" if result.where
+                 else diagnose(backend, reference, ctx, pipeline, result.allowed))
+        measured = {"max_abs_diff": f"max abs logits diff {result.max_abs_diff:.3g} > allowed {result.allowed:.3g}",
+                    "relative_rms": f"relative RMS logits error {result.relative_rms:.3g} > allowed {result.allowed:.3g}",
+                    "layer_relative_error": f"a layer's own error > allowed {result.allowed:.3g} (end to end: "
+                                            f"relative RMS logits error {result.relative_rms:.3g}, top-1 "
+                                            f"agreement {result.top1_agreement:.0%})"}[result.measure]
         raise VerificationError(
-            f"compiled model disagrees with transformers: {measured} > allowed {result.allowed:.3g} "
+            f"compiled model disagrees with transformers: {measured} "
             f"({ctx.dtype}, quant {ctx.quant.mode}); {where}; artifact not written (--no-verify skips this check)"
         )
     return result

@@ -242,17 +242,30 @@ class WeightBook:
 
 
 
+def _inputs(lazy: Lazy) -> tuple:
+    """The recipes `lazy` is computed from."""
+    if isinstance(lazy, Cat):
+        return lazy.parts
+    if isinstance(lazy, Part):
+        return (lazy.multi,)
+    inner = getattr(lazy, "x", None)        # Transpose, Cast, a Multi's input
+    return () if inner is None else (inner,)
+
+
 def _all_const(lazy: Lazy) -> bool:
     if isinstance(lazy, (Const, Zeros)):
         return True
     if isinstance(lazy, Source):
         return False
-    if isinstance(lazy, Cat):
-        return all(_all_const(p) for p in lazy.parts)
-    if isinstance(lazy, Part):
-        return _all_const(lazy.multi)
-    inner = getattr(lazy, "x", None)        # Transpose, Cast, a Multi's input
-    return inner is not None and _all_const(inner)
+    inputs = _inputs(lazy)
+    return bool(inputs) and all(_all_const(x) for x in inputs)
+
+
+def source_names(lazy: Lazy) -> set[str]:
+    """The checkpoint tensors a recipe reads."""
+    if isinstance(lazy, Source):
+        return {lazy.name}
+    return set().union(*(source_names(x) for x in _inputs(lazy)))
 
 
 # ---------------------------------------------------------------------------- writing

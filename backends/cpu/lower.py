@@ -28,8 +28,9 @@ from torch.onnx._internal.exporter._core import TorchTensor
 
 from glmc.backends.cpu.ops import OPSET, translation_table
 from glmc.ir import PassContext
+from glmc.modelcfg import tensor_layer
 from glmc.trace import Traced
-from glmc.weights import Const, Lazy, Transpose, WeightBook, write_safetensors
+from glmc.weights import Const, Lazy, Transpose, WeightBook, source_names, write_safetensors
 
 INLINE_BYTES = 1024
 SMALL_ELEMENTS = 8192      # onnxscript's optimizer reads (folds, deduplicates) initializers up to this size
@@ -77,11 +78,13 @@ class _Weights:
     """The graphs' large initializers as recipes (glmc/weights.py), one entry per distinct
     recipe or content across entry points; written once to weights.safetensors."""
 
-    def __init__(self, book: WeightBook):
+    def __init__(self, book: WeightBook, n_layers: int):
         self.book = book
+        self.n_layers = n_layers
         self.entries: dict[str, Lazy] = {}
         self._by_key: dict = {}
         self.mapping: dict[str, dict[str, str]] = {}
+        self._layers: dict[str, set] = {}       # entry -> where its source tensors sit in depth
 
     def _recipe(self, value) -> Lazy | None:
         """The recipe of an initializer's value; None for one small enough to stay inline."""
@@ -130,6 +133,7 @@ class _Weights:
         names = self.mapping.setdefault(name, {})
         for init_name, value in list(model.graph.initializers.items()):
             lazy = self._recipe(value.const_value)
+            layers = {tensor_layer(n, self.n_layers) for n in source_names(lazy)} if lazy is not None else set()
             if lazy is not None and not isinstance(lazy, Const) and math.prod(lazy.shape) <= SMALL_ELEMENTS:
                 # small enough for the optimizer to read (fold, deduplicate): computed now
                 arr = np.ascontiguousarray(lazy.full().numpy()) if lazy.shape else lazy.rows(0, 1).numpy()
@@ -143,6 +147,13 @@ class _Weights:
                 entry = self._by_key[key] = f"w{len(self.entries)}"
                 self.entries[entry] = lazy
             names[init_name] = entry
+            self._layers.setdefault(entry, set()).update(layers)
+
+    def layers(self) -> dict[str, int]:
+        """entry -> the one depth its source tensors sit at (glmc.modelcfg.tensor_layer), for the
+        entries that have one: how verification cuts a graph into layers (backends/cpu/layerwise.py).
+        An entry shared by several layers (equal contents) or of no layer is left out."""
+        return {e: next(iter(ls)) for e, ls in self._layers.items() if len(ls) == 1 and None not in ls}
 
     def write(self, models: dict, out_dir: Path) -> dict:
         """weights.safetensors, computed a chunk at a time; point each graph's initializers at it."""
@@ -162,7 +173,7 @@ class _Weights:
 def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) -> dict:
     out_dir = Path(out_dir)
     level = ctx.quant.accuracy_level
-    weights = _Weights(ctx.weights)
+    weights = _Weights(ctx.weights, ctx.model_config.get("num_hidden_layers", 0))
     models = {}
     for t in traced:
         models[t.name] = model = export_ir(t, level)
@@ -190,6 +201,7 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
         "graphs": files,
         "weights": WEIGHTS_FILE,
         "initializers": mapping,
+        "weight_layers": weights.layers(),
         "io": {t.name: {"inputs": t.input_names, "outputs": t.output_names} for t in traced},
         "op_histogram": {name: _onnx_histogram(m) for name, m in protos.items()},
     }

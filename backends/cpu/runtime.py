@@ -96,7 +96,10 @@ class CpuExecutor:
         self.sessions = _LazySessions(self._make_session, backend["graphs"])
         self.io = backend["io"]
 
-    def _make_session(self, name: str, profile_prefix: str | None = None):
+    def _make_session(self, name: str, profile_prefix: str | None = None, model: bytes | None = None,
+                      initializers=None):
+        """A session of entry `name` (or of `model`, a part of it, reading only `initializers`)
+        over the mapped weights."""
         opts = ort.SessionOptions()
         if profile_prefix is not None:
             opts.enable_profiling = True
@@ -106,13 +109,104 @@ class CpuExecutor:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         for init_name, key in self._backend["initializers"][name].items():
-            opts.add_initializer(init_name, self._ort_weights[key])
-        session = ort.InferenceSession(str(self._dir / self._backend["graphs"][name]), sess_options=opts,
-                                       providers=["CPUExecutionProvider"])
+            if initializers is None or init_name in initializers:
+                opts.add_initializer(init_name, self._ort_weights[key])
+        source = str(self._dir / self._backend["graphs"][name]) if model is None else model
+        if model is not None:       # its external-data entries name the artifact's weights file
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self._dir))
+        session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
         # each session pre-packs its matmul weights into memory of its own; the mapped
         # originals it read to do so are dropped from the resident set (still in the page cache)
         release_pages(self._map)
         return session
+
+    def layered(self, name: str):
+        """Entry `name` cut at its layers (backends/cpu/layerwise.py), or None for an artifact
+        that does not record where its weights sit."""
+        from glmc.backends.cpu.layerwise import LayeredGraph
+
+        depths = self._backend.get("weight_layers")
+        if not depths:
+            return None
+        inits = self._backend["initializers"][name]
+        io = self.io[name]
+        pairs = dict(zip([x for x in io["inputs"] if x.startswith("past_")],
+                         [x for x in io["outputs"] if x.startswith("new_")]))
+        return LayeredGraph(
+            self._dir / self._backend["graphs"][name], {i: depths[e] for i, e in inits.items() if e in depths},
+            lambda model, names: self._make_session(name, model=model, initializers=set(names)),
+            lambda batch, dtype: np.zeros((batch, self.kv_heads, self.capacity, self.head_dim), dtype), pairs)
+
+    def by_layer(self, ids: np.ndarray, mask: np.ndarray, steps: list[np.ndarray], reference=None):
+        """The verification workload, one depth of the model in memory at a time: every
+        position's logits of the right-padded prompts (ids, mask), and the generation path:
+        the prompts prefilled, then one token per row per entry of `steps`.
+
+        reference(depth) -> per row, the residual stream into `depth` at positions 0.. of the
+        prompt followed by its step tokens; each isolated depth also runs on it.
+        Returns None when the artifact cannot be cut, else a dict:
+          full (B, T, V), last (B, V), steps [(B, V)]: the artifact's logits;
+          stream / local: depth -> {"full": [(n, H) per row], "gen": ...}: the residual stream
+            into depth, chained; what depth gives on the reference's stream (the stream
+            into the next depth; for the last depth, logits)."""
+        from glmc.backends.cpu.layerwise import Call
+
+        B, T = ids.shape
+        lengths = mask.sum(1)
+        fill = Call({"input_ids": ids, "attention_mask": mask, "position": np.zeros(B, np.int64),
+                     "cache_mask": np.zeros((B, 0), np.int64)}, start=0)
+        fill.real = [np.arange(n) for n in lengths]
+        slots = np.zeros((B, T + len(steps)), np.int64)
+        slots[:, :T] = mask
+        gen, used = [fill], T
+        for n, tok in enumerate(steps):
+            pos = lengths + n
+            call = Call({"input_ids": tok.reshape(B, 1).astype(np.int64), "attention_mask": np.ones((B, 1), np.int64),
+                         "position": pos, "cache_mask": slots[:, :used].copy()}, position=pos)
+            call.real = [np.array([p]) for p in pos]
+            gen.append(call)
+            slots[np.arange(B), pos] = 1
+            used = max(used, int(pos.max()) + 1)
+        score = Call({"input_ids": ids, "attention_mask": mask}, start=0)
+        score.real = fill.real
+        workloads = [("extend", {"gen": gen})]
+        if "score" in self.sessions:
+            workloads.append(("score", {"full": [score]}))
+        else:           # no score entry: the extend entry gives every position at used=0
+            workloads[0][1]["full"] = [fill]
+        out = {"stream": {}, "local": {}}
+        for name, seqs in workloads:
+            graph = self.layered(name)
+            if graph is None:
+                return None
+            kinds, calls = list(seqs), list(seqs.values())
+
+            def given(depth, q, c, calls=calls):
+                rows = reference(depth)
+                x = np.zeros((B, calls[q][c].feeds["input_ids"].shape[1], rows[0].shape[-1]), np.float32)
+                for b, at in enumerate(calls[q][c].real):
+                    x[b, :len(at)] = rows[b][at]
+                return x
+
+            trace = graph.run(calls, given if reference is not None else None)
+            per_row = lambda got, q: [np.concatenate([got[q, c][b, :len(call.real[b])] for c, call in  # noqa: E731
+                                                      enumerate(calls[q])]) for b in range(B)]
+            for q, kind in enumerate(kinds):
+                logits = [trace.outputs[q, c]["logits"] for c in range(len(calls[q]))]
+                if kind == "full":
+                    out["full"] = logits[0]
+                else:
+                    first = logits[0]
+                    out["last"] = first[:, 0] if first.shape[1] == 1 else first[np.arange(B), lengths - 1]
+                    out["steps"] = [x[:, 0] for x in logits[1:]]
+                for depth, got in trace.stream.items():
+                    out["stream"].setdefault(depth, {})[kind] = per_row(got, q)
+                for depth, got in trace.local.items():
+                    out["local"].setdefault(depth, {})[kind] = per_row(got, q)
+                if kind == "full" and trace.local_outputs:       # every position's logits
+                    local = {k: v["logits"] for k, v in trace.local_outputs.items()}
+                    out["local"].setdefault(max(graph.depths), {})[kind] = per_row(local, q)
+        return out
 
     def release_scoring(self) -> None:
         """Drop the score session (and its pre-packed weights); rebuilt if asked for again."""
