@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--quants", default="int4,int8")
     ap.add_argument("--cuda", default="cuda:sm_80,sm_90", help="cross-compile target ('' to skip)")
-    ap.add_argument("--verify", action="store_true", help="compile with verification (needs the memory)")
+    ap.add_argument("--no-verify", dest="verify", action="store_false",
+                    help="compile without verification (it runs one layer at a time, as the reference does)")
     ap.add_argument("--prompts", default="128,1024")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--reuse", action="store_true", help="measure artifacts that exist instead of recompiling")

@@ -225,7 +225,7 @@ _BASELINE_ERRORS = (RuntimeError, ValueError, TypeError, AttributeError, KeyErro
 def _check_glmc(artifact: Path, manifest: dict, model, provider, pool: list[int], want: list[int]) -> None:
     """glmc's correctness gate before timing: greedy tokens equal eager's (unquantized), or the
     logits within the artifact's relative-RMS bound of the fp32 source (quantized)."""
-    from glmc.verify import compare
+    from glmc.verify import compare, summary
 
     if manifest["quant"] == "none" and manifest["dtype"] == "fp32":
         got = provider.greedy(pool[:8], 6)
@@ -235,9 +235,7 @@ def _check_glmc(artifact: Path, manifest: dict, model, provider, pool: list[int]
         return
     r = compare(provider.rt, model, manifest["dtype"], manifest["quant"])
     if not r.ok:
-        raise GlmcError(f"{artifact}: disagrees with its fp32 source ({r.measure} "
-                        f"{r.relative_rms if r.measure == 'relative_rms' else r.max_abs_diff:.3g} > "
-                        f"{r.allowed:.3g}); not timing a wrong answer")
+        raise GlmcError(f"{artifact}: disagrees with its fp32 source ({summary(r.as_dict())}); not timing a wrong answer")
 
 
 def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progress: bool = True,

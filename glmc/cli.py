@@ -91,6 +91,7 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
     import json
 
     from glmc.compiler import compile as do_compile
+    from glmc.verify import summary
 
     t0 = time.perf_counter()
     out = do_compile(model, output, target=target, dtype=dtype, quant=quant, group_size=group_size,
@@ -102,10 +103,8 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
     v = report["verify"]
     if not isinstance(v, dict):
         verdict = f"not verified ({v})" if v.startswith("skipped: no") else "not verified (--no-verify)"
-    elif v["measure"] == "max_abs_diff":
-        verdict = f"verified: max |logits diff| {v['max_abs_diff']:.2e} <= {v['allowed']:.2e}"
     else:
-        verdict = f"verified: relative RMS logits error vs fp32 {v['relative_rms']:.3f} <= {v['allowed']}"
+        verdict = f"verified: {summary(v)}"
     click.echo(f"wrote {out} ({report['artifact_bytes'] / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
                f"{verdict}; peak RSS {report['peak_rss_mb']:.0f} MiB")
     q = report.get("quantization")
@@ -193,7 +192,7 @@ def verify(artifact, source):
     time); print the max logits difference."""
     from glmc.checkpoint import open_model
     from glmc.runtime import load
-    from glmc.verify import Reference, compare
+    from glmc.verify import Reference, compare, summary
 
     rt = load(artifact)
     src = rt.manifest["source"]
@@ -202,10 +201,8 @@ def verify(artifact, source):
     if ref.source["sha256"] != src["sha256"]:
         raise GlmcError(f"{name}: is not the checkpoint {artifact} was compiled from (sha256 differs)")
     r = compare(rt, Reference.of(ref), rt.manifest["dtype"], rt.manifest["quant"])
-    measured = (f"{r.relative_rms:.3f} relative RMS logits error" if r.measure == "relative_rms"
-                else f"{r.max_abs_diff:.3e}")
-    click.echo(f"max |logits diff| {r.max_abs_diff:.3e} over {r.positions} positions; checked {measured} "
-               f"(allowed {r.allowed:.3e}); top-1 agreement {r.top1_agreement:.0%}: " + ("OK" if r.ok else "FAILED"))
+    click.echo(f"max |logits diff| {r.max_abs_diff:.3e} over {r.positions} positions; checked {summary(r.as_dict())}; "
+               f"top-1 agreement {r.top1_agreement:.0%}: " + ("OK" if r.ok else f"FAILED{f' at {r.where}' if r.where else ''}"))
     if not r.ok:
         sys.exit(3)
 

@@ -235,6 +235,19 @@ def compare(runtime, reference, dtype: str, quant: str) -> VerifyResult:
     return VerifyResult(worst, allowed, worst <= allowed, where=_first_over(layers, LAYER_RELATIVE[dtype]), **common)
 
 
+def summary(v: dict) -> str:
+    """One phrase for a VerifyResult's as_dict(): what was measured against what was allowed."""
+    op = "<=" if v["ok"] else ">"
+    if v["measure"] == "max_abs_diff":
+        return f"max abs logits diff {v['max_abs_diff']:.2e} {op} {v['allowed']:.2e}"
+    if v["measure"] == "relative_rms":
+        return f"relative RMS logits error vs fp32 {v['relative_rms']:.3f} {op} {v['allowed']}"
+    layers = {int(d): e for d, e in v["layer_errors"].items()}
+    depth = max(layers, key=layers.get)
+    return (f"each layer's own error vs fp32 {op} {v['allowed']} (worst {layers[depth]:.3f}, "
+            f"{depth_name(depth, max(layers))}); end to end relative RMS logits error {v['relative_rms']:.3f}")
+
+
 def layer_errors(got: dict, hidden: list, refs: list, n_layers: int) -> dict[int, float]:
     """depth -> how far that depth alone is from transformers, on the reference's input,
     averaged over every checked position: -1 the embeddings (||e - e_ref|| / ||e_ref||);
