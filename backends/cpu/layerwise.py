@@ -53,6 +53,7 @@ class Segment:
     outputs: list                   # needed by later segments or the graph's outputs
     initializers: list
     tap: tuple | None = None        # the residual stream into this depth: (x,) or (input, skip), summed
+    shape_only: tuple = ()          # KV-cache inputs of other depths it reads only the shape of
     isolated: bool = False          # every weight-derived input is the tap: it can run on another stream
 
 
@@ -130,9 +131,11 @@ class LayeredGraph:
                     seg.isolated = all(x in tap or not (x in producer and weighted[producer[x]]) for x in inputs)
             segments.append(seg)
         for seg in segments:
-            past = [x for x in seg.inputs if x in self.kv_pairs]
-            if any(self.kv_pairs[x] not in seg.outputs for x in past):
+            # another depth's cache may be read for its shape (the batch size): any buffer of that shape does
+            foreign = [x for x in seg.inputs if x in self.kv_pairs and self.kv_pairs[x] not in seg.outputs]
+            if any(n.op_type != "Shape" for n in seg.nodes for x in foreign if x in n.input):
                 raise GlmcError("cannot run the graph layer by layer: a layer reads a KV cache another one writes")
+            seg.shape_only = tuple(foreign)
         return segments
 
     @staticmethod
@@ -191,7 +194,9 @@ class LayeredGraph:
                     for c, call in enumerate(calls):
                         feeds = {}
                         for x in seg.inputs:
-                            if x in self.kv_pairs:
+                            if x in seg.shape_only:
+                                feeds[x] = self.cache_buffer(len(call.feeds["input_ids"]), _dtype(self._graph_inputs[x]))
+                            elif x in self.kv_pairs:
                                 if x not in cache:
                                     cache[x] = self.cache_buffer(len(call.feeds["input_ids"]),
                                                                  _dtype(self._graph_inputs[x]))
