@@ -3,8 +3,13 @@
 Fixed prompts (a ragged batch, so padding is exercised) are prefilled and then
 decoded for a few teacher-forced steps (fixed continuation tokens) on both sides;
 the reference is transformers' own modules run over prompt + continuation
-without a cache, one decoder layer in memory at a time (`Reference`). The measure is the max abs logits difference relative to the tolerance
-for the artifact's dtype/quant.
+without a cache, one decoder layer in memory at a time (`Reference`). A CPU
+artifact runs one depth at a time too (backends/cpu/layerwise.py), chained (its
+own logits) and each depth on the reference's hidden state (its own error).
+Unquantized builds are gated on the max abs logits difference (TOLERANCES);
+quantized ones on each depth's own error (LAYER_RELATIVE), since N layers of
+honest rounding noise compound with depth; both name the first depth beyond
+its bound when they fail.
 """
 
 from __future__ import annotations
