@@ -230,7 +230,8 @@ def compare(runtime, reference, dtype: str, quant: str) -> VerifyResult:
     common = dict(positions=checked, top1_agreement=round(agree / checked, 4), max_abs_ref=scale,
                   relative_rms=rms, layer_errors=layers)
     if (dtype, quant) in RELATIVE_RMS:
-        if layers:          # each depth on the reference's own input: per-layer noise, not compounded
+        n_layers = runtime.config["num_hidden_layers"]
+        if set(layers) == set(range(-1, n_layers + 1)):   # every depth on the reference's own input
             bound = LAYER_RELATIVE[quant]
             return VerifyResult(worst, bound, max(layers.values()) <= bound, measure="layer_relative_error",
                                 where=_first_over(layers, bound), **common)

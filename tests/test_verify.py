@@ -137,3 +137,13 @@ def test_layer_by_layer_run_is_the_artifact_one_layer_at_a_time(checkpoints, tmp
         step = rt.executor.decode(cache, tok[:, None], position + n)[:, 0]
         np.testing.assert_allclose(got["steps"][n], step, atol=1e-5, rtol=1e-5)
     assert sorted(got["stream"]) == list(range(n_layers + 1))     # the residual stream into every depth
+    # each depth run on a given stream (verification gives transformers'): given the artifact's
+    # own, it gives the artifact's next stream, and the last depth its logits
+    again = ex.by_layer(ids, mask, steps, lambda depth: got["stream"][depth]["gen"])
+    assert sorted(again["local"]) == list(range(n_layers + 1))
+    for depth in range(n_layers):
+        for kind, rows in again["local"][depth].items():
+            for ours, chained in zip(rows, got["stream"][depth + 1][kind]):
+                np.testing.assert_allclose(ours, chained, atol=1e-4, rtol=1e-4)
+    for b, p in enumerate(prompts):
+        np.testing.assert_allclose(again["local"][n_layers]["full"][b], full[b], atol=1e-4, rtol=1e-4)
