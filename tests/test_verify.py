@@ -92,8 +92,9 @@ def test_int4_build_with_one_wrong_layer_names_it(checkpoints, tmp_path):
     assert "first diverges at decoder layer 2" in str(err.value), str(err.value)
 
 
-@pytest.mark.parametrize("variant,kv_cache", [("glm4-mqa", "fp32"), ("chatglm", "fp16"), ("glm-mha-tied", "fp32")])
-def test_layer_by_layer_run_is_the_artifact_one_layer_at_a_time(checkpoints, tmp_path, variant, kv_cache):
+@pytest.mark.parametrize("variant,options", [("glm4-mqa", {}), ("glm-mha-tied", {"kv_cache": "fp16"}),
+                                             ("glm-gqa", {"quant": "int8"})])
+def test_layer_by_layer_run_is_the_artifact_one_layer_at_a_time(artifacts, variant, options):
     """Verification runs a CPU artifact cut at its layers (backends/cpu/layerwise.py): the
     cut graphs give the whole artifact's logits (every position, prefill, decode steps),
     and no two depths' sessions are alive at once."""
@@ -105,7 +106,7 @@ def test_layer_by_layer_run_is_the_artifact_one_layer_at_a_time(checkpoints, tmp
     from glmc.backends.cpu.runtime import CpuExecutor
     from glmc.verify import continuation, fixed_prompts
 
-    art = glmc.compile(checkpoints(variant), tmp_path / "a.glmc", max_seq_len=32, kv_cache=kv_cache, verify=False)
+    art = artifacts(variant, **options)
     rt = glmc.load(art)
     prompts = fixed_prompts(rt.vocab_size, rt.max_seq_len)
     cont = continuation(rt.vocab_size, prompts)
