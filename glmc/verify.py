@@ -226,11 +226,11 @@ def compare(runtime, reference, dtype: str, quant: str) -> VerifyResult:
             agree += int(step[b].argmax() == ref.argmax())
             rel.append(_rel_rms(step[b], ref))
     rms = float(np.mean(rel))
-    layers = layer_errors(got, hidden, refs, runtime.config["num_hidden_layers"]) if got is not None else {}
+    n_layers = runtime.config["num_hidden_layers"]
+    layers = layer_errors(got, hidden, refs, n_layers) if got is not None else {}
     common = dict(positions=checked, top1_agreement=round(agree / checked, 4), max_abs_ref=scale,
                   relative_rms=rms, layer_errors=layers)
     if (dtype, quant) in RELATIVE_RMS:
-        n_layers = runtime.config["num_hidden_layers"]
         if set(layers) == set(range(-1, n_layers + 1)):   # every depth on the reference's own input
             bound = LAYER_RELATIVE[quant]
             return VerifyResult(worst, bound, max(layers.values()) <= bound, measure="layer_relative_error",

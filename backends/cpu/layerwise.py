@@ -43,6 +43,7 @@ class Call:
     feeds: dict
     start: int | None = None
     position: np.ndarray | None = None
+    real: list | None = None        # per row, the positions of its real (not padding) tokens
 
 
 @dataclass
@@ -188,19 +189,19 @@ class LayeredGraph:
             if seg.tap:
                 trace.stream[seg.depth] = {k: _sum(v, seg.tap) for k, v in values.items()}
             modes = ["chained"] + (["local"] if stream_in is not None and seg.isolated else [])
+            nxt = self._next_tap(seg)
             for mode in modes:
                 for q, calls in enumerate(sequences):
-                    cache = {}
+                    cache, shapes = {}, {}      # this depth's KV cache; other depths' (read for their shape)
                     for c, call in enumerate(calls):
                         feeds = {}
                         for x in seg.inputs:
-                            if x in seg.shape_only:
-                                feeds[x] = self.cache_buffer(len(call.feeds["input_ids"]), _dtype(self._graph_inputs[x]))
-                            elif x in self.kv_pairs:
-                                if x not in cache:
-                                    cache[x] = self.cache_buffer(len(call.feeds["input_ids"]),
-                                                                 _dtype(self._graph_inputs[x]))
-                                feeds[x] = cache[x]
+                            if x in self.kv_pairs:
+                                held = shapes if x in seg.shape_only else cache
+                                if x not in held:
+                                    held[x] = self.cache_buffer(len(call.feeds["input_ids"]),
+                                                                _dtype(self._graph_inputs[x]))
+                                feeds[x] = held[x]
                             else:
                                 feeds[x] = call.feeds[x] if x in call.feeds else values[q, c][x]
                         if mode == "local":
@@ -216,7 +217,6 @@ class LayeredGraph:
                             values[q, c].update(out)
                             trace.outputs.setdefault((q, c), {}).update(graph_out)
                         else:
-                            nxt = self._next_tap(seg)
                             if nxt and all(x in out for x in nxt):
                                 trace.local.setdefault(seg.depth, {})[q, c] = _sum(out, nxt)
                             if "logits" in graph_out:

@@ -154,21 +154,18 @@ class CpuExecutor:
         B, T = ids.shape
         lengths = mask.sum(1)
         fill = Call({"input_ids": ids, "attention_mask": mask, "position": np.zeros(B, np.int64),
-                     "cache_mask": np.zeros((B, 0), np.int64)}, start=0)
-        fill.real = [np.arange(n) for n in lengths]
+                     "cache_mask": np.zeros((B, 0), np.int64)}, start=0, real=[np.arange(n) for n in lengths])
         slots = np.zeros((B, T + len(steps)), np.int64)
         slots[:, :T] = mask
         gen, used = [fill], T
         for n, tok in enumerate(steps):
             pos = lengths + n
-            call = Call({"input_ids": tok.reshape(B, 1).astype(np.int64), "attention_mask": np.ones((B, 1), np.int64),
-                         "position": pos, "cache_mask": slots[:, :used].copy()}, position=pos)
-            call.real = [np.array([p]) for p in pos]
-            gen.append(call)
+            gen.append(Call({"input_ids": tok.reshape(B, 1).astype(np.int64), "attention_mask": np.ones((B, 1), np.int64),
+                             "position": pos, "cache_mask": slots[:, :used].copy()},
+                            position=pos, real=[np.array([p]) for p in pos]))
             slots[np.arange(B), pos] = 1
             used = max(used, int(pos.max()) + 1)
-        score = Call({"input_ids": ids, "attention_mask": mask}, start=0)
-        score.real = fill.real
+        score = Call({"input_ids": ids, "attention_mask": mask}, start=0, real=fill.real)
         workloads = [("extend", {"gen": gen})]
         if "score" in self.sessions:
             workloads.append(("score", {"full": [score]}))
