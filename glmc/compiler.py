@@ -21,7 +21,6 @@ from glmc.dtypes import COMPUTE as DTYPES
 from glmc.errors import GlmcError, VerificationError
 from glmc.ir import QuantConfig, make_context
 from glmc.measure import peak_rss_mb
-from glmc.modelcfg import head_dim
 from glmc.pipeline import pipeline as default_pipeline
 from glmc.pipeline import run_pipeline
 from glmc.target import Target
@@ -175,7 +174,7 @@ def compile(
                                          bytes_per_param=4 * CALIBRATED_PEAK_OVER_WEIGHTS, purpose="compiling")
             else:               # weights stay in the checkpoint until they are written
                 loaded = checkpoint.open_model(model, allow_pickle=allow_pickle, purpose="compiling",
-                                               need_bytes=lambda c: compile_memory_bytes(c, qc, max_seq_len, verify))
+                                               need_bytes=lambda c: compile_memory_bytes(c, qc, verify))
             book = _weight_book(loaded, eager=bool(calibrate))
         cfg = loaded.config
         limit = cfg["max_position_embeddings"]
@@ -308,25 +307,23 @@ def _weight_book(loaded, eager: bool) -> WeightBook:
     return book
 
 
-def compile_memory_bytes(cfg: dict, qc: QuantConfig, max_seq_len: int | None, verify: bool) -> float:
+def compile_memory_bytes(cfg: dict, qc: QuantConfig, verify: bool) -> float:
     """Peak memory of a compile, estimated from the config before any weight is read.
 
     Measured on this project's machine (report.json's stage_peak_rss_mb; README, "Model size"):
-    the process with its libraries and traced graphs is ~0.6 GiB; trace holds the decode
-    entry's example KV cache; lowering one row chunk of one weight at a time (a whole matrix
+    the process with its libraries and traced graphs is ~0.6 GiB (the example KV cache the
+    entries are traced with is never written, so never resident); lowering one row chunk of one weight at a time (a whole matrix
     for an unquantized transpose); verification one fp32 decoder layer of the reference plus
     one depth of the artifact in onnxruntime (backends/cpu/layerwise.py: a decoder layer, or
     the embedding table, or the final norm and lm_head, whichever is largest)."""
     from glmc.checkpoint import count_parameters
 
     H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    seq = max_seq_len if max_seq_len is not None else min(cfg["max_position_embeddings"], 2048)
-    kv_example = 2 * 2 * L * cfg["num_key_value_heads"] * seq * head_dim(cfg) * 4 * 2
     tables = V * H * (1 if cfg.get("tie_word_embeddings") else 2)
     linears = count_parameters(cfg) - tables
     largest = max(V * H, 2 * cfg["intermediate_size"] * H)
     lower = 3 * 4 * (largest if qc.mode == "none" else min(largest, CHUNK_ELEMENTS))
-    need = BASE_COMPILE_BYTES + kv_example + lower
+    need = BASE_COMPILE_BYTES + lower
     if verify:
         blocks, embedding, head = artifact_parts(cfg, qc)
         need += 4 * linears / L + VERIFY_OVER_SEGMENT * max(blocks / L, embedding, head)

@@ -148,6 +148,9 @@ class _RowWise(Multi):
             self._last = ((r0, r1), outs)
         return self._last[1]
 
+    def release(self):
+        self._last = None
+
 
 class Quantized(_RowWise):
     """quantize(x [* act_scale]) as (qweight, scales[, zeros]); rows are output channels."""

@@ -141,6 +141,12 @@ def _shape(config: dict):
     return L, Hkv, D
 
 
+def _example_cache(L: int, Hkv: int, S: int, D: int) -> tuple:
+    """Example KV-cache buffers for tracing: only their shapes are used, so they are never
+    written and their pages never become resident (2 x 4 MiB per layer at the 9B shape)."""
+    return tuple(torch.empty(2, Hkv, S, D) for _ in range(2 * L))
+
+
 def kv_names(prefix: str, n_layers: int) -> list[str]:
     return [f"{prefix}{kind}_{i}" for i in range(n_layers) for kind in ("k", "v")]
 
@@ -164,7 +170,7 @@ def trace_decode(model, config: dict, max_seq_len: int) -> Traced:
     L, Hkv, D = _shape(config)
     B = Dim("batch", min=1, max=256)
     S = max_seq_len
-    past = tuple(torch.zeros(2, Hkv, S, D) for _ in range(2 * L))
+    past = _example_cache(L, Hkv, S, D)
     cache_mask = torch.zeros(2, S, dtype=torch.int64)
     cache_mask[:, :4] = 1
     args = (torch.randint(3, config["vocab_size"], (2, 1)), torch.tensor([4, 4]), cache_mask, *past)
@@ -186,7 +192,7 @@ def trace_extend(model, config: dict, max_seq_len: int) -> Traced:
     # The cache buffers keep the capacity S; cache_mask's length (the slots in use) is dynamic.
     B, C, N = Dim("batch", min=1, max=256), Dim.DYNAMIC, Dim.DYNAMIC
     S = max_seq_len
-    past = tuple(torch.zeros(2, Hkv, S, D) for _ in range(2 * L))
+    past = _example_cache(L, Hkv, S, D)
     cache_mask = torch.zeros(2, 5, dtype=torch.int64)
     cache_mask[:, :4] = 1
     args = (torch.randint(3, config["vocab_size"], (2, 3)), torch.ones(2, 3, dtype=torch.int64),
