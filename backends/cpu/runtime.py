@@ -14,7 +14,9 @@ written into their slots.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,28 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _paging_out(mm, every_s: float = 0.05):
+    """Drop `mm`'s resident pages every `every_s` while the block runs (onnxruntime builds a
+    session with the GIL released), and once after. A page read again faults back in from
+    the page cache. Measured on the 8-layer 9B-width int4 artifact: the session build peaked
+    at 3226 MB (1758 packed + 1468 mapped) without this, 1978 MB with it."""
+    done = threading.Event()
+
+    def drop():
+        while not done.wait(every_s):
+            release_pages(mm)
+
+    thread = threading.Thread(target=drop, name="glmc-page-out", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        release_pages(mm)
 
 
 def _tuned_threads(artifact_dir: Path) -> int | None:
@@ -114,11 +138,11 @@ class CpuExecutor:
         source = str(self._dir / self._backend["graphs"][name]) if model is None else model
         if model is not None:       # its external-data entries name the artifact's weights file
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self._dir))
-        session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
-        # each session pre-packs its matmul weights into memory of its own; the mapped
-        # originals it read to do so are dropped from the resident set (still in the page cache)
-        release_pages(self._map)
-        return session
+        # each session pre-packs its matmul weights into memory of its own; the mapped originals
+        # it has read are dropped from the resident set (still in the page cache) while it
+        # builds, so the build's peak is the packed copy, not that plus the weights file
+        with _paging_out(self._map):
+            return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
 
     def layered(self, name: str):
         """Entry `name` cut at its layers (backends/cpu/layerwise.py), or None for an artifact
