@@ -331,7 +331,7 @@ def write_safetensors(entries: dict[str, Lazy], path: Path) -> dict[str, tuple[i
                                            f"expected {lazy.shape} {lazy.dtype}")
                     row_bytes = _nbytes(lazy.shape[1:], lazy.dtype) if lazy.shape else 0
                     os.pwrite(fd, _as_bytes(t), base + header[name]["data_offsets"][0] + r0 * row_bytes)
-            prod.release()      # a row-wise Multi keeps its last chunk: ~1/4 of a layer at 9B, per matrix
+            prod.release()      # a row-wise Multi keeps its last chunk's outputs (~50 MiB per layer at 9B)
     return {name: (base + h["data_offsets"][0], h["data_offsets"][1] - h["data_offsets"][0])
             for name, h in header.items()}
 

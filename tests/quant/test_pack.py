@@ -58,3 +58,27 @@ def test_int4_packed_bytes_are_under_30_percent_of_fp16():
     w = torch.randn(256, 1024)
     p = quantize(w, 4, 128, True)
     assert p.nbytes() / (w.numel() * 2) <= 0.30
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True)])
+def test_written_in_row_chunks_equals_quantized_at_once_and_nothing_is_kept(tmp_path, monkeypatch, bits, symmetric):
+    """write_safetensors computes a quantized recipe a row chunk at a time (here 5 rows of 37)
+    for all its outputs; the file holds what quantizing the whole matrix gives, and once
+    written the recipe keeps no chunk (it kept its last one: ~50 MiB per layer at the 9B width)."""
+    from safetensors.torch import load_file
+
+    import glmc.weights as W
+    from glmc.quant import Quantized
+
+    torch.manual_seed(0)
+    w = torch.randn(37, 128)
+    monkeypatch.setattr(W, "CHUNK_ELEMENTS", 5 * 128)
+    q = Quantized(W.Const(w), bits, 32, symmetric)
+    entries = {f"out{i}": q.part(i) for i in range(len(q.outputs))}
+    W.write_safetensors(entries, tmp_path / "w.safetensors")
+    want = quantize(w, bits, 32, symmetric)
+    got = load_file(str(tmp_path / "w.safetensors"))
+    assert torch.equal(got["out0"], want.qweight) and torch.equal(got["out1"], want.scales)
+    if len(q.outputs) > 2:
+        assert torch.equal(got["out2"], want.zeros)
+    assert q._last is None
