@@ -66,7 +66,9 @@ def _plots(report: dict, out: Path) -> list[tuple[str, str]]:
     ax.bar([i - 0.2 for i in x], pf, 0.4, label="prefill: FLOP/s / matmul peak")
     ax.bar([i + 0.2 for i in x], df, 0.4, label="decode: bytes/s / read bandwidth")
     ax.set_xticks(list(x), names)
-    ax.set(ylabel="fraction of roofline", ylim=(0, 1.05), title="Fraction of the machine's roofline")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")     # above it: the data fit in cache, not a roofline
+    ax.set(ylabel="fraction of roofline (above 1: fits in cache)", ylim=(0, max(1.05, *pf, *df) * 1.05),
+           title="Fraction of the machine's roofline")
     ax.legend()
     save(fig, "roofline.png", "Roofline fraction")
 
@@ -80,58 +82,95 @@ def _plots(report: dict, out: Path) -> list[tuple[str, str]]:
     return made
 
 
-def markdown(report: dict) -> str:
-    m, a = report["machine"], report["artifact"]
-    lines = [
-        f"# glmc bench: {report['target']}",
-        "",
-        f"Machine: {m['cpu']}, {m['threads']} threads, {m['os']}; read bandwidth {m['read_bandwidth_gbs']} GB/s, "
-        f"fp32 matmul {m['fp32_matmul_tflops'] * 1e3:.0f} GFLOP/s. Versions: "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-        "",
-        f"Artifact: target {a['target']}, {a['dtype']}, quant {a['quant']}, {a['artifact_bytes'] / 2**20:.1f} MiB "
-        f"(weights {a['weights_bytes'] / 2**20:.1f} MiB); {report['model']['parameters'] / 1e6:.1f}M parameters. "
-        f"Peak RSS of the bench process {report['peak_rss_mb']:.0f} MiB.",
-        "",
-        "## Prefill (latency = time to first token; median [min, max] ms)",
-        "",
-    ]
+def _fraction(f: float) -> str:
+    """A roofline fraction as a table cell: above 1 the data was not streamed from memory."""
+    return f"fits in cache ({f:.0%})" if f > 1.0 else f"{f:.0%}"
+
+
+def _tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The report's tables as (title, header, rows): one source for report.md and report.html."""
     res = report["results"]
     lengths = report["settings"]["prompt_lengths"]
-    lines.append("| provider | " + " | ".join(f"{L} tokens" for L in lengths) + " | % of matmul peak |")
-    lines.append("|---" * (len(lengths) + 2) + "|")
+    tables = []
+    rows = []
     for name, r in res.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} |")
+            rows.append([name, f"failed: {r['error']}"])
             continue
         cells = [f"{p['seconds']['median'] * 1e3:.1f} [{p['seconds']['min'] * 1e3:.1f}, {p['seconds']['max'] * 1e3:.1f}]"
                  for p in (r["prefill"][str(L)] for L in lengths)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['prefill'][str(lengths[-1])]['peak_fraction']:.0%} |")
+        rows.append([name, *cells, _fraction(r["prefill"][str(lengths[-1])]["peak_fraction"])])
+    tables.append(("Prefill (latency = time to first token; median [min, max] ms)",
+                   ["provider", *(f"{L} tokens" for L in lengths), "% of matmul peak"], rows))
     ctx = report["settings"]["contexts"]
-    lines += ["", "## Decode (tokens/s, median [min, max])", "",
-              "| provider | " + " | ".join(f"ctx {C}" for C in ctx) + " | % of bandwidth roofline |",
-              "|---" * (len(ctx) + 2) + "|"]
+    rows = []
     for name, r in res.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} |")
+            rows.append([name, f"failed: {r['error']}"])
             continue
         cells = []
         for C in ctx:
             d = r["decode"][str(C)]
             s = d["seconds_per_token"]
             cells.append(f"{d['tokens_per_s']:.1f} [{1 / s['max']:.1f}, {1 / s['min']:.1f}]")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['decode'][str(ctx[0])]['roofline_fraction']:.0%} |")
+        rows.append([name, *cells, _fraction(r["decode"][str(ctx[0])]["roofline_fraction"])])
+    tables.append(("Decode (tokens/s, median [min, max])",
+                   ["provider", *(f"ctx {C}" for C in ctx), "% of bandwidth roofline"], rows))
     if report["speedup_glmc_over"]:
-        lines += ["", "## glmc speedup (ratio of medians, measured in this run)", "",
-                  "| baseline | prefill | decode |", "|---|---|---|"]
-        for name, r in report["speedup_glmc_over"].items():
-            lines.append(f"| {name} | " + ", ".join(f"{L}: {v:.2f}x" for L, v in r["prefill"].items())
-                         + " | " + ", ".join(f"ctx {C}: {v:.2f}x" for C, v in r["decode"].items()) + " |")
+        rows = [[name, ", ".join(f"{L}: {v:.2f}x" for L, v in r["prefill"].items()),
+                 ", ".join(f"ctx {C}: {v:.2f}x" for C, v in r["decode"].items())]
+                for name, r in report["speedup_glmc_over"].items()]
+        tables.append(("glmc speedup (ratio of medians, measured in this run)", ["baseline", "prefill", "decode"], rows))
     bd = report.get("decode_op_breakdown_ms", {})
     if bd and "error" not in bd:
-        lines += ["", "## One decode step, per op type (ms)", "", "| op | ms |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in list(bd.items())[:12]]
-    return "\n".join(lines) + "\n"
+        tables.append(("One decode step, per op type (ms)", ["op", "ms"],
+                       [[k, f"{v:.3f}"] for k, v in list(bd.items())[:12]]))
+    return tables
+
+
+def _intro(report: dict) -> list[str]:
+    m, a = report["machine"], report["artifact"]
+    return [
+        f"Machine: {m['cpu']}, {m['threads']} threads, {m['os']}; read bandwidth {m['read_bandwidth_gbs']} GB/s, "
+        f"fp32 matmul {m['fp32_matmul_tflops'] * 1e3:.0f} GFLOP/s. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"Artifact: target {a['target']}, {a['dtype']}, quant {a['quant']}, {a['artifact_bytes'] / 2**20:.1f} MiB "
+        f"(weights {a['weights_bytes'] / 2**20:.1f} MiB); {report['model']['parameters'] / 1e6:.1f}M parameters. "
+        f"Peak RSS of the bench process {report['peak_rss_mb']:.0f} MiB.",
+    ]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# glmc bench: {report['target']}", ""]
+    for paragraph in _intro(report):
+        lines += [paragraph, ""]
+    for title, header, rows in _tables(report):
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _row_html(row: list[str], width: int) -> str:
+    """One table row; a short row (a failed provider) spans its last cell over the rest."""
+    cells = [f"<td>{html.escape(c)}</td>" for c in row[:-1]]
+    span = width - len(row) + 1
+    cells.append(f"<td colspan='{span}'>{html.escape(row[-1])}</td>" if span > 1 else f"<td>{html.escape(row[-1])}</td>")
+    return "<tr>" + "".join(cells) + "</tr>"
+
+
+def html_page(report: dict, plots: list[tuple[str, str]]) -> str:
+    """report.html: the same paragraphs and tables as report.md, as HTML, then the plots."""
+    e = html.escape
+    parts = [f"<h1>glmc bench: {e(report['target'])}</h1>", *(f"<p>{e(p)}</p>" for p in _intro(report))]
+    for title, header, rows in _tables(report):
+        head = "".join(f"<th>{e(h)}</th>" for h in header)
+        body = "".join(_row_html(row, len(header)) for row in rows)
+        parts.append(f"<h2>{e(title)}</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    parts += [f"<h2>{e(t)}</h2><img src='{n}' alt='{e(t)}'>" for n, t in plots]
+    return ("<!doctype html><meta charset='utf-8'><title>glmc bench</title>"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}</style>" + "".join(parts))
 
 
 def write_report(report: dict, out_dir: Path) -> None:
@@ -141,9 +180,4 @@ def write_report(report: dict, out_dir: Path) -> None:
     md = markdown(report)
     (out_dir / "report.md").write_text(md)
     plots = _plots(report, out_dir)
-    body = "".join(f"<h2>{html.escape(t)}</h2><img src='{n}' alt='{html.escape(t)}'>" for n, t in plots)
-    (out_dir / "report.html").write_text(
-        "<!doctype html><meta charset='utf-8'><title>glmc bench</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px}</style>"
-        f"<pre>{html.escape(md)}</pre>{body}")
+    (out_dir / "report.html").write_text(html_page(report, plots))

@@ -101,3 +101,22 @@ def test_quantized_artifact_is_checked_against_its_fp32_source(artifacts, tmp_pa
     write_manifest(art, read_manifest(art, verify=False))
     with pytest.raises(benchmark.GlmcError, match="disagrees with its fp32 source"):
         benchmark.run(str(art), tmp_path / "bad", quick=True, skip=("eager", "ort-plain"), progress=False)
+
+
+def test_report_html_has_real_tables_and_marks_cache_resident_fractions(quick_report):
+    """report.html renders the tables as HTML (not markdown inside <pre>), and a roofline
+    fraction above 1 reads as "fits in cache", never as a percentage of a roofline."""
+    from glmc.bench_report import html_page, markdown
+
+    _, out, _ = quick_report
+    page = (out / "report.html").read_text()
+    assert "<pre>" not in page and "| glmc |" not in page
+    assert page.count("<table>") >= 3 and "<td>glmc</td>" in page
+    rep = json.loads((out / "report.json").read_text())
+    C = str(rep["settings"]["contexts"][0])
+    rep["results"]["glmc"]["decode"][C]["roofline_fraction"] = 1.72
+    rep["results"]["eager"]["decode"][C]["roofline_fraction"] = 0.31
+    for text in (markdown(rep), html_page(rep, [])):
+        assert "fits in cache (172%)" in text and "31%" in text and "fits in cache (31%)" not in text
+    rep["results"]["ort-plain"] = {"error": "RuntimeError: boom"}
+    assert "colspan=" in html_page(rep, []) and "failed: RuntimeError: boom" in html_page(rep, [])
