@@ -40,7 +40,7 @@ def _paging_out(mm, every_s: float = 0.05):
     """Drop `mm`'s resident pages every `every_s` while the block runs (onnxruntime builds a
     session with the GIL released), and once after. A page read again faults back in from
     the page cache. Measured on the 8-layer 9B-width int4 artifact: the session build peaked
-    at 3226 MB (1758 packed + 1468 mapped) without this, 1978 MB with it."""
+    at 3226 MiB (1758 packed + 1468 mapped) without this, 1978 MiB with it."""
     done = threading.Event()
 
     def drop():
