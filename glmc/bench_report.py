@@ -118,10 +118,21 @@ def _tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     tables.append(("Decode (tokens/s, median [min, max])",
                    ["provider", *(f"ctx {C}" for C in ctx), "% of bandwidth roofline"], rows))
     if report["speedup_glmc_over"]:
-        rows = [[name, ", ".join(f"{L}: {v:.2f}x" for L, v in r["prefill"].items()),
-                 ", ".join(f"ctx {C}: {v:.2f}x" for C, v in r["decode"].items())]
-                for name, r in report["speedup_glmc_over"].items()]
-        tables.append(("glmc speedup (ratio of medians, measured in this run)", ["baseline", "prefill", "decode"], rows))
+        g = res["glmc"]
+
+        def spread(baseline, kind, at, field):
+            """[lowest, highest] ratio the two providers' repeats allow: the noise beside a ratio."""
+            b, ours = res[baseline][kind][at][field], g[kind][at][field]
+            return f"[{b['min'] / ours['max']:.2f}, {b['max'] / ours['min']:.2f}]"
+
+        rows = []
+        for name, r in report["speedup_glmc_over"].items():
+            rows.append([name, ", ".join(f"{L}: {v:.2f}x {spread(name, 'prefill', L, 'seconds')}"
+                                         for L, v in r["prefill"].items()),
+                         ", ".join(f"ctx {C}: {v:.2f}x {spread(name, 'decode', C, 'seconds_per_token')}"
+                                   for C, v in r["decode"].items())])
+        tables.append(("glmc speedup (ratio of medians [lowest, highest the repeats allow], measured in this run)",
+                       ["baseline", "prefill", "decode"], rows))
     bd = report.get("decode_op_breakdown_ms", {})
     if bd and "error" not in bd:
         tables.append(("One decode step, per op type (ms)", ["op", "ms"],
