@@ -92,31 +92,23 @@ def _tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """The report's tables as (title, header, rows): one source for report.md and report.html."""
     res = report["results"]
     lengths = report["settings"]["prompt_lengths"]
-    tables = []
-    rows = []
+    ctx = report["settings"]["contexts"]
+    prefill, decode = [], []
     for name, r in res.items():
         if "error" in r:
-            rows.append([name, f"failed: {r['error']}"])
+            prefill.append([name, f"failed: {r['error']}"])
+            decode.append([name, f"failed: {r['error']}"])
             continue
         cells = [f"{p['seconds']['median'] * 1e3:.1f} [{p['seconds']['min'] * 1e3:.1f}, {p['seconds']['max'] * 1e3:.1f}]"
                  for p in (r["prefill"][str(L)] for L in lengths)]
-        rows.append([name, *cells, _fraction(r["prefill"][str(lengths[-1])]["peak_fraction"], "above the measured peak")])
-    tables.append(("Prefill (latency = time to first token; median [min, max] ms)",
-                   ["provider", *(f"{L} tokens" for L in lengths), "% of matmul peak"], rows))
-    ctx = report["settings"]["contexts"]
-    rows = []
-    for name, r in res.items():
-        if "error" in r:
-            rows.append([name, f"failed: {r['error']}"])
-            continue
-        cells = []
-        for C in ctx:
-            d = r["decode"][str(C)]
-            s = d["seconds_per_token"]
-            cells.append(f"{d['tokens_per_s']:.1f} [{1 / s['max']:.1f}, {1 / s['min']:.1f}]")
-        rows.append([name, *cells, _fraction(r["decode"][str(ctx[0])]["roofline_fraction"], "fits in cache")])
-    tables.append(("Decode (tokens/s, median [min, max])",
-                   ["provider", *(f"ctx {C}" for C in ctx), "% of bandwidth roofline"], rows))
+        prefill.append([name, *cells, _fraction(r["prefill"][str(lengths[-1])]["peak_fraction"], "above the measured peak")])
+        cells = [f"{d['tokens_per_s']:.1f} [{1 / d['seconds_per_token']['max']:.1f}, {1 / d['seconds_per_token']['min']:.1f}]"
+                 for d in (r["decode"][str(C)] for C in ctx)]
+        decode.append([name, *cells, _fraction(r["decode"][str(ctx[0])]["roofline_fraction"], "fits in cache")])
+    tables = [("Prefill (latency = time to first token; median [min, max] ms)",
+               ["provider", *(f"{L} tokens" for L in lengths), "% of matmul peak"], prefill),
+              ("Decode (tokens/s, median [min, max])",
+               ["provider", *(f"ctx {C}" for C in ctx), "% of bandwidth roofline"], decode)]
     if report["speedup_glmc_over"]:
         g = res["glmc"]
 
