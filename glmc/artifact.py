@@ -18,7 +18,7 @@ from pathlib import Path
 
 from glmc.errors import GlmcError
 
-FORMAT_VERSION = 2     # 2: cpu artifacts run every step through one extend graph
+FORMAT_VERSION = 3     # 3: cpu artifacts generate through the lean step graph (else, declined, extend)
 MANIFEST = "manifest.json"
 
 

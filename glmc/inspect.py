@@ -70,6 +70,8 @@ def describe_artifact(path: Path) -> str:
     files = m["backend"].get("graphs", {})
     for graph, hist in m["backend"].get("op_histogram", {}).items():
         lines.append(f"   {files.get(graph, graph)}: {sum(hist.values())} nodes: {_hist_line(hist)}")
+    if m["backend"].get("step_declined"):
+        lines.append(f"   lean step graph declined ({m['backend']['step_declined']}): generation runs the extend graph")
     report = path / "report.json"
     if report.is_file():
         r = json.loads(report.read_text())

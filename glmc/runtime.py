@@ -47,7 +47,8 @@ class Runtime:
             prefill_chunk = _tuned_chunk(self.path)
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 0):
             raise GlmcError(f"prefill_chunk must be an integer >= 0, got {prefill_chunk!r}")
-        has_extend = "extend" in self.manifest.get("backend", {}).get("graphs", {})
+        graphs = self.manifest.get("backend", {}).get("graphs", {})
+        has_extend = "extend" in graphs or "step" in graphs      # an entry that continues a cache
         self.prefill_chunk = prefill_chunk if prefill_chunk and has_extend else None
 
     # ---- inputs -------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def compare(runtime, reference, dtype: str, quant: str) -> VerifyResult:
         position = np.array([len(p) for p in prompts], np.int64)
         decoded = []
         for n in range(DECODE_STEPS):
-            decoded.append(executor.decode(cache, np.array([[c[n]] for c in cont], np.int64), position + n)[:, 0])
+            decoded.append(executor.decode(cache, np.array([[c[n]] for c in cont], np.int64), position + n)[:, 0].copy())
     worst, scale, checked, agree = 0.0, 0.0, 0, 0
     rel = []
     for b, p in enumerate(prompts):

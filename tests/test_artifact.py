@@ -32,9 +32,9 @@ def test_tampered_weights_are_refused(art):
 
 
 def test_truncated_file_is_refused(art):
-    p = art / "extend.onnx"
+    p = art / "step.onnx"
     p.write_bytes(p.read_bytes()[:100])
-    with pytest.raises(GlmcError, match="extend.onnx does not match"):
+    with pytest.raises(GlmcError, match="step.onnx does not match"):
         glmc.load(art)
 
 

@@ -105,7 +105,7 @@ CASES = {
     "heads not dividing kv heads": (lambda c: _edit_config(c, num_key_value_heads=3), "not a multiple of"),
     "negative layer count": (lambda c: _edit_config(c, num_hidden_layers=-1), "num_hidden_layers must be"),
     "unsupported activation": (lambda c: _edit_config(c, hidden_act="relu"), "hidden_act"),
-    "odd rotary dim": (lambda c: _edit_config(c, rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.3125,
+    "odd rotary dim": (lambda c: _edit_config(c, rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.15625,
                                                                   "rope_type": "default"}), "rotary dim"),
     "unsupported rope scaling": (lambda c: _edit_config(c, rope_parameters={"rope_theta": 1e4, "rope_type": "yarn",
                                                                             "factor": 2.0}), "rope_type"),

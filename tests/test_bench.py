@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
+
 import pytest
 from click.testing import CliRunner
 
@@ -85,19 +87,23 @@ def test_quantized_artifact_is_checked_against_its_fp32_source(artifacts, tmp_pa
     scrambled codes (a wrong packing) are refused."""
     import shutil
 
-    from safetensors.numpy import load_file, save_file
-
     from glmc.artifact import read_manifest, write_manifest
 
     art = tmp_path / "q.glmc"
     shutil.copytree(artifacts("tiny-glm", quant="int4"), art)
     rep = benchmark.run(str(art), tmp_path / "ok", quick=True, skip=("eager", "ort-plain"), progress=False)
     assert "error" not in rep["results"]["glmc"]
-    weights = load_file(str(art / "weights.safetensors"))
-    packed = [k for k, v in weights.items() if v.dtype.name == "uint8"]
-    for k in packed:
-        weights[k] = ((weights[k] >> 4) | (weights[k] << 4)).astype(weights[k].dtype)
-    save_file(weights, str(art / "weights.safetensors"))
+    # swap the nibbles of every packed (uint8) tensor in place: the file's layout is unchanged
+    path = art / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    packed = [v["data_offsets"] for k, v in header.items() if k != "__metadata__" and v["dtype"] == "U8"]
+    assert packed
+    for a, b in packed:
+        codes = np.frombuffer(bytes(data[8 + n + a:8 + n + b]), np.uint8)
+        data[8 + n + a:8 + n + b] = ((codes >> 4) | (codes << 4)).astype(np.uint8).tobytes()
+    path.write_bytes(bytes(data))
     write_manifest(art, read_manifest(art, verify=False))
     with pytest.raises(benchmark.GlmcError, match="disagrees with its fp32 source"):
         benchmark.run(str(art), tmp_path / "bad", quick=True, skip=("eager", "ort-plain"), progress=False)

@@ -56,10 +56,11 @@ def test_bad_chunk_is_a_clear_error(artifacts):
 
 
 def test_cpu_artifacts_always_chunk_through_their_one_entry(artifacts):
-    """A cpu artifact's generation entry is extend (format 2), with or without --chunked-prefill:
-    an explicit chunk is honoured and gives the tokens of one call."""
+    """A cpu artifact's generation entry is the step graph (format 3; extend where the lean
+    lowering declines), with or without --chunked-prefill: an explicit chunk is honoured and
+    gives the tokens of one call."""
     art = artifacts("glm-gqa")                                    # compiled --no-chunked-prefill
-    assert set(glmc.load(art).manifest["backend"]["graphs"]) == {"extend", "score"}
+    assert set(glmc.load(art).manifest["backend"]["graphs"]) == {"step", "score"}
     rt = glmc.load(art, prefill_chunk=16)
     assert rt.prefill_chunk == 16
     prompt = [list(range(5, 45))]

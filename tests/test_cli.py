@@ -38,8 +38,8 @@ def test_compile_run_verify_inspect(cli, tmp_path):
     assert r.exit_code == 0, r.output
     assert "verified" in r.output
     manifest = json.loads((art / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["target"] == "cpu"
-    assert {"weights.safetensors", "extend.onnx", "score.onnx", "report.json"} <= set(manifest["files"])
+    assert manifest["format_version"] == 3 and manifest["target"] == "cpu"
+    assert {"weights.safetensors", "step.onnx", "score.onnx", "report.json"} <= set(manifest["files"])
     assert len(manifest["source"]["sha256"]) == 64
 
     r = cli("run", art, "--ids", "5,6,7", "--max-new-tokens", "8")
@@ -56,7 +56,7 @@ def test_compile_run_verify_inspect(cli, tmp_path):
     assert r.exit_code == 0 and "OK" in r.output
 
     r = cli("inspect", art)
-    assert "fold_noops" in r.output and "extend.onnx" in r.output
+    assert "fold_noops" in r.output and "step.onnx" in r.output and "GroupQueryAttention" in r.output
 
 
 def _inspect_counts(text: str) -> dict:

@@ -112,25 +112,77 @@ def test_decode_is_incremental_not_a_rerun_of_the_prompt(artifacts, monkeypatch)
     assert calls == {"prefill": 1, "decode": 15}
 
 
-def test_each_step_reads_only_the_filled_cache_slots(artifacts, monkeypatch):
-    """cpu: one extend session runs the prompt and every decode step; a step is given the
-    slots in use (cache_mask's length), not the artifact's capacity, and its logits are
-    checked against transformers by test_prefill_and_every_decode_step_match_transformers."""
-    model = glmc.load(artifacts("tiny-glm"))
+def test_steps_run_the_lean_graph_on_one_binding(artifacts, monkeypatch):
+    """cpu: one step session runs the prompt and every decode step. Its graph is lean (one
+    GroupQueryAttention per layer over the in-place cache, no shape arithmetic); the prompt
+    runs its right padding as tokens (every row's last slot is T-1); each step says per row
+    which slot it writes (the row's length so far) and reuses the binding made on the first
+    step. Its logits are checked against transformers by
+    test_prefill_and_every_decode_step_match_transformers."""
+    import onnx
+
+    art = artifacts("tiny-glm")
+    model = glmc.load(art)
     ex = model.executor
-    seen = []
-    real = ex._extend
+    assert ex.generation == "step"
+    hist = model.manifest["backend"]["op_histogram"]["step"]
+    L = model.config["num_hidden_layers"]
+    assert hist["com.microsoft::GroupQueryAttention"] == L
+    assert not {"Shape", "Slice", "Concat", "Transpose", "Expand", "Where"} & set(hist), hist
+    graph = onnx.load(str(art / "step.onnx"), load_external_data=False).graph
+    assert [i.name for i in graph.input][:4] == ["input_ids", "seqlens_k", "total_sequence_length", "last_rows"]
+    seen, bindings = [], []
+    prompt_call, run = ex._step_call, ex.sessions["step"].run_with_iobinding
 
-    def spy(cache, ids, mask, position, used):
-        seen.append((ids.shape[1], used))
-        return real(cache, ids, mask, position, used)
+    def spy_prompt(kv, ids, last_slot, rows):
+        seen.append(("prompt", ids.shape, list(last_slot), list(rows)))
+        return prompt_call(kv, ids, last_slot, rows)
 
-    monkeypatch.setattr(ex, "_extend", spy)
+    def spy_run(binding, *a):
+        bindings.append(binding)
+        return run(binding, *a)
+
+    monkeypatch.setattr(ex, "_step_call", spy_prompt)
+    monkeypatch.setattr(ex.sessions["step"], "run_with_iobinding", spy_run)
     model.generate([[5, 6, 7], [8, 9]], max_new_tokens=5, stop_at_eos=False)
-    # prompt: 3 tokens (right-padded batch) after 0 slots; step k: 1 token after 3 + k slots
-    assert seen == [(3, 0)] + [(1, 3 + k) for k in range(4)]
-    assert model.executor.capacity > 3 + 4
-    assert set(ex.sessions.keys()) == {"extend"}      # one session: one pre-packed copy of the weights
+    assert seen == [("prompt", (2, 3), [2, 2], [2, 4])]      # rows' last real tokens: 0*3+2, 1*3+1
+    assert len(bindings) == 1 + 4 and len({id(b) for b in bindings[1:]}) == 1   # one decode binding
+    assert set(ex.sessions.keys()) == {"step"}      # one session: one pre-packed copy of the weights
+
+
+def test_lean_step_graph_matches_the_exported_extend_graph(artifacts, checkpoints, tmp_path):
+    """The lean step graph and torch.onnx's export of the same fused graph (kept for what the
+    lean lowering declines) give the same tokens and logits within 1e-4, for a right-padded
+    batch, decode steps of rows at different lengths, and a prompt prefilled in chunks."""
+    import glmc.backends.cpu.lower as lower
+
+    lean = glmc.load(artifacts("tiny-glm"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lower, "build_step", lambda *a: (None, "switched off by the test"))
+        art = glmc.compile("tiny-glm", tmp_path / "extend.glmc", verify=False,
+                           max_seq_len=lean.manifest["max_seq_len"])
+    exported = glmc.load(art)
+    assert exported.executor.generation == "extend" and lean.executor.generation == "step"
+    assert exported.manifest["backend"]["step_declined"] == "switched off by the test"
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    for rt in (lean, exported):
+        rt.prefill_chunk = None
+    assert lean.generate(prompts, 6, stop_at_eos=False) == exported.generate(prompts, 6, stop_at_eos=False)
+    caches = []
+    for rt in (lean, exported):
+        cache, last = rt.prefill(prompts)
+        pos = np.array([len(p) for p in prompts])
+        steps = [last]
+        for n in range(3):
+            steps.append(rt.executor.decode(cache, np.array([[20 + n]] * 3), pos + n)[:, 0].copy())
+        caches.append(steps)
+    for a, b in zip(*caches):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    for rt in (lean, exported):       # chunks of 3: rows end in different chunks
+        rt.prefill_chunk = 3
+    chunked = [rt.prefill(prompts)[1] for rt in (lean, exported)]
+    np.testing.assert_allclose(chunked[0], chunked[1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(chunked[0], caches[0][0], atol=1e-4, rtol=0)
 
 
 def test_fp16_kv_cache_halves_the_cache_and_matches_transformers(tmp_path, checkpoints, reference):

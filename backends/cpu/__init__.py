@@ -62,12 +62,12 @@ class CpuBackend:
             ids = list(range(5, 5 + context))
             cache, last = rt.prefill([ids])
             # a profiling session from here on: decode steps only (the cache is the runtime's)
-            ex.profile("extend", str(Path(d) / "decode"))
+            ex.profile(ex.generation, str(Path(d) / "decode"))
             pos, tok = np.array([context]), int(last[0].argmax())
             for _ in range(steps):
                 tok = int(ex.decode(cache, np.array([[tok]]), pos)[0, 0].argmax())
                 pos += 1
-            events = json.loads(Path(ex.sessions["extend"].end_profiling()).read_text())
+            events = json.loads(Path(ex.sessions[ex.generation].end_profiling()).read_text())
         per_op: dict[str, float] = {}
         for e in events:
             if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):

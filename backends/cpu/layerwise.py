@@ -147,6 +147,8 @@ class LayeredGraph:
         for i, depth in enumerate(seed):
             if depth is None or depth < 0 or depth in found:
                 continue
+            if not any(x in producer for x in nodes[i].input):
+                continue        # reads weights only (a reshape of scales): not on the stream's path
             j, hops = i, 0
             while nodes[j].op_type not in NORMS and hops < 4:
                 src = producer.get(nodes[j].input[0]) if nodes[j].input else None
@@ -232,10 +234,13 @@ class LayeredGraph:
         return later[0].tap if later else None
 
     def _store(self, cache: dict, out: dict, call: Call) -> None:
-        """The call's new K/V into their slots, as the runtime's KVCache stores them."""
+        """The call's new K/V into their slots, as the runtime's KVCache stores them (a graph
+        whose attention writes the whole buffer, the step entry, gives it back whole)."""
         for past, buf in cache.items():
             new = out[self.kv_pairs[past]]
-            if call.position is None:
+            if new.shape == buf.shape:
+                buf[...] = new
+            elif call.position is None:
                 buf[:, :, call.start:call.start + new.shape[2]] = new
             else:
                 buf[np.arange(buf.shape[0]), :, call.position] = new[:, :, 0]

@@ -26,6 +26,7 @@ import torch
 from onnxscript._framework_apis.torch_2_8 import optimize
 from torch.onnx._internal.exporter._core import TorchTensor
 
+from glmc.backends.cpu.lean import build_step
 from glmc.backends.cpu.ops import OPSET, translation_table
 from glmc.ir import PassContext
 from glmc.modelcfg import tensor_layer
@@ -174,9 +175,22 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
     out_dir = Path(out_dir)
     level = ctx.quant.accuracy_level
     weights = _Weights(ctx.weights, ctx.model_config.get("num_hidden_layers", 0))
-    models = {}
+    models, io = {}, {}
+    declined = None
     for t in traced:
+        if t.name == "extend":
+            # the generation entry: built straight from the fused graph where it can be
+            # (backends/cpu/lean.py), else exported by torch.onnx as it is
+            step, declined = (None, "--kv-cache fp16") if ctx.quant.kv_cache == "fp16" else \
+                build_step(t, ctx.weights, ctx.model_config, level)
+            if step is not None:
+                models["step"] = step
+                io["step"] = {"inputs": [v.name for v in step.graph.inputs],
+                              "outputs": [v.name for v in step.graph.outputs]}
+                weights.take("step", step)
+                continue
         models[t.name] = model = export_ir(t, level)
+        io[t.name] = {"inputs": t.input_names, "outputs": t.output_names}
         if ctx.quant.kv_cache == "fp16":
             store_cache_fp16(model)
         weights.fold_transposes(model)
@@ -185,7 +199,8 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
     ranges = weights.write(models, out_dir)
     entry_at = {offset: entry for entry, (offset, _) in ranges.items()}
     for name in models:
-        models[name] = optimize(models[name])
+        if name != "step":          # built lean: nothing for the optimizer to fold
+            models[name] = optimize(models[name])
     files, protos = {}, {}
     for name, model in models.items():
         proto = _proto(model)
@@ -195,16 +210,19 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
     # graph initializer -> weights entry, read back from the saved graphs (the optimizer renames)
     mapping = {name: {init.name: entry_at[int(_external(init)["offset"])] for init in proto.graph.initializer
                       if _external(init).get("location") == WEIGHTS_FILE} for name, proto in protos.items()}
-    return {
+    info = {
         "kind": "onnxruntime",
         "kv_cache": ctx.quant.kv_cache,
         "graphs": files,
         "weights": WEIGHTS_FILE,
         "initializers": mapping,
         "weight_layers": weights.layers(),
-        "io": {t.name: {"inputs": t.input_names, "outputs": t.output_names} for t in traced},
+        "io": io,
         "op_histogram": {name: _onnx_histogram(m) for name, m in protos.items()},
     }
+    if declined:
+        info["step_declined"] = declined
+    return info
 
 
 def store_cache_fp16(model) -> None:

@@ -1,15 +1,20 @@
 """Run a CPU artifact with onnxruntime.
 
-Generation runs on one onnxruntime session, the extend graph: a prompt, a chunk of
-one and a decode step are all "C tokens after the first `used` cache slots". One
-session means one pre-packed copy of the weights (each session packs its own).
+Generation runs on one onnxruntime session (one pre-packed copy of the weights; each
+session packs its own): a prompt, a chunk of one and a decode step are all "C tokens
+after a row's first slots".
 
-The KV cache lives in numpy buffers owned by the runtime, one (B, Hkv, S, D) array
-per layer for K and for V (S: the artifact's capacity), wrapped once as OrtValues
-(zero-copy on CPU). A step binds the whole buffers plus cache_mask for the slots in
-use; the graph slices the buffers to those slots, so a step reads what is filled,
-not the capacity. Only the new tokens' K/V come back (into preallocated outputs),
-written into their slots.
+The step entry (backends/cpu/lean.py; artifacts from now on): the KV cache is one
+(B, Hkv, S, D) numpy buffer per layer for K and for V (S: the artifact's capacity),
+wrapped once as OrtValues and bound as both past_* and present_*, so
+GroupQueryAttention reads the filled slots and writes the new ones in place. A row's
+tokens sit at slots 0..length-1. A decode step reuses one binding made on the first
+step: it writes the new ids and lengths into arrays the binding already holds and runs;
+the logits land in a buffer bound once.
+
+The extend entry (artifacts the lean lowering declined, e.g. --kv-cache fp16): the same
+buffers plus cache_mask for the slots in use; the graph slices the buffers to those
+slots, and only the new tokens' K/V come back, written into their slots here.
 """
 
 from __future__ import annotations
@@ -80,6 +85,26 @@ class KVCache:
     store_step = store_decode_kv  # a decode step's one new token per row
 
 
+class StepCache:
+    """The step entry's cache: per layer a K and a V buffer (B, Hkv, S, D), bound as past
+    and present at once (GroupQueryAttention writes the new slots in place), and each
+    row's length: its tokens sit at slots 0..length-1, positions equal to slots."""
+
+    def __init__(self, batch: int, n_layers: int, kv_heads: int, capacity: int, head_dim: int):
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.k = [np.zeros(shape, np.float32) for _ in range(n_layers)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(n_layers)]
+        self.kv = [a for pair in zip(self.k, self.v) for a in pair]          # k_0, v_0, k_1, ...
+        self.ort_kv = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv]
+        self.lengths = np.zeros(batch, np.int64)
+        self.batch, self.capacity = batch, capacity
+        self.step = None            # the decode step's binding and the arrays it reads and writes
+
+    @property
+    def used(self) -> int:
+        return int(self.lengths.max())
+
+
 class _LazySessions(dict):
     """name -> InferenceSession, built by `make(name)` the first time it is asked for."""
 
@@ -119,6 +144,13 @@ class CpuExecutor:
         # "score" entry is for verification
         self.sessions = _LazySessions(self._make_session, backend["graphs"])
         self.io = backend["io"]
+        self.vocab_size = cfg["vocab_size"]
+        # the entry prompts and steps run through: step (lean, in-place cache) or extend
+        self.generation = "step" if "step" in backend["graphs"] else "extend"
+        if self.generation == "step":
+            io = self.io["step"]
+            self._past = [x for x in io["inputs"] if x.startswith("past_")]
+            self._present = [x for x in io["outputs"] if x.startswith("present_")]
 
     def _make_session(self, name: str, profile_prefix: str | None = None, model: bytes | None = None,
                       initializers=None):
@@ -155,11 +187,44 @@ class CpuExecutor:
         inits = self._backend["initializers"][name]
         io = self.io[name]
         pairs = dict(zip([x for x in io["inputs"] if x.startswith("past_")],
-                         [x for x in io["outputs"] if x.startswith("new_")]))
+                         [x for x in io["outputs"] if x.startswith(("new_", "present_"))]))
         return LayeredGraph(
             self._dir / self._backend["graphs"][name], {i: depths[e] for i, e in inits.items() if e in depths},
             lambda model, names: self._make_session(name, model=model, initializers=set(names)),
             lambda batch, dtype: np.zeros((batch, self.kv_heads, self.capacity, self.head_dim), dtype), pairs)
+
+    def _generation_calls(self, ids: np.ndarray, mask: np.ndarray, steps: list[np.ndarray]) -> list:
+        """The generation entry's calls for verification, fed as prefill() and decode() feed
+        them: the right-padded prompts (ids, mask), then one token per row per entry of `steps`."""
+        from glmc.backends.cpu.layerwise import Call
+
+        B, T = ids.shape
+        lengths = mask.sum(1)
+        real = [np.arange(n) for n in lengths]
+        if self.generation == "step":
+            def feeds(tok, last_slot, rows):
+                return {"input_ids": tok, "seqlens_k": last_slot.astype(np.int32),
+                        "total_sequence_length": np.array(last_slot.max() + 1, np.int32), "last_rows": rows}
+
+            calls = [Call(feeds(ids, np.full(B, T - 1), np.arange(B) * T + lengths - 1), start=0, real=real)]
+            for n, tok in enumerate(steps):
+                pos = lengths + n
+                calls.append(Call(feeds(tok.reshape(B, 1).astype(np.int64), pos, np.arange(B)), position=pos,
+                                  real=[np.array([p]) for p in pos]))
+            return calls
+        calls = [Call({"input_ids": ids, "attention_mask": mask, "position": np.zeros(B, np.int64),
+                       "cache_mask": np.zeros((B, 0), np.int64)}, start=0, real=real)]
+        slots = np.zeros((B, T + len(steps)), np.int64)
+        slots[:, :T] = mask
+        used = T
+        for n, tok in enumerate(steps):
+            pos = lengths + n
+            calls.append(Call({"input_ids": tok.reshape(B, 1).astype(np.int64), "attention_mask": np.ones((B, 1), np.int64),
+                               "position": pos, "cache_mask": slots[:, :used].copy()},
+                              position=pos, real=[np.array([p]) for p in pos]))
+            slots[np.arange(B), pos] = 1
+            used = max(used, int(pos.max()) + 1)
+        return calls
 
     def by_layer(self, ids: np.ndarray, mask: np.ndarray, steps: list[np.ndarray], reference=None):
         """The verification workload, one depth of the model in memory at a time: every
@@ -177,20 +242,10 @@ class CpuExecutor:
 
         B, T = ids.shape
         lengths = mask.sum(1)
-        fill = Call({"input_ids": ids, "attention_mask": mask, "position": np.zeros(B, np.int64),
-                     "cache_mask": np.zeros((B, 0), np.int64)}, start=0, real=[np.arange(n) for n in lengths])
-        slots = np.zeros((B, T + len(steps)), np.int64)
-        slots[:, :T] = mask
-        gen, used = [fill], T
-        for n, tok in enumerate(steps):
-            pos = lengths + n
-            gen.append(Call({"input_ids": tok.reshape(B, 1).astype(np.int64), "attention_mask": np.ones((B, 1), np.int64),
-                             "position": pos, "cache_mask": slots[:, :used].copy()},
-                            position=pos, real=[np.array([p]) for p in pos]))
-            slots[np.arange(B), pos] = 1
-            used = max(used, int(pos.max()) + 1)
+        gen = self._generation_calls(ids, mask, steps)
+        fill = gen[0]
         score = Call({"input_ids": ids, "attention_mask": mask}, start=0, real=fill.real)
-        workloads = [("extend", {"gen": gen})]
+        workloads = [(self.generation, {"gen": gen})]
         if "score" in self.sessions:
             workloads.append(("score", {"full": [score]}))
         else:           # no score entry: the extend entry gives every position at used=0
@@ -237,8 +292,78 @@ class CpuExecutor:
         """Replace session `name` with one that writes onnxruntime's profile to `prefix`*.json."""
         self.sessions[name] = self._make_session(name, profile_prefix=prefix)
 
-    def new_cache(self, batch: int) -> KVCache:
+    def new_cache(self, batch: int) -> KVCache | StepCache:
+        if self.generation == "step":
+            return StepCache(batch, self.n_layers, self.kv_heads, self.capacity, self.head_dim)
         return KVCache(batch, self.n_layers, self.kv_heads, self.capacity, self.head_dim, self.kv_dtype)
+
+    # ---- the step entry ------------------------------------------------------------------
+
+    def _bind_kv(self, binding, values) -> None:
+        """The cache buffers as past_* and present_* at once: written in place."""
+        for past, present, value in zip(self._past, self._present, values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+
+    def _step_call(self, kv, input_ids: np.ndarray, last_slot: np.ndarray, last_rows: np.ndarray) -> np.ndarray:
+        """One call of the step graph over cache buffers `kv` (a batch's, or one row's): row b's
+        C tokens go to the slots ending at last_slot[b] -> (B, 1, V) logits of the flattened
+        (B*C) rows `last_rows`."""
+        sess = self.sessions["step"]
+        binding = sess.io_binding()
+        binding.bind_output("logits")
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
+        binding.bind_cpu_input("seqlens_k", last_slot.astype(np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(last_slot.max() + 1, np.int32))
+        binding.bind_cpu_input("last_rows", last_rows.astype(np.int64))
+        self._bind_kv(binding, kv)
+        sess.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def _step_prefill(self, cache: StepCache, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        B, T = input_ids.shape
+        lengths = attention_mask.sum(1)
+        # right padding runs as tokens: it sits after its row's last real token, which (causal)
+        # never sees it, and the slots it fills are rewritten by the row's next tokens
+        logits = self._step_call(cache.ort_kv, input_ids, np.full(B, T - 1), np.arange(B) * T + lengths - 1)
+        cache.lengths[:] = lengths
+        return logits[:, 0]
+
+    def _step_extend(self, cache: StepCache, input_ids: np.ndarray, attention_mask: np.ndarray,
+                     start: int) -> np.ndarray:
+        B, C = input_ids.shape
+        real = attention_mask.sum(1)
+        logits = np.zeros((B, 1, self.vocab_size), np.float32)
+        for b in np.nonzero(real)[0]:
+            # GroupQueryAttention takes a chunk after a cache one row at a time: row b's views
+            rows = [ort.OrtValue.ortvalue_from_numpy(a[b:b + 1]) for a in cache.kv]
+            logits[b] = self._step_call(rows, input_ids[b:b + 1], np.array([start + C - 1]), np.array([real[b] - 1]))[0]
+            cache.lengths[b] = start + real[b]
+        return logits
+
+    def _step_decode(self, cache: StepCache, input_ids: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """Bound once per cache: a step writes ids and slots into the arrays the binding reads
+        and runs. The logits are the bound buffer, valid until the next step."""
+        sess = self.sessions["step"]
+        if cache.step is None or cache.step[0] is not sess:
+            B = cache.batch
+            ids, slot, total = np.zeros((B, 1), np.int64), np.zeros(B, np.int32), np.zeros((), np.int32)
+            logits = np.empty((B, 1, self.vocab_size), np.float32)
+            binding = sess.io_binding()
+            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (ids, slot, total, np.arange(B, dtype=np.int64))]
+            for name, value in zip(("input_ids", "seqlens_k", "total_sequence_length", "last_rows"), values):
+                binding.bind_ortvalue_input(name, value)
+            out = ort.OrtValue.ortvalue_from_numpy(logits)
+            binding.bind_ortvalue_output("logits", out)
+            self._bind_kv(binding, cache.ort_kv)
+            cache.step = (sess, binding, ids, slot, total, logits, values, out)
+        _, binding, ids, slot, total, logits = cache.step[:6]
+        ids[:] = input_ids
+        slot[:] = position
+        total[...] = slot.max() + 1
+        sess.run_with_iobinding(binding)
+        np.maximum(cache.lengths, position + 1, out=cache.lengths)
+        return logits
 
     def _extend(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
                 position: np.ndarray, used: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -263,16 +388,20 @@ class CpuExecutor:
         sess.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy(), new
 
-    def prefill(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def prefill(self, cache, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """(B, T) right-padded ids and mask -> (B, V) logits of each row's last real token;
         fills cache slots [0, T)."""
+        if self.generation == "step":
+            return self._step_prefill(cache, input_ids, attention_mask)
         logits = self._fill(cache, input_ids, attention_mask, 0)
         if logits.shape[1] == 1:
             return logits[:, 0]
         return logits[np.arange(len(logits)), attention_mask.sum(1) - 1]
 
-    def extend(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray, start: int) -> np.ndarray:
+    def extend(self, cache, input_ids: np.ndarray, attention_mask: np.ndarray, start: int) -> np.ndarray:
         """(B, C) more prompt tokens at positions start.. -> logits; fills slots [start, start+C)."""
+        if self.generation == "step":
+            return self._step_extend(cache, input_ids, attention_mask, start)
         return self._fill(cache, input_ids, attention_mask, start)
 
     def _fill(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray, start: int) -> np.ndarray:
@@ -282,8 +411,11 @@ class CpuExecutor:
         cache.used = max(cache.used, start + C)
         return logits
 
-    def decode(self, cache: KVCache, input_ids: np.ndarray, position: np.ndarray) -> np.ndarray:
-        """(B, 1) ids at (B,) positions -> (B, 1, V) logits; writes slot `position`."""
+    def decode(self, cache, input_ids: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """(B, 1) ids at (B,) positions -> (B, 1, V) logits; writes slot `position`. The step
+        entry returns its bound output buffer: valid until the next step (copy to keep it)."""
+        if self.generation == "step":
+            return self._step_decode(cache, input_ids, position)
         B = cache.batch
         logits, new = self._extend(cache, input_ids, np.ones((B, 1), np.int64), position, cache.used)
         cache.store_step(new, np.arange(B), position)

@@ -79,7 +79,7 @@ def tune(artifact: Path, manifest: dict, budget_s: float, db, timer, report: boo
         throughput[m] = m / r["seconds"]
     tuner.save()
     chunk = choose_chunk(throughput) if throughput else None
-    if "extend" not in manifest["backend"]["graphs"]:
+    if not {"extend", "step"} & set(manifest["backend"]["graphs"]):
         warn(f"{artifact}: built without --chunked-prefill: the chunk size is recorded but the "
              "runtime prefills in one call")
     result = {"target": "cpu", "device": tuner.device.prefix(), "threads": best_threads,

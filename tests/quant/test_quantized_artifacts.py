@@ -51,5 +51,5 @@ def test_int8_embedding_is_the_quantized_default(artifacts, checkpoints, referen
     model = glmc.load(path)
     assert _agreement(model, reference(checkpoints("glm-gqa"))) >= 0.9
     assert (path / "weights.safetensors").stat().st_size < (fp / "weights.safetensors").stat().st_size
-    hist = json.loads((path / "manifest.json").read_text())["backend"]["op_histogram"]["extend"]
+    hist = json.loads((path / "manifest.json").read_text())["backend"]["op_histogram"]["step"]
     assert "Gather" in hist

@@ -1,0 +1,309 @@
+"""The cpu generation entry ("step") built straight from glmc's fused extend graph.
+
+torch.onnx turns the fused graph into ~470 nodes for small-glm: shape arithmetic, masks
+built from inputs every call, the cache sliced and concatenated per layer. This lowering
+walks the fused FX graph itself and emits only what onnxruntime has to compute, one
+node (or a few) per glmc op:
+
+  embedding / embedding_int8  -> Gather (+ Cast, Mul by the row scales)
+  rms_norm / add_rms_norm     -> RMSNormalization / com.microsoft.SkipSimplifiedLayerNormalization
+  linear_nbits / linear       -> com.microsoft.MatMulNBits / MatMul (+ Add bias)
+  swiglu / geglu              -> Split + Sigmoid / Gelu + Mul
+  the attention block         -> one com.microsoft.GroupQueryAttention: the packed QKV
+      (split -> view -> transpose -> rotary -> attention -> transpose -> reshape)
+      projection in, rotary inside (interleaved, GLM's partial rotary), the KV cache as
+      a (B, Hkv, S, D) buffer shared in place by past_* and present_*
+  last-token gather           -> Gather of one row per sequence (`last_rows`), so the
+                                 final matmul runs on B rows, not B x C
+
+  step(input_ids (B, C) i64, seqlens_k (B,) i32, total_sequence_length () i32,
+       last_rows (B,) i64, past_key_0, past_value_0, ...  each (B, Hkv, S, D))
+    -> logits (B, 1, V), present_key_0, present_value_0, ...  (the same buffers, written)
+
+seqlens_k[b] is the slot of row b's last token after the call (GQA's convention), so a
+row's tokens sit at slots 0.. and its positions equal its slots. The mask and position
+inputs of the traced graph are not needed: GQA is causal over each row's first
+seqlens_k + 1 slots. A graph holding anything else, or attention this op cannot take
+(the rotary width must be a multiple of 16; an fp16 cache), is declined: `build_step`
+returns None with the reason, and the artifact keeps the exported extend entry.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch.onnx._internal.exporter._core import TorchTensor
+
+import glmc.ops  # noqa: F401  (registers the glmc:: ops the handlers are keyed by)
+from glmc.backends.cpu.ops import MS, OPSET
+from glmc.trace import Traced
+from glmc.weights import Transpose
+
+FLOAT, INT64, INT32 = ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.INT32
+_aten = torch.ops.aten
+_glmc = torch.ops.glmc
+
+
+class Declined(Exception):
+    """The fused graph holds something this lowering does not emit."""
+
+
+class _Builder:
+    def __init__(self, traced: Traced, book, config: dict, accuracy_level: int):
+        self.gm, self.book, self.config = traced.gm, book, config
+        self.accuracy_level = accuracy_level
+        self.nodes: list[ir.Node] = []
+        self.inits: dict[str, ir.Value] = {}
+        self.values: dict = {}                  # fx node -> ir.Value (or tuple of them)
+        self.presents: dict[int, tuple] = {}    # layer -> (present_key, present_value)
+        self.last_token = False                 # the lm_head runs on each row's last token only
+        past = [n for n in self.gm.graph.nodes if n.op == "placeholder"][4:]
+        self.past_index = {n: i for i, n in enumerate(past)}
+        self.L = len(past) // 2
+        B, C = ir.SymbolicDim("batch"), ir.SymbolicDim("chunk")
+        self.inputs = {
+            "input_ids": self._input("input_ids", INT64, [B, C]),
+            "seqlens_k": self._input("seqlens_k", INT32, [B]),
+            "total_sequence_length": self._input("total_sequence_length", INT32, []),
+            "last_rows": self._input("last_rows", INT64, [B]),
+        }
+        S = ir.SymbolicDim("capacity")
+        Hkv, D = config["num_key_value_heads"], _head_dim(config)
+        self.past = [self._input(f"past_{kind}_{i}", FLOAT, [B, Hkv, S, D])
+                     for i in range(self.L) for kind in ("key", "value")]
+
+    # -------------------------------------------------------------- helpers
+    @staticmethod
+    def _input(name, dtype, dims):
+        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(dims))
+
+    def op(self, op_type, inputs, attrs=None, domain="", outputs=1, dtype=FLOAT):
+        node = ir.node(op_type, inputs, attrs or {}, domain=domain, num_outputs=outputs)
+        for out in node.outputs:
+            out.type = ir.TensorType(dtype)
+        self.nodes.append(node)
+        return node.outputs[0] if outputs == 1 else tuple(node.outputs)
+
+    def const_ints(self, *values):
+        name = "ints_" + "_".join(str(v).replace("-", "m") for v in values)
+        if name not in self.inits:
+            self.inits[name] = ir.Value(name=name, type=ir.TensorType(INT64), shape=ir.Shape([len(values)]),
+                                        const_value=ir.tensor(np.array(values, np.int64), name=name))
+        return self.inits[name]
+
+    def tensor(self, fx_node) -> torch.Tensor:
+        return operator.attrgetter(fx_node.target)(self.gm)
+
+    def weight(self, fx_node, transpose: bool = False) -> ir.Value:
+        """An initializer for a get_attr node: the traced tensor (a recipe placeholder for
+        lazily written weights), or the recipe of its transpose."""
+        if fx_node.op != "get_attr":
+            raise Declined(f"a weight computed in the graph ({fx_node.name})")
+        t = self.tensor(fx_node)
+        name = fx_node.target.replace(".", "_") + ("_t" if transpose else "")
+        if name in self.inits:
+            return self.inits[name]
+        if transpose:
+            t = self.book.value(Transpose(self.book.recipe(t)))
+        tensor = TorchTensor(t, name=name)
+        value = ir.Value(name=name, shape=ir.Shape(list(t.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor)
+        self.inits[name] = value
+        return value
+
+    # -------------------------------------------------------------- emission
+    def emit(self, n):
+        """The ir.Value(s) of fx node n, emitting what it needs first (only what is used)."""
+        if n in self.values:
+            return self.values[n]
+        handler = _HANDLERS.get(n.target) if n.op == "call_function" else None
+        if n.op == "get_attr":
+            out = self.weight(n)
+        elif handler is None:
+            raise Declined(f"{n.op} {n.target}")
+        else:
+            out = handler(self, n)
+        self.values[n] = out
+        return out
+
+    def build(self) -> ir.Model:
+        output = next(n for n in self.gm.graph.nodes if n.op == "output")
+        logits_node = output.args[0][0]
+        logits = self.emit(logits_node)
+        if not self.last_token:
+            raise Declined("logits for every position (the last_token_logits pass did not run)")
+        if len(self.presents) != self.L:
+            raise Declined(f"{len(self.presents)} attention blocks for {self.L} layers")
+        logits.name = "logits"
+        outputs = [logits]
+        for i in range(self.L):
+            k, v = self.presents[i]
+            k.name, v.name = f"present_key_{i}", f"present_value_{i}"
+            outputs += [k, v]
+        graph = ir.Graph([*self.inputs.values(), *self.past], outputs, nodes=self.nodes,
+                         initializers=list(self.inits.values()), opset_imports={"": OPSET, MS: 1}, name="step")
+        return ir.Model(graph, ir_version=10)
+
+
+# ------------------------------------------------------------------ per-op handlers
+def _embedding(b: _Builder, n):
+    weight, ids = n.args[0], n.args[1]
+    return b.op("Gather", [b.weight(weight), b.inputs["input_ids"] if _is_ids(ids) else b.emit(ids)])
+
+
+def _embedding_int8(b: _Builder, n):
+    ids, qweight, scales = n.args
+    ids = b.inputs["input_ids"] if _is_ids(ids) else b.emit(ids)
+    rows = b.op("Cast", [b.op("Gather", [b.weight(qweight), ids], dtype=ir.DataType.INT8)], {"to": FLOAT})
+    return b.op("Mul", [rows, b.op("Unsqueeze", [b.op("Gather", [b.weight(scales), ids]), b.const_ints(-1)])])
+
+
+def _rms_norm(b: _Builder, n):
+    x, w, eps = n.args
+    return b.op("RMSNormalization", [b.emit(x), b.weight(w)], {"axis": -1, "epsilon": float(eps)})
+
+
+def _add_rms_norm(b: _Builder, n):
+    x, r, w, eps = n.args
+    y, _mean, _inv, h = b.op("SkipSimplifiedLayerNormalization", [b.emit(x), b.emit(r), b.weight(w)],
+                             {"epsilon": float(eps)}, domain=MS, outputs=4)
+    return (y, h)
+
+
+def _getitem(b: _Builder, n):
+    return b.emit(n.args[0])[n.args[1]]
+
+
+def _linear_nbits(b: _Builder, n):
+    x, qweight, scales, zeros, bias, K, bits, block = n.args
+    N = b.tensor(qweight).shape[0]
+
+    def flat(v):        # (N, K / block) -> (N * K / block,), as MatMulNBits takes them
+        if v is None:
+            return None
+        w = b.weight(v)
+        return b.op("Reshape", [w, b.const_ints(-1)], dtype=w.dtype)
+
+    return b.op("MatMulNBits", [b.emit(x), b.weight(qweight), flat(scales), flat(zeros), None,
+                                b.weight(bias) if bias is not None else None],
+                {"K": int(K), "N": int(N), "bits": int(bits), "block_size": int(block),
+                 "accuracy_level": b.accuracy_level}, domain=MS)
+
+
+def _linear(b: _Builder, n):
+    x, w = n.args[0], n.args[1]
+    bias = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    y = b.op("MatMul", [b.emit(x), b.weight(w, transpose=True)])
+    return b.op("Add", [y, b.weight(bias)]) if bias is not None else y
+
+
+def _swiglu(b: _Builder, n):
+    gate, up = b.op("Split", [b.emit(n.args[0])], {"axis": -1, "num_outputs": 2}, outputs=2)
+    return b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
+
+
+def _geglu(b: _Builder, n):
+    gate, up = b.op("Split", [b.emit(n.args[0])], {"axis": -1, "num_outputs": 2}, outputs=2)
+    return b.op("Mul", [b.op("Gelu", [gate], {"approximate": n.args[1]}), up])
+
+
+def _reshape(b: _Builder, n):
+    """Only the attention block's output (B, H, C, D) -> transpose -> (B, C, H*D) is emitted."""
+    src = n.args[0]
+    if not (src.target == _aten.transpose.int and src.args[0].target == _glmc.attention.default
+            and sorted(src.args[1:]) == [1, 2]):
+        raise Declined(f"a reshape outside the attention block ({n.name})")
+    return _attention(b, src.args[0])
+
+
+def _unview(node, what: str):
+    """x from transpose(view(x, (B, C, heads, D)), 1, 2)."""
+    if not (node.target == _aten.transpose.int and sorted(node.args[1:]) == [1, 2]
+            and node.args[0].target in (_aten.view.default, _aten.reshape.default)):
+        raise Declined(f"the attention's {what} is not a head view of a projection")
+    return node.args[0].args[0]
+
+
+def _attention(b: _Builder, n):
+    q, k, v, _mask, scale, past_k, past_v = (list(n.args) + [None, None])[:7]
+    if past_k is None or q.target != _glmc.rotary.default or k.target != _glmc.rotary.default:
+        raise Declined("attention without a cache, or without rotary on q and k")
+    if q.args[2] is not k.args[2] or q.args[3] is not k.args[3]:
+        raise Declined("different rotary tables for q and k")
+    cos, sin = q.args[2], q.args[3]
+    D = _head_dim(b.config)
+    half = b.tensor(cos).shape[1]
+    if half % 8 or 2 * half > D:
+        raise Declined(f"rotary width {2 * half} (GroupQueryAttention's CPU kernel takes multiples of 16 up to head_dim)")
+    srcs = [_unview(q.args[0], "query"), _unview(k.args[0], "key"), _unview(v, "value")]
+    layers = []
+    for past in (past_k, past_v):
+        if not (past.target == _aten.slice.Tensor and past.args[0] in b.past_index):
+            raise Declined("the attention's cache is not a graph input")
+        layers.append(b.past_index[past.args[0]])
+    layer = layers[0] // 2
+    if layers != [2 * layer, 2 * layer + 1] or layer in b.presents:
+        raise Declined("the cache inputs are not in layer order")
+    split = {s.args[0] for s in srcs if s.target == operator.getitem}
+    if len(split) == 1 and all(s.target == operator.getitem for s in srcs) and [s.args[1] for s in srcs] == [0, 1, 2]:
+        qkv = next(iter(split))
+        if qkv.target != _aten.split_with_sizes.default or qkv.args[2] not in (-1, 2):
+            raise Declined("the packed projection is not split on its last axis")
+        ins = [b.emit(qkv.args[0]), None, None]          # packed QKV: one projection, split inside
+    else:
+        ins = [b.emit(s) for s in srcs]
+    H, Hkv = b.config["num_attention_heads"], b.config["num_key_value_heads"]
+    out, present_k, present_v = b.op(
+        "GroupQueryAttention",
+        [*ins, b.past[2 * layer], b.past[2 * layer + 1], b.inputs["seqlens_k"], b.inputs["total_sequence_length"],
+         b.weight(cos), b.weight(sin)],
+        {"num_heads": H, "kv_num_heads": Hkv, "scale": float(scale), "do_rotary": 1, "rotary_interleaved": 1},
+        domain=MS, outputs=3)
+    b.presents[layer] = (present_k, present_v)
+    return out
+
+
+def _gather_last(b: _Builder, n):
+    """hidden (B, C, H) -> (B, 1, H): the row `last_rows[b]` of the flattened (B*C, H)."""
+    x, dim = n.args[0], n.args[1]
+    if dim != 1:
+        raise Declined("a gather other than the last-token one")
+    b.last_token = True
+    flat = b.op("Reshape", [b.emit(x), b.const_ints(-1, int(b.config["hidden_size"]))])
+    rows = b.op("Gather", [flat, b.inputs["last_rows"]], {"axis": 0})
+    return b.op("Unsqueeze", [rows, b.const_ints(1)])
+
+
+def _is_ids(node) -> bool:
+    return node.op == "placeholder" and node.name == "input_ids"
+
+
+def _head_dim(config: dict) -> int:
+    from glmc.modelcfg import head_dim
+
+    return head_dim(config)
+
+
+_HANDLERS = {
+    _aten.embedding.default: _embedding,
+    _glmc.embedding_int8.default: _embedding_int8,
+    _glmc.rms_norm.default: _rms_norm,
+    _glmc.add_rms_norm.default: _add_rms_norm,
+    operator.getitem: _getitem,
+    _glmc.linear_nbits.default: _linear_nbits,
+    _aten.linear.default: _linear,
+    _glmc.swiglu.default: _swiglu,
+    _glmc.geglu.default: _geglu,
+    _aten.reshape.default: _reshape,
+    _aten.gather.default: _gather_last,
+}
+
+
+def build_step(traced: Traced, book, config: dict, accuracy_level: int) -> tuple[ir.Model | None, str | None]:
+    """The lean step graph of a fused extend graph, or (None, why it was declined)."""
+    try:
+        return _Builder(traced, book, config, accuracy_level).build(), None
+    except Declined as e:
+        return None, str(e)
