@@ -32,6 +32,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3.5", "hypothesis>=6"],
         "gpu": ["triton>=3.2"],
+        "peers": ["onnxruntime-genai>=0.18"],
     },
     entry_points={"console_scripts": ["glmc=glmc.cli:main"]},
 )

@@ -6,6 +6,8 @@ Providers (same checkpoint, same threads, one run):
   compile      torch.compile of that model (skipped by --quick: its warm-up alone is minutes)
   ort-plain    onnxruntime on a plain torch.onnx.export of transformers' forward (no KV
                cache in a plain export, so decode re-runs the sequence)
+  ort-genai    with --peers: ONNX Runtime GenAI on the same weights at the artifact's
+               precision, through its own generation API (glmc/peers.py)
 Correctness before timing: every provider's greedy tokens are checked against eager
 (a quantized glmc artifact is checked like `glmc verify`: its logits against its
 source's fp32 model within the artifact's relative-RMS bound). A baseline that fails is
@@ -16,6 +18,7 @@ Timing is glmc.measure.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import tempfile
@@ -238,8 +241,30 @@ def _check_glmc(artifact: Path, manifest: dict, model, provider, pool: list[int]
         raise GlmcError(f"{artifact}: disagrees with its fp32 source ({summary(r.as_dict())}); not timing a wrong answer")
 
 
+def _measure_peers(results: dict, loaded, manifest: dict, glmc_provider, pool, settings, work: Path, say,
+                   embedding_bytes: int) -> None:
+    """Other engines (glmc/peers.py) on the artifact's source weights at its precision: built,
+    checked against transformers, measured like glmc; a peer that cannot run says why in its row."""
+    from glmc.peers import OrtGenaiProvider, available, check_logits, write_hf_checkpoint
+
+    for name, why in available().items():
+        if why:
+            results[name] = {"error": why}
+            continue
+        say(f"{name}: build, check, measure")
+        try:
+            hf = write_hf_checkpoint(loaded.model, loaded.tokenizer_json, work / "hf")
+            p = OrtGenaiProvider(hf, work / name, manifest["quant"], manifest.get("group_size"),
+                                 glmc_provider.rt.executor.threads)
+            check = check_logits(p, loaded.model, pool[:8], manifest["quant"])
+            results[name] = dict(measure_provider(p, pool, settings), check=check, version=p.version,
+                                 weight_bytes=p.weight_bytes(embedding_bytes))
+        except _BASELINE_ERRORS as e:
+            results[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
+
+
 def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progress: bool = True,
-        compile_options: dict | None = None) -> dict:
+        compile_options: dict | None = None, peers: bool = False) -> dict:
     import glmc
     from glmc.artifact import read_manifest
     from glmc.backends import get_backend
@@ -282,7 +307,9 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
         weights_file = artifact / manifest["backend"]["weights"]
         # bytes a decode step must read: the artifact's weights less the embedding table
         # (one row per token), plus the KV cache at the measured context
-        emb_bytes = emb * 4
+        summary = json.loads((artifact / "report.json").read_text()).get("quantization") \
+            if (artifact / "report.json").is_file() else None
+        emb_bytes = emb + 4 * cfg["vocab_size"] if (summary or {}).get("embedding") == "int8" else emb * 4
         decode_weight_bytes = max(1, weights_file.stat().st_size - emb_bytes)
         kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim(cfg) * 4
         rng = np.random.default_rng(0)
@@ -305,6 +332,8 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
                 results[name] = measure_provider(p, pool, settings)
             except _BASELINE_ERRORS as e:   # a failing baseline is reported in its row
                 results[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
+        if peers:
+            _measure_peers(results, loaded, manifest, glmc_provider, pool, settings, Path(work.name), say, emb * 4)
         for name, r in results.items():
             if "error" in r:
                 continue
@@ -314,7 +343,8 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
                 pr["peak_fraction"] = pr["tflops"] / machine["fp32_matmul_tflops"]
                 pr["ttft_ms"] = pr["seconds"]["median"] * 1e3
             for C, dr in r["decode"].items():
-                read = (decode_weight_bytes if name == "glmc" else 4 * (n_params - emb)) + kv_per_token * int(C)
+                weights = decode_weight_bytes if name == "glmc" else r.get("weight_bytes", 4 * (n_params - emb))
+                read = weights + kv_per_token * int(C)
                 dr["gbs"] = read / dr["seconds_per_token"]["median"] / 1e9
                 dr["roofline_fraction"] = dr["gbs"] / machine["read_bandwidth_gbs"]
         ratios = {}

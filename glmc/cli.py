@@ -71,8 +71,9 @@ def presets():
 @click.option("--calibrate", default=0, show_default=True, type=int,
               help="int4: search activation-aware scales on N calibration sequences (0 = round-to-nearest).")
 @click.option("--asym", is_flag=True, help="int4 with zero points (asymmetric) instead of symmetric.")
-@click.option("--lm-head", default="int8", show_default=True, type=click.Choice(["int8", "none"]),
-              help="Quantize the lm_head to int8 (with --quant) or keep it fp32.")
+@click.option("--lm-head", default="int8", show_default=True, type=click.Choice(["int8", "int4", "none"]),
+              help="The lm_head's precision with --quant: int8 (per channel), int4 (group-wise, --group-size) "
+                   "or fp32 (none).")
 @click.option("--embedding", default=None, type=click.Choice(["fp32", "int8"]),
               help="Embedding table precision. Default: int8 (per-row scales) with --quant on cpu, else fp32; "
                    "a 151552 x 4096 table is 2.5 GB in fp32, 0.6 GB in int8.")
@@ -237,7 +238,10 @@ def tune(artifact, report_dir, tune_budget):
 @click.option("--no-eager", is_flag=True, help="Skip the transformers eager baseline.")
 @click.option("--no-compile", is_flag=True, help="Skip the torch.compile baseline.")
 @click.option("--no-ort", is_flag=True, help="Skip the plain onnxruntime export baseline.")
-def bench(artifact_or_model, quick, out_dir, no_eager, no_compile, no_ort):
+@click.option("--peers", is_flag=True,
+              help="Also time other engines on the same weights at the same precision (ONNX Runtime GenAI; "
+                   "pip install glmc[peers]).")
+def bench(artifact_or_model, quick, out_dir, no_eager, no_compile, no_ort, peers):
     """Benchmark an artifact (or a model, compiled on the fly) against the baselines."""
     from pathlib import Path
 
@@ -254,7 +258,7 @@ def bench(artifact_or_model, quick, out_dir, no_eager, no_compile, no_ort):
     progress.propagate = False
 
     skip = tuple(n for n, off in (("eager", no_eager), ("compile", no_compile), ("ort-plain", no_ort)) if off)
-    report = run_bench(artifact_or_model, Path(out_dir), quick=quick, skip=skip)
+    report = run_bench(artifact_or_model, Path(out_dir), quick=quick, skip=skip, peers=peers)
     from rich.console import Console
     from rich.table import Table
 

@@ -61,8 +61,8 @@ def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
         raise GlmcError(f"--group-size must be a power of two >= 16 (e.g. 32, 64, 128), got {gs!r}")
     if q.embedding not in ("fp32", "int8") or (q.embedding == "int8" and q.mode == "none"):
         raise GlmcError("--embedding int8 needs --quant int8 or int4 (choices: fp32, int8)")
-    if q.lm_head not in ("int8", "none"):
-        raise GlmcError(f"--lm-head must be int8 or none, got {q.lm_head!r}")
+    if q.lm_head not in ("int8", "int4", "none"):
+        raise GlmcError(f"--lm-head must be int8, int4 or none, got {q.lm_head!r}")
     if q.kv_cache not in ("fp32", "fp16"):
         raise GlmcError(f"--kv-cache must be fp32 or fp16, got {q.kv_cache!r}")
     if q.kv_cache != "fp32" and backend.target.family != "cpu":

@@ -39,7 +39,7 @@ class QuantConfig:
     mode: str = "none"              # none | int8 | int4
     group_size: int = 128           # int4 group along K
     symmetric: bool = True          # int4 without zero points
-    lm_head: str = "int8"           # int8 | none (keep fp32)
+    lm_head: str = "int8"           # int8 | int4 (group-wise) | none (keep fp32)
     embedding: str = "fp32"         # fp32 | int8
     accuracy_level: int = 4         # onnxruntime MatMulNBits: 4 = int8 activations in the kernel
     kv_cache: str = "fp32"          # cpu KV-cache storage: fp32 | fp16 (attention still computes in fp32)

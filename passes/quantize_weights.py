@@ -5,7 +5,8 @@ before:  y = linear(x, W, b)
 after:   y = glmc.linear_nbits(x, Q, S, Z, b, K, bits, group)             round-to-nearest
          y = glmc.linear_nbits(x * (1/s), Q(W * s), ..., b, ...)          with calibration
 Runs after fusion, so the packed qkv and gate_up weights quantize as one matrix.
-The lm_head is quantized to int8 unless ctx.quant.lm_head == "none". The embedding
+The lm_head is quantized to int8 (group-wise int4 with ctx.quant.lm_head == "int4"), or
+kept fp32 with "none". The embedding
 table stays fp32 unless ctx.quant.embedding == "int8" (decode reads one row of it per
 token, so int8 there saves memory and disk, not time):
          e = embedding(W, ids)  ->  e = glmc.embedding_int8(ids, Q, row_scales)
@@ -108,7 +109,7 @@ def _match_linear(gm: GraphModule, node, ctx: PassContext, lm_head):
     if node is lm_head:
         if ctx.quant.lm_head == "none":
             return None
-        bits = 8
+        bits = 4 if ctx.quant.lm_head == "int4" else 8
     return node, w, bits
 
 

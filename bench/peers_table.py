@@ -1,0 +1,74 @@
+"""glmc beside ONNX Runtime GenAI on the same weights, one configuration after another in
+one process: the table of issue 14, from `glmc.benchmark.run(..., peers=True)`.
+
+    pip install 'glmc[peers]'
+    python bench/peers_table.py small-glm --out bench/results/peers-small-glm.json
+
+Each configuration compiles MODEL, builds the peer at the same precision (int4: the same
+block size, accuracy level 4, lm_head int4 on both sides: the builder quantizes it), checks
+both against transformers and times prefill and decode (min / median / max over repeats).
+Ratios are glmc over the peer, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from report_json import emit  # noqa: E402  (bench/, the script's own directory)
+
+CONFIGS = {
+    "fp32": {},
+    "int4-g128": dict(quant="int4", group_size=128, lm_head="int4"),
+    "int4-g32": dict(quant="int4", group_size=32, lm_head="int4"),
+}
+
+
+def _row(r: dict) -> dict:
+    if "error" in r:
+        return {"error": r["error"]}
+    return {
+        "prefill_tokens_per_s": {L: round(p["tokens_per_s"], 1) for L, p in r["prefill"].items()},
+        "prefill_seconds": {L: p["seconds"] for L, p in r["prefill"].items()},
+        "decode_tokens_per_s": {C: round(d["tokens_per_s"], 1) for C, d in r["decode"].items()},
+        "decode_seconds_per_token": {C: d["seconds_per_token"] for C, d in r["decode"].items()},
+        "decode_roofline_fraction": {C: round(d["roofline_fraction"], 3) for C, d in r["decode"].items()},
+        "check": r.get("check"),
+    }
+
+
+def main(argv=None) -> int:
+    from glmc.benchmark import run
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default="small-glm")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    report = {"model": args.model, "configs": {}}
+    for name in args.configs.split(","):
+        with tempfile.TemporaryDirectory() as d:
+            rep = run(args.model, Path(d), skip=("eager", "compile", "ort-plain"), progress=False,
+                      compile_options=CONFIGS[name], peers=True)
+        report.setdefault("machine", rep["machine"])
+        rows = {k: _row(v) for k, v in rep["results"].items()}
+        peer = rep["results"].get("ort-genai", {})
+        glmc = rep["results"]["glmc"]
+        ratios = {} if "error" in peer else {
+            "prefill": {L: round(glmc["prefill"][L]["tokens_per_s"] / peer["prefill"][L]["tokens_per_s"], 3)
+                        for L in glmc["prefill"]},
+            "decode": {C: round(glmc["decode"][C]["tokens_per_s"] / peer["decode"][C]["tokens_per_s"], 3)
+                       for C in glmc["decode"]},
+        }
+        report["configs"][name] = {"compile_options": CONFIGS[name], "results": rows,
+                                   "glmc_over_ort_genai": ratios, "settings": rep["settings"]}
+    emit(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

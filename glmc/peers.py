@@ -1,0 +1,148 @@
+"""Other engines on the same weights, timed by `glmc bench --peers` beside glmc.
+
+ONNX Runtime GenAI (`pip install glmc[peers]`, i.e. onnxruntime-genai): its model builder
+converts the artifact's source checkpoint, written out as a Hugging Face directory, at the
+artifact's precision (fp32; int4 with the artifact's group size and accuracy level 4, which
+also makes the builder's lm_head int4). The builder has no GlmForCausalLM entry, but a GLM
+checkpoint builds as ChatGLMModel: the same packed-QKV-with-bias attention and interleaved
+partial rotary. Generation goes through its own API (append_tokens, generate_next_token),
+as its users run it.
+
+Before timing, a peer's last-token logits after a prompt are compared with transformers':
+within 1e-3 (fp32) or within verify.RELATIVE_RMS (quantized), the gate glmc's own artifacts pass.
+
+llama.cpp is not wired in: its converter ships only in llama-cpp-python's source
+distribution and needed local patches for these checkpoints (see issue 14's notes).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from glmc.errors import GlmcError
+
+_ARCH = {"glm": "ChatGLMModel", "chatglm": "ChatGLMModel"}
+
+
+def available() -> dict[str, str | None]:
+    """peer name -> None when it can run here, else why not."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+        why = None
+    except ImportError:
+        why = "onnxruntime-genai is not installed (pip install glmc[peers])"
+    return {"ort-genai": why}
+
+
+def write_hf_checkpoint(model, tokenizer_json: str | None, out: Path) -> Path:
+    """The reference model as a Hugging Face directory the builder can read, its architecture
+    named as the builder knows it."""
+    model.save_pretrained(out)
+    if tokenizer_json:
+        (out / "tokenizer.json").write_text(tokenizer_json)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    arch = _ARCH.get(cfg.get("model_type"))
+    if arch is None:
+        raise GlmcError(f"ort-genai: no builder entry for model_type {cfg.get('model_type')!r}")
+    cfg["architectures"] = [arch]
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+class OrtGenaiProvider:
+    """ONNX Runtime GenAI on a model its builder made (see the module docstring)."""
+
+    name = "ort-genai"
+
+    def __init__(self, hf_dir: Path, out: Path, quant: str, group_size: int | None, threads: int):
+        import onnxruntime_genai as og
+
+        precision = {"none": "fp32", "int4": "int4"}.get(quant)
+        if precision is None:
+            raise GlmcError(f"ort-genai: no {quant} build to compare with (its builder makes fp32, fp16, int4)")
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+               "-p", precision, "-e", "cpu", "-c", str(out / "cache")]
+        if precision == "int4":
+            cmd += ["--extra_options", "accuracy_level=4", f"block_size={group_size}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"ort-genai builder failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        if precision == "int4":
+            import onnx
+
+            graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+            blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+            if blocks != {group_size}:
+                raise RuntimeError(f"ort-genai built block sizes {sorted(blocks)}, not the artifact's {group_size}")
+        config = json.loads((out / "genai_config.json").read_text())
+        options = config["model"]["decoder"].setdefault("session_options", {})
+        options["intra_op_num_threads"] = threads          # the thread count glmc runs with
+        (out / "genai_config.json").write_text(json.dumps(config, indent=2))
+        self.og, self.path = og, out
+        self.version = getattr(og, "__version__", "?")
+        self.model = og.Model(str(out))
+        self.precision = precision
+
+    def weight_bytes(self, embedding_bytes: int) -> int:
+        """What a decode step reads of the weights: the model's data files less its embedding table."""
+        data = sum(p.stat().st_size for p in self.path.glob("*.onnx*"))
+        return max(1, data - embedding_bytes)
+
+    def _generator(self, ids, room: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + room + 2, do_sample=False)
+        g = self.og.Generator(self.model, params)
+        g.append_tokens(list(ids))
+        return g
+
+    def last_logits(self, ids) -> np.ndarray:
+        g = self._generator(ids, 1)
+        return np.asarray(g.get_output("logits"))[0, -1]
+
+    def prefill(self, ids) -> None:
+        self._generator(ids, 1)
+
+    def start(self, ids, room: int = 64) -> dict:
+        g = self._generator(ids, room)
+        g.generate_next_token()             # picks from the prompt's logits
+        return {"g": g, "tok": int(g.get_next_tokens()[0])}
+
+    def steps(self, state: dict, n: int) -> list[int]:
+        g, toks = state["g"], []
+        for _ in range(n):
+            g.generate_next_token()         # one run of the model on the last token, then a pick
+            toks.append(int(g.get_next_tokens()[0]))
+        state["tok"] = toks[-1] if toks else state["tok"]
+        return toks
+
+    def greedy(self, ids, n: int) -> list[int]:
+        state = self.start(ids, n)
+        return [state["tok"]] + self.steps(state, n)
+
+
+def check_logits(provider, model, ids, quant: str) -> dict:
+    """The peer's last-token logits vs transformers' on the same prompt; raises when off."""
+    import torch
+
+    from glmc.verify import RELATIVE_RMS
+
+    with torch.no_grad():
+        ref = model(torch.tensor([list(ids)])).logits[0, -1].float().numpy()
+    got = provider.last_logits(ids)
+    diff = float(np.abs(got - ref).max())
+    rel = float(np.sqrt(np.mean((got - ref) ** 2)) / max(1e-12, np.sqrt(np.mean(ref ** 2))))
+    if quant == "none":
+        ok, bound = diff <= 1e-3, 1e-3
+    else:
+        bound = RELATIVE_RMS[("fp32", quant)]
+        ok = rel <= bound
+    if not ok:
+        raise RuntimeError(f"{provider.name} logits disagree with transformers: max abs {diff:.3g}, "
+                           f"relative RMS {rel:.3g} (bound {bound})")
+    return {"max_abs_diff": diff, "relative_rms": rel, "bound": bound}
