@@ -15,8 +15,9 @@
 
 Contrib-op semantics (attribute names, layouts, interleaving) follow the onnxruntime
 contrib operator docs and are checked against the references in glmc/ops/ in tests/backends.
-GroupQueryAttention is not used: its CPU kernel wants the KV cache as a shared
-in-place past/present buffer with seqlens, which is the runtime's next step.
+These lowerings serve the graphs torch.onnx exports (score, and extend where the lean
+lowering declines). The generation entry of most artifacts, the step graph, is built by
+backends/cpu/lean.py instead, with com.microsoft.GroupQueryAttention over an in-place cache.
 """
 
 from __future__ import annotations
