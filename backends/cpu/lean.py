@@ -31,6 +31,7 @@ returns None with the reason, and the artifact keeps the exported extend entry.
 from __future__ import annotations
 
 import operator
+import sys
 
 import numpy as np
 import onnx_ir as ir
@@ -303,7 +304,13 @@ _HANDLERS = {
 
 def build_step(traced: Traced, book, config: dict, accuracy_level: int) -> tuple[ir.Model | None, str | None]:
     """The lean step graph of a fused extend graph, or (None, why it was declined)."""
+    # emission recurses from the logits back along the residual stream: a few frames per
+    # node of the longest chain (~10 per layer), more than Python's default allows at 100+ layers
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 4 * len(traced.gm.graph.nodes) + 1000))
     try:
         return _Builder(traced, book, config, accuracy_level).build(), None
     except Declined as e:
         return None, str(e)
+    finally:
+        sys.setrecursionlimit(limit)
