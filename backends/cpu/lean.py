@@ -40,6 +40,7 @@ from torch.onnx._internal.exporter._core import TorchTensor
 
 import glmc.ops  # noqa: F401  (registers the glmc:: ops the handlers are keyed by)
 from glmc.backends.cpu.ops import MS, OPSET
+from glmc.modelcfg import head_dim
 from glmc.trace import Traced
 from glmc.weights import Transpose
 
@@ -72,7 +73,7 @@ class _Builder:
             "last_rows": self._input("last_rows", INT64, [B]),
         }
         S = ir.SymbolicDim("capacity")
-        Hkv, D = config["num_key_value_heads"], _head_dim(config)
+        Hkv, D = config["num_key_value_heads"], head_dim(config)
         self.past = [self._input(f"past_{kind}_{i}", FLOAT, [B, Hkv, S, D])
                      for i in range(self.L) for kind in ("key", "value")]
 
@@ -234,7 +235,7 @@ def _attention(b: _Builder, n):
     if q.args[2] is not k.args[2] or q.args[3] is not k.args[3]:
         raise Declined("different rotary tables for q and k")
     cos, sin = q.args[2], q.args[3]
-    D = _head_dim(b.config)
+    D = head_dim(b.config)
     half = b.tensor(cos).shape[1]
     if half % 8 or 2 * half > D:
         raise Declined(f"rotary width {2 * half} (GroupQueryAttention's CPU kernel takes multiples of 16 up to head_dim)")
@@ -279,12 +280,6 @@ def _gather_last(b: _Builder, n):
 
 def _is_ids(node) -> bool:
     return node.op == "placeholder" and node.name == "input_ids"
-
-
-def _head_dim(config: dict) -> int:
-    from glmc.modelcfg import head_dim
-
-    return head_dim(config)
 
 
 _HANDLERS = {

@@ -100,9 +100,13 @@ class StepCache:
         self.batch, self.capacity = batch, capacity
         self.step = None            # the decode step's binding and the arrays it reads and writes
 
-    @property
-    def used(self) -> int:
-        return int(self.lengths.max())
+
+def _step_feeds(input_ids: np.ndarray, last_slot: np.ndarray, last_rows: np.ndarray) -> dict:
+    """The step graph's inputs besides the cache: row b's C tokens go to the slots ending at
+    last_slot[b] (GroupQueryAttention's seqlens_k); logits for the flattened (B*C) rows `last_rows`."""
+    return {"input_ids": np.ascontiguousarray(input_ids, np.int64), "seqlens_k": last_slot.astype(np.int32),
+            "total_sequence_length": np.array(last_slot.max() + 1, np.int32),
+            "last_rows": last_rows.astype(np.int64)}
 
 
 class _LazySessions(dict):
@@ -202,14 +206,10 @@ class CpuExecutor:
         lengths = mask.sum(1)
         real = [np.arange(n) for n in lengths]
         if self.generation == "step":
-            def feeds(tok, last_slot, rows):
-                return {"input_ids": tok, "seqlens_k": last_slot.astype(np.int32),
-                        "total_sequence_length": np.array(last_slot.max() + 1, np.int32), "last_rows": rows}
-
-            calls = [Call(feeds(ids, np.full(B, T - 1), np.arange(B) * T + lengths - 1), start=0, real=real)]
+            calls = [Call(_step_feeds(ids, np.full(B, T - 1), np.arange(B) * T + lengths - 1), start=0, real=real)]
             for n, tok in enumerate(steps):
                 pos = lengths + n
-                calls.append(Call(feeds(tok.reshape(B, 1).astype(np.int64), pos, np.arange(B)), position=pos,
+                calls.append(Call(_step_feeds(tok.reshape(B, 1), pos, np.arange(B)), position=pos,
                                   real=[np.array([p]) for p in pos]))
             return calls
         calls = [Call({"input_ids": ids, "attention_mask": mask, "position": np.zeros(B, np.int64),
@@ -312,10 +312,8 @@ class CpuExecutor:
         sess = self.sessions["step"]
         binding = sess.io_binding()
         binding.bind_output("logits")
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
-        binding.bind_cpu_input("seqlens_k", last_slot.astype(np.int32))
-        binding.bind_cpu_input("total_sequence_length", np.array(last_slot.max() + 1, np.int32))
-        binding.bind_cpu_input("last_rows", last_rows.astype(np.int64))
+        for name, value in _step_feeds(input_ids, last_slot, last_rows).items():
+            binding.bind_cpu_input(name, value)
         self._bind_kv(binding, kv)
         sess.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
