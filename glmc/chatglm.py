@@ -19,8 +19,36 @@ from glmc.errors import GlmcError
 _PREFIX = "transformer."
 
 
-def config_from_chatglm(cfg: dict) -> dict:
-    """chatglm config.json -> glm config dict (for transformers.GlmConfig)."""
+ROPE_RATIO_MODES = ("base", "positions")
+
+# ChatGLM config fields that do not change the math of a forward pass (training, dropout at
+# eval, fused-kernel switches, or settings the code stores and never reads); see README.
+IGNORED = ("hidden_dropout", "attention_dropout", "classifier_dropout", "bias_dropout_fusion",
+           "apply_query_key_layer_scaling", "attention_softmax_in_fp32", "original_rope",
+           "use_cache", "torch_dtype", "dtype", "transformers_version", "seq_length", "attn_implementation",
+           "prefix_projection", "interleaved_qkv")
+
+
+def rope_ratio_from_code(text: str | None) -> str | None:
+    """How the modeling_chatglm.py shipped beside a checkpoint applies config.rope_ratio,
+    read as text (never imported): 'base' (the rotary base is multiplied by it: ChatGLM3-6B-32k,
+    GLM-4), 'positions' (positions are divided by it: chatglm2-6b-32k), 'unused' (the code never
+    reads it: ChatGLM2-6B, ChatGLM3-6B), or None without the file."""
+    if text is None:
+        return None
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    if re.search(r"base\s*=\s*base\s*\*\s*self\.rope_ratio|base\s*\*\s*self\.rope_ratio", code):
+        return "base"
+    if re.search(r"/\s*self\.rope_ratio", code):
+        return "positions"
+    return "unused" if "rope_ratio" not in code else "unknown"
+
+
+def config_from_chatglm(cfg: dict, modeling: str | None = None, rope_ratio_as: str | None = None) -> tuple[dict, list[str]]:
+    """chatglm config.json -> (glm config dict for transformers.GlmConfig, notes for the user).
+
+    modeling: the text of the modeling_chatglm.py beside the checkpoint, if any; it decides
+    how rope_ratio applies unless rope_ratio_as ('base' | 'positions') says so."""
     if "multi_query_group_num" not in cfg and "position_encoding_2d" in cfg:
         raise GlmcError(
             "model_type 'chatglm' with position_encoding_2d is the first ChatGLM-6B "
@@ -35,15 +63,44 @@ def config_from_chatglm(cfg: dict) -> dict:
         "add_bias_linear": (False, "biases on the dense/MLP projections"),
         "apply_residual_connection_post_layernorm": (False, "post-layernorm residuals"),
         "post_layer_norm": (True, "no final layer norm"),
-        "original_rope": (True, "non-original rotary"),
+        "fp32_residual_connection": (False, "an fp32 residual stream around half-precision layers"),
     }
     for key, (want, what) in unsupported.items():
         if key in cfg and bool(cfg[key]) != want:
             raise GlmcError(f"chatglm config {key}={cfg[key]} ({what}) is not supported")
+    if cfg.get("pre_seq_len") is not None:
+        raise GlmcError(f"chatglm config pre_seq_len={cfg['pre_seq_len']} (a P-tuning v2 prefix encoder) "
+                        "is not supported; merge or drop the prefix")
+    if cfg.get("quantization_bit"):
+        raise GlmcError(f"chatglm config quantization_bit={cfg['quantization_bit']} (weights stored in ChatGLM's "
+                        "own quantized format) is not supported; compile the fp16/bf16 release with --quant")
+    notes: list[str] = []
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("kv_channels") or cfg["hidden_size"] // heads
     kv_heads = cfg["multi_query_group_num"] if cfg.get("multi_query_attention", False) else heads
     eos = cfg.get("eos_token_id")
+    rope = dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)
+    ratio = cfg.get("rope_ratio", 1)
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not ratio > 0:
+        raise GlmcError(f"chatglm config rope_ratio={ratio!r} must be a positive number")
+    if ratio != 1:
+        how = rope_ratio_as or rope_ratio_from_code(modeling)
+        if how is None or how == "unknown":
+            why = ("no modeling_chatglm.py beside the checkpoint says which" if how is None
+                   else "the modeling_chatglm.py beside the checkpoint reads it in a way glmc does not know")
+            raise GlmcError(
+                f"chatglm config rope_ratio={ratio}: releases apply it two ways (chatglm2-6b-32k divides "
+                f"positions by it, ChatGLM3-6B-32k and GLM-4 multiply the rotary base) and {why}; "
+                "pass --rope-ratio-as base|positions")
+        if how not in ROPE_RATIO_MODES + ("unused",):
+            raise GlmcError(f"--rope-ratio-as must be one of {', '.join(ROPE_RATIO_MODES)}, got {how!r}")
+        if how == "base":
+            rope["rope_theta"] = 10000.0 * float(ratio)
+        elif how == "positions":
+            rope.update(rope_type="linear", factor=float(ratio))
+        else:
+            notes.append(f"config.json: rope_ratio={ratio} is ignored, as the modeling_chatglm.py beside it "
+                         "never reads it")
     return dict(
         model_type="glm",
         vocab_size=cfg["padded_vocab_size"],
@@ -55,14 +112,28 @@ def config_from_chatglm(cfg: dict) -> dict:
         head_dim=head_dim,
         max_position_embeddings=cfg.get("seq_length", 8192),
         rms_norm_eps=cfg.get("layernorm_epsilon", 1e-5),
-        attention_bias=bool(cfg.get("add_qkv_bias", True)),
-        partial_rotary_factor=0.5,
-        rope_theta=10000.0 * float(cfg.get("rope_ratio", 1.0)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("add_qkv_bias", False)),
+        rope_parameters=rope,
+        # the original code never ties: it always reads transformer.output_layer.weight
+        tie_word_embeddings=False,
         pad_token_id=cfg.get("pad_token_id", 0),
         eos_token_id=eos,
         bos_token_id=cfg.get("bos_token_id"),
-    )
+    ), notes
+
+
+def qkv_per_head(cfg: dict) -> bool:
+    """Without multi-query attention, query_key_value holds [q_h; k_h; v_h] per head h; with it,
+    three blocks [q; k; v]."""
+    return not cfg.get("multi_query_attention", False)
+
+
+def block_rows(heads: int, head_dim: int):
+    """Stored row of each row of the [q; k; v] block layout, for a per-head packed tensor."""
+    h = torch.arange(heads).view(1, heads, 1)
+    part = torch.arange(3).view(3, 1, 1)
+    d = torch.arange(head_dim).view(1, 1, head_dim)
+    return (h * 3 * head_dim + part * head_dim + d).reshape(-1)
 
 
 def config_to_chatglm(glm: dict) -> dict:
@@ -106,7 +177,8 @@ _LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(.+)")
 
 
 def weights_from_chatglm(tensors: dict[str, torch.Tensor], glm: dict) -> dict[str, torch.Tensor]:
-    """Rename chatglm tensors to glm names; split query_key_value into q/k/v."""
+    """Rename chatglm tensors to glm names; split query_key_value (in [q; k; v] block layout:
+    see block_rows for per-head packing) into q/k/v."""
     q_size = glm["num_attention_heads"] * glm["head_dim"]
     kv_size = glm["num_key_value_heads"] * glm["head_dim"]
     out: dict[str, torch.Tensor] = {}
@@ -140,6 +212,9 @@ def weights_from_chatglm(tensors: dict[str, torch.Tensor], glm: dict) -> dict[st
                     out[name] = t  # left unmapped: reported as unexpected by the loader
         else:
             out[name] = t
+    if _PREFIX + "output_layer.weight" not in tensors:
+        raise GlmcError(f"{_PREFIX}output_layer.weight is missing: ChatGLM's code never ties the output "
+                        "layer to the embedding, so the checkpoint must carry it")
     return out
 
 

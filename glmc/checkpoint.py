@@ -126,8 +126,11 @@ def _check_config(c) -> None:
     if getattr(c, "head_dim", None) is None and c.hidden_size % heads:
         raise GlmcError(f"config.json: hidden_size={c.hidden_size} is not divisible by num_attention_heads={heads}")
     rope = c.rope_parameters or {}
-    if rope.get("rope_type", "default") != "default":
-        raise GlmcError(f"config.json: rope_type {rope.get('rope_type')!r} is not supported (only default rotary)")
+    kind = rope.get("rope_type", "default")
+    if kind not in ("default", "linear"):
+        raise GlmcError(f"config.json: rope_type {kind!r} is not supported (default and linear rotary are)")
+    if kind == "linear" and not (isinstance(rope.get("factor"), (int, float)) and rope["factor"] > 0):
+        raise GlmcError(f"config.json: linear rope scaling needs a positive factor, got {rope.get('factor')!r}")
     factor = rope.get("partial_rotary_factor", 1.0)
     rot = int(head_dim * factor)
     if not 0 < factor <= 1 or rot % 2:
@@ -346,18 +349,20 @@ def _new_model(model_type: str, config) -> torch.nn.Module:
 
 
 def load(spec: str | os.PathLike, allow_pickle: bool = False, bytes_per_param: float = 8.0,
-         purpose: str = "loading") -> LoadedModel:
+         purpose: str = "loading", rope_ratio_as: str | None = None) -> LoadedModel:
     """Load MODEL (checkpoint directory or preset name) as transformers' eager model.
 
     Refuses up front, before reading weights, a model needing more than `bytes_per_param`
     x parameters of memory than the machine has available."""
     path = Path(spec)
     if path.is_dir():
-        return _load_checkpoint(path, allow_pickle, bytes_per_param, purpose)
+        return _load_checkpoint(path, allow_pickle, bytes_per_param, purpose, rope_ratio_as)
     if path.exists():
         raise GlmcError(f"{path}: is a file; MODEL must be a checkpoint directory or a preset name")
     if os.sep in str(spec) or str(spec).startswith("."):
         raise GlmcError(f"{spec}: no such checkpoint directory")
+    if rope_ratio_as is not None:
+        raise GlmcError("--rope-ratio-as applies to chatglm checkpoints, not to presets")
     return _load_preset(str(spec), bytes_per_param, purpose)
 
 
@@ -377,8 +382,9 @@ def _load_preset(name: str, bytes_per_param: float = 8.0, purpose: str = "loadin
     )
 
 
-def _read_config(ckpt: Path) -> tuple:
-    """config.json -> (raw dict as glm, source layout, model_type, transformers config)."""
+def _read_config(ckpt: Path, rope_ratio_as: str | None = None) -> tuple:
+    """config.json -> (raw dict as glm, source layout, model_type, transformers config, notes,
+    per_head_qkv: a chatglm query_key_value packed per head)."""
     raw = _read_json(ckpt / "config.json", "config.json")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -386,24 +392,33 @@ def _read_config(ckpt: Path) -> tuple:
             f"{ckpt / 'config.json'}: model_type {model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    layout = model_type
+    layout, notes, per_head = model_type, [], False
     if model_type == "chatglm":
-        raw = chatglm.config_from_chatglm(raw)
+        code = ckpt / "modeling_chatglm.py"
+        per_head = chatglm.qkv_per_head(raw)
+        raw, notes = chatglm.config_from_chatglm(raw, code.read_text(errors="replace") if code.is_file() else None,
+                                                 rope_ratio_as)
         model_type = "glm"
+    elif rope_ratio_as is not None:
+        raise GlmcError(f"--rope-ratio-as applies to chatglm checkpoints; {ckpt} is model_type {model_type!r}")
     config = build_config(raw)
-    return raw, layout, model_type, config
+    return raw, layout, model_type, config, notes, per_head
 
 
 def _load_checkpoint(ckpt: Path, allow_pickle: bool = False, bytes_per_param: float = 8.0,
-                     purpose: str = "loading") -> LoadedModel:
-    raw, layout, model_type, config = _read_config(ckpt)
+                     purpose: str = "loading", rope_ratio_as: str | None = None) -> LoadedModel:
+    raw, layout, model_type, config, notes, per_head = _read_config(ckpt, rope_ratio_as)
     cfg = config.to_dict()
     check_memory(dict(cfg, model_type=model_type), str(ckpt), bytes_per_param, purpose)
     files = weight_files(ckpt, allow_pickle)
     tensors = _read_tensors(files)
     if layout == "chatglm":
+        if per_head:
+            rows = chatglm.block_rows(cfg["num_attention_heads"], cfg["head_dim"])
+            tensors = {n: t[rows] if ".query_key_value." in n and len(t) == len(rows) else t
+                       for n, t in tensors.items()}
         tensors = chatglm.weights_from_chatglm(tensors, cfg)
-    warnings = _dtype_warnings(raw, tensors, ckpt / "config.json")
+    warnings = notes + _dtype_warnings(raw, tensors, ckpt / "config.json")
     model = _new_model(model_type, config)
     _assign_weights(model, tensors, str(ckpt), tied=bool(config.tie_word_embeddings))
     tok = ckpt / "tokenizer.json"
@@ -490,10 +505,30 @@ class _RowReader:
         return out if self.shape else out.reshape(())
 
 
+class _Permuted:
+    """A TensorSource reader whose row r is stored row rows[r] (contiguous runs read at once)."""
 
-def _map_entries(found: dict, layout: str, cfg: dict, where: str, expected: dict, tied: bool) -> TensorSource:
+    def __init__(self, reader, rows: torch.Tensor):
+        self.reader, self.rows = reader, rows
+
+    def __call__(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        want = self.rows[r0:r1].tolist()
+        parts, start = [], 0
+        for i in range(1, len(want) + 1):
+            if i == len(want) or want[i] != want[i - 1] + 1:
+                parts.append(self.reader(name, want[start], want[i - 1] + 1))
+                start = i
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _map_entries(found: dict, layout: str, cfg: dict, where: str, expected: dict, tied: bool,
+                 per_head: bool = False) -> TensorSource:
     """Rename (and for chatglm split) the stored tensors onto the model's names, checking names,
     shapes and dtypes against the model without reading any data."""
+    if per_head:                # read a per-head packed query_key_value as [q; k; v] blocks
+        rows = chatglm.block_rows(cfg["num_attention_heads"], cfg["head_dim"])
+        found = {n: (_Permuted(e[0], rows), *e[1:]) if ".query_key_value." in n and e[1] and e[1][0] == len(rows)
+                 else e for n, e in found.items()}
     metas = {n: torch.empty(shape, dtype=dt or torch.float32, device="meta") for n, (_, shape, dt) in found.items()}
     origin = {id(t): n for n, t in metas.items()}
     mapped = chatglm.weights_from_chatglm(metas, cfg) if layout == "chatglm" else dict(metas)
@@ -524,7 +559,7 @@ def _map_entries(found: dict, layout: str, cfg: dict, where: str, expected: dict
 
 
 def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str = "compiling",
-               need_bytes=None) -> LoadedModel:
+               need_bytes=None, rope_ratio_as: str | None = None) -> LoadedModel:
     """MODEL as a traceable transformers model plus its tensors read on demand (`tensors`).
 
     A preset is built in memory as `load` does. A checkpoint's model has uninitialised
@@ -536,12 +571,12 @@ def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str
         if not path.exists() and os.sep not in str(spec) and not str(spec).startswith(".") and need_bytes:
             cfg = dict(get_preset(str(spec)).config)          # a preset lives in memory: + its fp32 weights
             _refuse_beyond(need_bytes(cfg) + 4 * count_parameters(cfg), str(spec), purpose, count_parameters(cfg))
-        loaded = load(spec, allow_pickle=allow_pickle, bytes_per_param=0.0, purpose=purpose)
+        loaded = load(spec, allow_pickle=allow_pickle, bytes_per_param=0.0, purpose=purpose, rope_ratio_as=rope_ratio_as)
         state = loaded.model.state_dict()
         loaded.tensors = TensorSource({n: (_in_memory(t), n, 0, tuple(t.shape), t.dtype)
                                        for n, t in state.items()})
         return loaded
-    raw, layout, model_type, config = _read_config(path)
+    raw, layout, model_type, config, notes, per_head = _read_config(path, rope_ratio_as)
     cfg = config.to_dict()
     if need_bytes is not None:
         c = dict(cfg, model_type=model_type)
@@ -550,9 +585,9 @@ def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str
     found = _safetensors_entries(files)
     model = _empty_model(model_type, config)
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    tensors = _map_entries(found, layout, cfg, str(path), expected, bool(config.tie_word_embeddings))
+    tensors = _map_entries(found, layout, cfg, str(path), expected, bool(config.tie_word_embeddings), per_head)
     metas = {n: torch.empty(0, dtype=dt or torch.float32) for n, (_, _, dt) in found.items()}
-    warnings = _dtype_warnings(raw, metas, path / "config.json")
+    warnings = notes + _dtype_warnings(raw, metas, path / "config.json")
     tok = path / "tokenizer.json"
     loaded = LoadedModel(
         model=model, model_type=model_type, source_layout=layout, config=cfg,

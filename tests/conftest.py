@@ -38,7 +38,7 @@ VARIANTS = {
                      partial_rotary_factor=0.5),
     "chatglm": dict(model_type="glm", vocab_size=1003, hidden_size=64, intermediate_size=112,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-                    partial_rotary_factor=0.5, rope_theta=50000.0),
+                    partial_rotary_factor=0.5),
     # GeLU MLPs (GLM-130B / ChatGLM-6B v1 style activations): exact erf and the tanh form
     "glm-gelu": dict(model_type="glm", vocab_size=600, hidden_size=64, intermediate_size=96,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
