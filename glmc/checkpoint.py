@@ -212,6 +212,13 @@ def _sha256_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def _source(ckpt: Path, files: list[Path], rope_ratio_as: str | None) -> dict:
+    out = {"kind": "checkpoint", "name": str(ckpt.resolve()), "sha256": _sha256_files([ckpt / "config.json", *files])}
+    if rope_ratio_as is not None:
+        out["rope_ratio_as"] = rope_ratio_as
+    return out
+
+
 def _sha256_state(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(state):
@@ -424,8 +431,7 @@ def _load_checkpoint(ckpt: Path, allow_pickle: bool = False, bytes_per_param: fl
     tok = ckpt / "tokenizer.json"
     return LoadedModel(warnings=warnings,
         model=model, model_type=model_type, source_layout=layout, config=cfg,
-        source={"kind": "checkpoint", "name": str(ckpt.resolve()),
-                "sha256": _sha256_files([ckpt / "config.json", *files])},
+        source=_source(ckpt, files, rope_ratio_as),
         tokenizer_json=tok.read_text() if tok.is_file() else None,
     )
 
@@ -591,8 +597,7 @@ def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str
     tok = path / "tokenizer.json"
     loaded = LoadedModel(
         model=model, model_type=model_type, source_layout=layout, config=cfg,
-        source={"kind": "checkpoint", "name": str(path.resolve()),
-                "sha256": _sha256_files([path / "config.json", *files])},
+        source=_source(path, files, rope_ratio_as),
         tokenizer_json=tok.read_text() if tok.is_file() else None, warnings=warnings, tensors=tensors,
         weights_in_model=False)
     return loaded

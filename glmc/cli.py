@@ -86,8 +86,11 @@ def presets():
                    "chunks (default: on). cpu artifacts always run every step through it.")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept .bin/.pt weights, loaded only through torch.load(weights_only=True).")
+@click.option("--rope-ratio-as", type=click.Choice(["base", "positions"]), default=None,
+              help="chatglm config rope_ratio: multiply the rotary base (ChatGLM3-6B-32k, GLM-4) or divide "
+                   "positions (chatglm2-6b-32k). Default: as the modeling_chatglm.py beside the checkpoint does.")
 def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, tune_budget, verify, fuse, calibrate,
-            asym, lm_head, embedding, kv_cache, accuracy_level, chunked_prefill, allow_pickle):
+            asym, lm_head, embedding, kv_cache, accuracy_level, chunked_prefill, allow_pickle, rope_ratio_as):
     """Compile MODEL (a checkpoint directory or a preset name) into an artifact."""
     import json
 
@@ -99,7 +102,7 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
                      max_seq_len=max_seq_len, verify=verify, fuse=fuse, progress=sys.stderr.isatty(),
                      calibrate=calibrate, symmetric=not asym, lm_head=lm_head, accuracy_level=accuracy_level,
                      embedding=embedding, kv_cache=kv_cache, allow_pickle=allow_pickle, tune=tune, tune_budget=tune_budget,
-                     chunked_prefill=chunked_prefill)
+                     chunked_prefill=chunked_prefill, rope_ratio_as=rope_ratio_as)
     report = json.loads((out / "report.json").read_text())
     v = report["verify"]
     if not isinstance(v, dict):
@@ -198,7 +201,7 @@ def verify(artifact, source):
     rt = load(artifact)
     src = rt.manifest["source"]
     name = source or src["name"]
-    ref = open_model(name, purpose="verifying")
+    ref = open_model(name, purpose="verifying", rope_ratio_as=src.get("rope_ratio_as"))
     if ref.source["sha256"] != src["sha256"]:
         raise GlmcError(f"{name}: is not the checkpoint {artifact} was compiled from (sha256 differs)")
     r = compare(rt, Reference.of(ref), rt.manifest["dtype"], rt.manifest["quant"])

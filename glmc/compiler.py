@@ -142,6 +142,7 @@ def compile(
     tune: bool = False,
     tune_budget: float = 120.0,
     chunked_prefill: bool | None = None,
+    rope_ratio_as: str | None = None,
 ) -> Path:
     """Compile MODEL (checkpoint directory or preset name); return the artifact path.
 
@@ -170,10 +171,11 @@ def compile(
     with _Stages(progress, total=6 + bool(calibrate) + bool(tune)) as stages:
         with stages.stage("load checkpoint"):
             if calibrate:       # calibration runs the model: it needs the weights in memory
-                loaded = checkpoint.load(model, allow_pickle=allow_pickle,
+                loaded = checkpoint.load(model, allow_pickle=allow_pickle, rope_ratio_as=rope_ratio_as,
                                          bytes_per_param=4 * CALIBRATED_PEAK_OVER_WEIGHTS, purpose="compiling")
             else:               # weights stay in the checkpoint until they are written
                 loaded = checkpoint.open_model(model, allow_pickle=allow_pickle, purpose="compiling",
+                                               rope_ratio_as=rope_ratio_as,
                                                need_bytes=lambda c: compile_memory_bytes(c, qc, verify))
             book = _weight_book(loaded, eager=bool(calibrate))
         cfg = loaded.config

@@ -132,3 +132,19 @@ def test_compiled_32k_artifact_matches_the_original_code(tmp_path):
     rt = glmc.load(art)
     _check(model, rt.logits(IDS))
     assert rt.generate(IDS[:5], max_new_tokens=8) == [greedy(model, IDS[:5], 8)]
+
+
+def test_cli_names_rope_ratio_and_the_flag_when_the_checkpoint_cannot_tell(tmp_path):
+    from click.testing import CliRunner
+
+    from glmc.cli import main
+
+    folder = require_reference() / "glm-4-9b-chat"
+    ckpt = save_release(original_model(folder, rope_ratio=500), folder, tmp_path / "ckpt")
+    (ckpt / "modeling_chatglm.py").unlink()
+    out = tmp_path / "out.glmc"
+    r = CliRunner().invoke(main, ["compile", str(ckpt), "-o", str(out), "--max-seq-len", "16"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert "rope_ratio=500" in lines[0] and "--rope-ratio-as" in lines[0]
+    assert not out.exists()
