@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import glmc  # noqa: E402
 from report_json import emit  # noqa: E402  (bench/, the script's own directory)
 from glmc.measure import measure  # noqa: E402
-from glmc.tokenizer import TextCodec  # noqa: E402
+from glmc.tokenizer import codec_for  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "glm-pystdlib"
 VARIANTS = {
@@ -77,7 +77,7 @@ def main():
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     report = {"fixture": str(args.fixture.name), "quality": {}, "speed_model": args.speed_model, "speed": {}}
-    codec = TextCodec((args.fixture / "tokenizer.json").read_text())
+    codec = codec_for("tokenizers", (args.fixture / "tokenizer.json").read_bytes(), {})
     held = codec.encode((args.fixture / "heldout.txt").read_text())
     with tempfile.TemporaryDirectory() as work:
         base_preds = base_lp = None

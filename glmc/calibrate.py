@@ -23,10 +23,11 @@ def calibration_sequences(loaded, n_seqs: int, length: int) -> list[list[int]]:
     seeded random tokens (they still give per-channel activation magnitudes)."""
     src = loaded.source
     text_path = Path(src["name"]) / "calibration.txt" if src["kind"] == "checkpoint" else None
-    if text_path is not None and text_path.is_file() and loaded.tokenizer_json:
-        from glmc.tokenizer import TextCodec
+    if text_path is not None and text_path.is_file() and loaded.text is not None:
+        from glmc.tokenizer import codec_for
 
-        ids = TextCodec(loaded.tokenizer_json).encode(text_path.read_text())
+        text = loaded.text
+        ids = codec_for(text.kind, next(iter(text.files.values())), text.specials).encode(text_path.read_text())
         seqs = [ids[i * length:(i + 1) * length] for i in range(n_seqs) if len(ids) >= (i + 1) * length]
         if not seqs:
             raise GlmcError(f"{text_path}: too little calibration text for one {length}-token sequence")

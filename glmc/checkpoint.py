@@ -24,6 +24,7 @@ from glmc.modelcfg import head_dim
 from glmc.settings import memory_limit_bytes
 from glmc.presets import get_preset
 from glmc.safetensors_check import data_start, read_header
+from glmc.tokenizer import TextSpec, byte_tokenizer_json, preset_text_spec, read_text_spec
 from glmc.weights import ST_DTYPES
 
 SUPPORTED_MODEL_TYPES = ("glm", "glm4", "chatglm")
@@ -42,6 +43,7 @@ class LoadedModel:
     source: dict                    # {kind, name, sha256}
     tokenizer_json: str | None = None
     warnings: list[str] = field(default_factory=list)
+    text: "TextSpec | None" = None      # tokenizer files, chat format, generation defaults
     # the checkpoint's tensors by glm name, read on demand (set by `open_model`; its model's
     # parameters are then uninitialised memory that only tracing may look at)
     tensors: "TensorSource | None" = None
@@ -374,8 +376,6 @@ def load(spec: str | os.PathLike, allow_pickle: bool = False, bytes_per_param: f
 
 
 def _load_preset(name: str, bytes_per_param: float = 8.0, purpose: str = "loading") -> LoadedModel:
-    from glmc.tokenizer import byte_tokenizer_json
-
     preset = get_preset(name)
     check_memory(dict(preset.config), name, bytes_per_param, purpose)
     config = build_config(preset.config)
@@ -385,7 +385,7 @@ def _load_preset(name: str, bytes_per_param: float = 8.0, purpose: str = "loadin
     return LoadedModel(
         model=model, model_type="glm", source_layout="glm", config=cfg,
         source={"kind": "preset", "name": name, "sha256": _sha256_state(model.state_dict())},
-        tokenizer_json=byte_tokenizer_json(config.vocab_size),
+        tokenizer_json=(tok := byte_tokenizer_json(config.vocab_size)), text=preset_text_spec(tok, cfg),
     )
 
 
@@ -429,7 +429,8 @@ def _load_checkpoint(ckpt: Path, allow_pickle: bool = False, bytes_per_param: fl
     model = _new_model(model_type, config)
     _assign_weights(model, tensors, str(ckpt), tied=bool(config.tie_word_embeddings))
     tok = ckpt / "tokenizer.json"
-    return LoadedModel(warnings=warnings,
+    text = read_text_spec(ckpt, raw)
+    return LoadedModel(warnings=warnings + (text.notes if text else []), text=text,
         model=model, model_type=model_type, source_layout=layout, config=cfg,
         source=_source(ckpt, files, rope_ratio_as),
         tokenizer_json=tok.read_text() if tok.is_file() else None,
@@ -595,10 +596,12 @@ def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str
     metas = {n: torch.empty(0, dtype=dt or torch.float32) for n, (_, _, dt) in found.items()}
     warnings = notes + _dtype_warnings(raw, metas, path / "config.json")
     tok = path / "tokenizer.json"
-    loaded = LoadedModel(
+    text = read_text_spec(path, raw)
+    loaded = LoadedModel(text=text,
         model=model, model_type=model_type, source_layout=layout, config=cfg,
         source=_source(path, files, rope_ratio_as),
-        tokenizer_json=tok.read_text() if tok.is_file() else None, warnings=warnings, tensors=tensors,
+        tokenizer_json=tok.read_text() if tok.is_file() else None, warnings=warnings + (text.notes if text else []),
+        tensors=tensors,
         weights_in_model=False)
     return loaded
 

@@ -132,12 +132,14 @@ def _parse_ids(text: str) -> list[int]:
 
 @main.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--prompt", help="Text prompt (needs a tokenizer.json in the artifact).")
+@click.option("--prompt", help="Text prompt (needs a tokenizer in the artifact).")
 @click.option("--ids", help="Prompt as token ids, e.g. 5,6,7.")
-@click.option("--max-new-tokens", default=32, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, type=int, help="0 = off.")
-@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--max-new-tokens", default=None, type=int,
+              help="Default: the checkpoint's generation_config.json max_new_tokens, else 32.")
+@click.option("--temperature", default=None, type=float,
+              help="0 = greedy. Default: the checkpoint's generation_config.json when it samples, else 0.")
+@click.option("--top-k", default=None, type=int, help="0 = off. Default: as --temperature.")
+@click.option("--top-p", default=None, type=float, help="Default: as --temperature, else 1.")
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible).")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all available).")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check file hashes on load.")
@@ -172,10 +174,59 @@ def run(artifact, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, 
 
 
 @main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--system", default=None, help="A system message to open the conversation with.")
+@click.option("--max-new-tokens", default=None, type=int,
+              help="Per reply. Default: the checkpoint's generation_config.json, else until the artifact is full.")
+@click.option("--temperature", default=None, type=float,
+              help="0 = greedy. Default: the checkpoint's generation_config.json when it samples, else 0.")
+@click.option("--top-k", default=None, type=int, help="0 = off.")
+@click.option("--top-p", default=None, type=float)
+@click.option("--seed", default=None, type=int, help="Sampling seed (reproducible).")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all available).")
+def chat(artifact, system, max_new_tokens, temperature, top_k, top_p, seed, threads):
+    """An interactive chat with ARTIFACT in its chat format, streaming each reply.
+    Commands: /reset starts over, /quit (or end of input) leaves."""
+    from glmc.runtime import load
+
+    model = load(artifact, threads=threads)
+    if model.codec is None:
+        raise GlmcError(f"{artifact}: the artifact has no tokenizer, so it cannot chat")
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    click.echo(f"glmc chat: {artifact} ({model.codec.chat_format} format); /reset, /quit", err=True)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() == "/quit":
+            break
+        if line.strip() == "/reset":
+            messages = list(start)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        click.echo("glm> ", nl=False)
+        reply = []
+        for tok in model.stream_chat(messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, seed=seed):
+            if tok.text:
+                reply.append(tok.text)
+                click.echo(tok.text, nl=False)
+        click.echo()
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+@main.command()
 @click.argument("model_or_artifact")
 @click.option("--full", is_flag=True, help="Print the whole op histogram after every pass.")
 @click.option("--target", default="cpu", show_default=True, help="The target whose compile to describe (a model).")
-def inspect(model_or_artifact, full, target):
+@click.option("--rope-ratio-as", type=click.Choice(["base", "positions"]), default=None,
+              help="As for compile: how a chatglm config's rope_ratio applies.")
+def inspect(model_or_artifact, full, target, rope_ratio_as):
     """Print the traced graphs' op histograms and each pass with its match count."""
     from pathlib import Path
 
@@ -184,7 +235,7 @@ def inspect(model_or_artifact, full, target):
     if (Path(model_or_artifact) / "manifest.json").is_file():
         click.echo(describe_artifact(Path(model_or_artifact)))
     else:
-        click.echo(describe_model(model_or_artifact, full=full, target=target))
+        click.echo(describe_model(model_or_artifact, full=full, target=target, rope_ratio_as=rope_ratio_as))
 
 
 @main.command()

@@ -198,8 +198,9 @@ def compile(
         with staging_dir(out) as tmp:
             with stages.stage(f"lower ({target})"):
                 backend_info = backend.lower(graphs, tmp, ctx)
-            if loaded.tokenizer_json:
-                (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
+            if loaded.text is not None:         # tokenizer file(s); the rest goes in the manifest
+                for name, data in loaded.text.files.items():
+                    (tmp / name).write_bytes(data)
             manifest = {
                 "glmc_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -208,6 +209,7 @@ def compile(
                 "target": str(target), "dtype": dtype, "quant": quant,
                 "group_size": group_size if quant == "int4" else None,
                 "max_seq_len": seq,
+                "text": loaded.text.meta() if loaded.text is not None else None,
                 "passes": [r.as_dict() for r in records],
                 "backend": backend_info,
                 "versions": _versions(),

@@ -37,7 +37,7 @@ def describe_records(records, full: bool = False) -> list[str]:
     return lines
 
 
-def describe_model(spec: str, full: bool = False, target: str = "cpu") -> str:
+def describe_model(spec: str, full: bool = False, target: str = "cpu", rope_ratio_as: str | None = None) -> str:
     """What compile would do to SPEC's graphs: the same context, entry points and pipeline
     as `glmc compile SPEC --target TARGET` with default options, so the counts agree."""
     from glmc import checkpoint
@@ -46,7 +46,7 @@ def describe_model(spec: str, full: bool = False, target: str = "cpu") -> str:
     from glmc.ir import make_context
     from glmc.pipeline import pipeline
 
-    loaded = checkpoint.load(spec)
+    loaded = checkpoint.load(spec, rope_ratio_as=rope_ratio_as)
     cfg = loaded.config
     ctx = make_context(target, max_seq_len=min(cfg["max_position_embeddings"], 2048), model_config=cfg)
     passes = pipeline(ctx)
@@ -65,6 +65,12 @@ def describe_artifact(path: Path) -> str:
     lines = [f"{path}: {m['source']['kind']} {m['source']['name']} -> target {m['target']}, dtype {m['dtype']}, "
              f"quant {m['quant']}, max_seq_len {m['max_seq_len']}",
              f"model: {m['model']['source_layout']} layout, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}"]
+    text = m.get("text")
+    if text:
+        gen = {k: v for k, v in text.get("generation", {}).items() if k != "eos_token_id"}
+        lines.append(f"text: {text['kind']} tokenizer ({text['file']}), {len(text.get('specials', {}))} special tokens, "
+                     f"chat format {text['chat_format']}, eos ids {text.get('generation', {}).get('eos_token_id')}"
+                     + (f", generation defaults {gen}" if gen else ""))
     for p in m["passes"]:
         lines.append(f"   {p['graph']:<8} {p['name']:<22} matches={p['matches']:<4} nodes {p['nodes_before']} -> {p['nodes_after']}")
     files = m["backend"].get("graphs", {})

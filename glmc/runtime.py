@@ -1,8 +1,13 @@
-"""glmc.load(path) -> Runtime: logits(), generate(), stream().
+"""glmc.load(path) -> Runtime: logits(), generate(), stream(), chat(), stream_chat().
 
 The runtime is target-agnostic: it asks the artifact's backend for an executor
 (new_cache / prefill / decode) and does batching, positions, sampling and
 stopping itself. Generating N tokens costs one prefill and N-1 decode steps.
+
+Sampling settings left as None take the checkpoint's generation_config.json defaults
+stored in the artifact (temperature/top_p/top_k when it samples, max_new_tokens), else
+greedy and 32 new tokens. Generation stops on any of the eos ids of config.json and
+generation_config.json (GLM-4 lists three).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from glmc.artifact import read_manifest
 from glmc.backends import get_backend
 from glmc.errors import GlmcError
 from glmc.sampling import check_sampling, choose
-from glmc.tokenizer import TextCodec
+from glmc.tokenizer import open_codec
 
 
 @dataclass(frozen=True)
@@ -36,10 +41,12 @@ class Runtime:
         self.vocab_size = self.config["vocab_size"]
         self.max_seq_len = self.manifest["max_seq_len"]
         eos = self.config.get("eos_token_id")
+        text = self.manifest.get("text")
+        self.generation: dict = dict((text or {}).get("generation") or {})
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.eos_ids |= set(self.generation.get("eos_token_id", []))
         self.pad_id = self.config.get("pad_token_id") or 0
-        tok = self.path / "tokenizer.json"
-        self.codec = TextCodec(tok.read_text()) if tok.is_file() else None
+        self.codec = open_codec(self.path, text)
         self.executor = get_backend(self.manifest["target"]).load(self.path, self.manifest, threads)
         # long prompts are prefilled in chunks of this many tokens (the size `glmc tune`
         # measured to keep the matmuls efficient); None or 0: one call
@@ -55,12 +62,12 @@ class Runtime:
 
     def encode(self, text: str) -> list[int]:
         if self.codec is None:
-            raise GlmcError(f"{self.path}: the artifact has no tokenizer.json; pass token ids instead of text")
+            raise GlmcError(f"{self.path}: the artifact has no tokenizer; pass token ids instead of text")
         return self.codec.encode(text)
 
     def decode_text(self, ids: Sequence[int]) -> str:
         if self.codec is None:
-            raise GlmcError(f"{self.path}: the artifact has no tokenizer.json")
+            raise GlmcError(f"{self.path}: the artifact has no tokenizer")
         return self.codec.decode(list(ids))
 
     def _prompts(self, prompts, max_new_tokens: int) -> list[list[int]]:
@@ -136,9 +143,20 @@ class Runtime:
         out = [logits[b, : len(p)].copy() for b, p in enumerate(prompts)]
         return out[0] if single else out
 
-    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> list[list[int]]:
-        """New tokens for each prompt of a batch (prompts may differ in length). Greedy by default."""
+    def _defaults(self, max_new_tokens, temperature, top_k, top_p):
+        """Explicit settings, else the artifact's generation defaults, else greedy and 32 tokens."""
+        g = self.generation
+        return (32 if max_new_tokens is None and "max_new_tokens" not in g else
+                g["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
+                g.get("temperature", 0.0) if temperature is None else temperature,
+                g.get("top_k", 0) if top_k is None else top_k,
+                g.get("top_p", 1.0) if top_p is None else top_p)
+
+    def generate(self, prompts, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop_at_eos: bool = True) -> list[list[int]]:
+        """New tokens for each prompt of a batch (prompts may differ in length)."""
+        max_new_tokens, temperature, top_k, top_p = self._defaults(max_new_tokens, temperature, top_k, top_p)
         prompts = self._prompts(prompts, max_new_tokens)
         out: list[list[int]] = [[] for _ in prompts]
         for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos):
@@ -146,15 +164,21 @@ class Runtime:
                 out[b].append(t)
         return out
 
-    def stream(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True) -> Iterator[Token]:
+    def stream(self, prompt, max_new_tokens: int | None = None, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               stop_at_eos: bool = True) -> Iterator[Token]:
         """Yield the tokens of one prompt as they are made."""
+        max_new_tokens, temperature, top_k, top_p = self._defaults(max_new_tokens, temperature, top_k, top_p)
         prompts = self._prompts(prompt, max_new_tokens)
         if len(prompts) != 1:
             raise GlmcError("stream() takes one prompt; use generate() for a batch")
+        yield from self._stream(prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                                self.eos_ids if stop_at_eos else set())
+
+    def _stream(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop) -> Iterator[Token]:
         made: list[int] = []
         shown = ""
-        for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos):
+        for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed, True, stop):
             t = step[0]
             made.append(t)
             text = None
@@ -165,8 +189,48 @@ class Runtime:
                     text, shown = full[len(shown):], full
             yield Token(t, text)
 
-    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos):
+    def chat_ids(self, messages) -> list[int]:
+        """The conversation as token ids in the artifact's chat format, the assistant's turn open."""
+        if self.codec is None:
+            raise GlmcError(f"{self.path}: the artifact has no tokenizer, so it cannot chat")
+        return self.codec.chat_ids(messages)
+
+    def stream_chat(self, messages, max_new_tokens: int | None = None, temperature: float | None = None,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[Token]:
+        """Yield the assistant's reply to `messages` ([{"role", "content"}, ...]) token by token;
+        it ends at an eos id or a token that opens another turn (not yielded)."""
+        ids = self.chat_ids(messages)
+        room = self.max_seq_len - len(ids)
+        if room < 1:
+            raise GlmcError(f"the conversation has {len(ids)} tokens; the artifact holds {self.max_seq_len} "
+                            "(recompile with a larger --max-seq-len or drop earlier turns)")
+        if max_new_tokens is None:
+            limit = self.generation.get("max_new_tokens")
+            if limit is None and "max_length" in self.generation:
+                limit = self.generation["max_length"] - len(ids)
+            max_new_tokens = room if limit is None else max(1, min(room, limit))
+        _, temperature, top_k, top_p = self._defaults(max_new_tokens, temperature, top_k, top_p)
+        prompts = self._prompts([ids], max_new_tokens)
+        stop = self.eos_ids | self.codec.stop_ids()
+        for tok in self._stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop):
+            if tok.id in stop:
+                return
+            yield tok
+
+    def chat(self, messages, max_new_tokens: int | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> str:
+        """The assistant's reply to `messages`, as text."""
+        ids = [t.id for t in self.stream_chat(messages, max_new_tokens, temperature, top_k, top_p, seed)]
+        reply = self.codec.decode(ids)
+        if self.codec.chat_format != "plain" and "\n" in reply:     # "metadata\ncontent", as the releases
+            metadata, content = reply.split("\n", 1)
+            if not metadata.strip():
+                reply = content
+        return reply.strip()
+
+    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stop=None):
         """Yield {row: token} for each generated position, rows that are still running."""
+        stop = self.eos_ids if stop is None else stop
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens == 0:
             return
@@ -181,7 +245,7 @@ class Runtime:
             for b in range(B):
                 if running[b]:
                     toks[b, 0] = made[b] = choose(last[b], rng, temperature, top_k, top_p)
-                    if stop_at_eos and made[b] in self.eos_ids:
+                    if stop_at_eos and made[b] in stop:
                         running[b] = False
             yield made
             if step == max_new_tokens - 1 or not any(running):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import glmc
-from glmc.tokenizer import TextCodec
+from glmc.tokenizer import codec_for
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "glm-pystdlib"
 
@@ -38,7 +38,7 @@ def _ppl(path, ids, chunk=128, n=8):
 def fixture_ppl(tmp_path_factory):
     if not (FIXTURE / "model.safetensors").is_file():
         pytest.fail(f"trained fixture missing at {FIXTURE}: run tools/train_fixture.py")
-    ids = TextCodec((FIXTURE / "tokenizer.json").read_text()).encode((FIXTURE / "heldout.txt").read_text())
+    ids = codec_for("tokenizers", (FIXTURE / "tokenizer.json").read_bytes(), {}).encode((FIXTURE / "heldout.txt").read_text())
     root = tmp_path_factory.mktemp("fixture")
     out = {}
     for name, opts in {"fp32": {}, "int8": dict(quant="int8"), "int4": dict(quant="int4", group_size=128),
