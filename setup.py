@@ -23,6 +23,9 @@ setup(
         "onnxruntime>=1.20",
         "safetensors>=0.4",
         "tokenizers>=0.20",
+        "sentencepiece>=0.2",      # ChatGLM2/3 tokenizer.model
+        "tiktoken>=0.7",           # GLM-4 tokenizer.model (ranks file)
+        "jinja2>=3.1",             # checkpoints' chat_template
         "numpy>=1.26",
         "click>=8.1",
         "rich>=13",
