@@ -33,7 +33,7 @@ setup(
         "triton>=3.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3.5", "hypothesis>=6"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3.5", "hypothesis>=6", "peft>=0.13"],
         "gpu": ["triton>=3.2"],
         "peers": ["onnxruntime-genai>=0.18"],
     },

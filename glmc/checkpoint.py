@@ -214,11 +214,25 @@ def _sha256_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _source(ckpt: Path, files: list[Path], rope_ratio_as: str | None) -> dict:
+def _source(ckpt: Path, files: list[Path], rope_ratio_as: str | None, adapters=()) -> dict:
     out = {"kind": "checkpoint", "name": str(ckpt.resolve()), "sha256": _sha256_files([ckpt / "config.json", *files])}
     if rope_ratio_as is not None:
         out["rope_ratio_as"] = rope_ratio_as
+    if adapters:
+        out["adapters"] = [a.describe() for a in adapters]
     return out
+
+
+def _adapter_notes(ckpt: Path, adapters) -> list[str]:
+    """A base directory that also holds a LoRA adapter: say so unless adapters were given."""
+    from glmc import lora
+
+    if adapters or not lora.is_adapter_dir(ckpt):
+        return []
+    message = (f"{ckpt} also holds a LoRA adapter (adapter_config.json) that is not applied; "
+               f"pass --lora {ckpt} to merge it")
+    warn(message)
+    return [message]
 
 
 def _sha256_state(state: dict[str, torch.Tensor]) -> str:
@@ -358,20 +372,22 @@ def _new_model(model_type: str, config) -> torch.nn.Module:
 
 
 def load(spec: str | os.PathLike, allow_pickle: bool = False, bytes_per_param: float = 8.0,
-         purpose: str = "loading", rope_ratio_as: str | None = None) -> LoadedModel:
+         purpose: str = "loading", rope_ratio_as: str | None = None, adapters=()) -> LoadedModel:
     """Load MODEL (checkpoint directory or preset name) as transformers' eager model.
 
     Refuses up front, before reading weights, a model needing more than `bytes_per_param`
     x parameters of memory than the machine has available."""
     path = Path(spec)
     if path.is_dir():
-        return _load_checkpoint(path, allow_pickle, bytes_per_param, purpose, rope_ratio_as)
+        return _load_checkpoint(path, allow_pickle, bytes_per_param, purpose, rope_ratio_as, adapters)
     if path.exists():
         raise GlmcError(f"{path}: is a file; MODEL must be a checkpoint directory or a preset name")
     if os.sep in str(spec) or str(spec).startswith("."):
         raise GlmcError(f"{spec}: no such checkpoint directory")
     if rope_ratio_as is not None:
         raise GlmcError("--rope-ratio-as applies to chatglm checkpoints, not to presets")
+    if adapters:
+        raise GlmcError("--lora applies to checkpoint directories, not to presets")
     return _load_preset(str(spec), bytes_per_param, purpose)
 
 
@@ -392,6 +408,15 @@ def _load_preset(name: str, bytes_per_param: float = 8.0, purpose: str = "loadin
 def _read_config(ckpt: Path, rope_ratio_as: str | None = None) -> tuple:
     """config.json -> (raw dict as glm, source layout, model_type, transformers config, notes,
     per_head_qkv: a chatglm query_key_value packed per head)."""
+    from glmc import lora
+
+    if not (ckpt / "config.json").is_file() and lora.is_adapter_dir(ckpt):
+        try:
+            base = json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path") or "BASE"
+        except (OSError, ValueError):
+            base = "BASE"
+        raise GlmcError(f"{ckpt} is a PEFT LoRA adapter, not a model; compile its base with it merged: "
+                        f"glmc compile {base} --lora {ckpt}")
     raw = _read_json(ckpt / "config.json", "config.json")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -413,26 +438,33 @@ def _read_config(ckpt: Path, rope_ratio_as: str | None = None) -> tuple:
 
 
 def _load_checkpoint(ckpt: Path, allow_pickle: bool = False, bytes_per_param: float = 8.0,
-                     purpose: str = "loading", rope_ratio_as: str | None = None) -> LoadedModel:
+                     purpose: str = "loading", rope_ratio_as: str | None = None, adapters=()) -> LoadedModel:
     raw, layout, model_type, config, notes, per_head = _read_config(ckpt, rope_ratio_as)
     cfg = config.to_dict()
     check_memory(dict(cfg, model_type=model_type), str(ckpt), bytes_per_param, purpose)
     files = weight_files(ckpt, allow_pickle)
     tensors = _read_tensors(files)
+    dtype_notes = _dtype_warnings(raw, tensors, ckpt / "config.json")
+    if adapters:
+        from glmc import lora
+
+        found = lora.merge({n: (_in_memory(t), tuple(t.shape), t.dtype) for n, t in tensors.items()}, adapters)
+        tensors = {n: reader(n, 0, shape[0]) if shape else reader(n, 0, 0) for n, (reader, shape, _) in found.items()}
     if layout == "chatglm":
         if per_head:
             rows = chatglm.block_rows(cfg["num_attention_heads"], cfg["head_dim"])
             tensors = {n: t[rows] if ".query_key_value." in n and len(t) == len(rows) else t
                        for n, t in tensors.items()}
         tensors = chatglm.weights_from_chatglm(tensors, cfg)
-    warnings = notes + _dtype_warnings(raw, tensors, ckpt / "config.json")
+    warnings = notes + dtype_notes
     model = _new_model(model_type, config)
     _assign_weights(model, tensors, str(ckpt), tied=bool(config.tie_word_embeddings))
     tok = ckpt / "tokenizer.json"
     text = read_text_spec(ckpt, raw)
+    warnings += _adapter_notes(ckpt, adapters)
     return LoadedModel(warnings=warnings + (text.notes if text else []), text=text,
         model=model, model_type=model_type, source_layout=layout, config=cfg,
-        source=_source(ckpt, files, rope_ratio_as),
+        source=_source(ckpt, files, rope_ratio_as, adapters),
         tokenizer_json=tok.read_text() if tok.is_file() else None,
     )
 
@@ -566,7 +598,7 @@ def _map_entries(found: dict, layout: str, cfg: dict, where: str, expected: dict
 
 
 def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str = "compiling",
-               need_bytes=None, rope_ratio_as: str | None = None) -> LoadedModel:
+               need_bytes=None, rope_ratio_as: str | None = None, adapters=()) -> LoadedModel:
     """MODEL as a traceable transformers model plus its tensors read on demand (`tensors`).
 
     A preset is built in memory as `load` does. A checkpoint's model has uninitialised
@@ -578,7 +610,8 @@ def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str
         if not path.exists() and os.sep not in str(spec) and not str(spec).startswith(".") and need_bytes:
             cfg = dict(get_preset(str(spec)).config)          # a preset lives in memory: + its fp32 weights
             _refuse_beyond(need_bytes(cfg) + 4 * count_parameters(cfg), str(spec), purpose, count_parameters(cfg))
-        loaded = load(spec, allow_pickle=allow_pickle, bytes_per_param=0.0, purpose=purpose, rope_ratio_as=rope_ratio_as)
+        loaded = load(spec, allow_pickle=allow_pickle, bytes_per_param=0.0, purpose=purpose, rope_ratio_as=rope_ratio_as,
+                      adapters=adapters)
         state = loaded.model.state_dict()
         loaded.tensors = TensorSource({n: (_in_memory(t), n, 0, tuple(t.shape), t.dtype)
                                        for n, t in state.items()})
@@ -590,16 +623,20 @@ def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str
         _refuse_beyond(need_bytes(c), str(path), purpose, count_parameters(c))
     files = weight_files(path, allow_pickle)
     found = _safetensors_entries(files)
+    metas = {n: torch.empty(0, dtype=dt or torch.float32) for n, (_, _, dt) in found.items()}
+    if adapters:
+        from glmc import lora
+
+        found = lora.merge(found, adapters)
     model = _empty_model(model_type, config)
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     tensors = _map_entries(found, layout, cfg, str(path), expected, bool(config.tie_word_embeddings), per_head)
-    metas = {n: torch.empty(0, dtype=dt or torch.float32) for n, (_, _, dt) in found.items()}
-    warnings = notes + _dtype_warnings(raw, metas, path / "config.json")
+    warnings = notes + _dtype_warnings(raw, metas, path / "config.json") + _adapter_notes(path, adapters)
     tok = path / "tokenizer.json"
     text = read_text_spec(path, raw)
     loaded = LoadedModel(text=text,
         model=model, model_type=model_type, source_layout=layout, config=cfg,
-        source=_source(path, files, rope_ratio_as),
+        source=_source(path, files, rope_ratio_as, adapters),
         tokenizer_json=tok.read_text() if tok.is_file() else None, warnings=warnings + (text.notes if text else []),
         tensors=tensors,
         weights_in_model=False)

@@ -89,20 +89,29 @@ def presets():
 @click.option("--rope-ratio-as", type=click.Choice(["base", "positions"]), default=None,
               help="chatglm config rope_ratio: multiply the rotary base (ChatGLM3-6B-32k, GLM-4) or divide "
                    "positions (chatglm2-6b-32k). Default: as the modeling_chatglm.py beside the checkpoint does.")
+@click.option("--lora", "lora", multiple=True, type=click.Path(),
+              help="A PEFT LoRA adapter directory to merge into the weights (repeatable).")
+@click.option("--lora-scale", "lora_scale", multiple=True, type=float,
+              help="Scale of each --lora, in order (one value applies to all; default 1).")
 def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, tune_budget, verify, fuse, calibrate,
-            asym, lm_head, embedding, kv_cache, accuracy_level, chunked_prefill, allow_pickle, rope_ratio_as):
+            asym, lm_head, embedding, kv_cache, accuracy_level, chunked_prefill, allow_pickle, rope_ratio_as,
+            lora, lora_scale):
     """Compile MODEL (a checkpoint directory or a preset name) into an artifact."""
     import json
 
     from glmc.compiler import compile as do_compile
     from glmc.verify import summary
 
+    if lora_scale and len(lora_scale) not in (1, len(lora)):
+        raise GlmcError(f"--lora-scale given {len(lora_scale)} times for {len(lora)} --lora adapters "
+                        "(give one for all, or one per adapter)")
+    scales = list(lora_scale) * len(lora) if len(lora_scale) == 1 else list(lora_scale) or [1.0] * len(lora)
     t0 = time.perf_counter()
     out = do_compile(model, output, target=target, dtype=dtype, quant=quant, group_size=group_size,
                      max_seq_len=max_seq_len, verify=verify, fuse=fuse, progress=sys.stderr.isatty(),
                      calibrate=calibrate, symmetric=not asym, lm_head=lm_head, accuracy_level=accuracy_level,
                      embedding=embedding, kv_cache=kv_cache, allow_pickle=allow_pickle, tune=tune, tune_budget=tune_budget,
-                     chunked_prefill=chunked_prefill, rope_ratio_as=rope_ratio_as)
+                     chunked_prefill=chunked_prefill, rope_ratio_as=rope_ratio_as, lora=list(zip(lora, scales)))
     report = json.loads((out / "report.json").read_text())
     v = report["verify"]
     if not isinstance(v, dict):
@@ -252,7 +261,13 @@ def verify(artifact, source):
     rt = load(artifact)
     src = rt.manifest["source"]
     name = source or src["name"]
-    ref = open_model(name, purpose="verifying", rope_ratio_as=src.get("rope_ratio_as"))
+    from glmc.compiler import read_adapters
+
+    adapters = read_adapters([(a["path"], a["scale"]) for a in src.get("adapters", [])], allow_pickle=True)
+    for a, rec in zip(adapters, src.get("adapters", [])):
+        if a.sha256 != rec["sha256"]:
+            raise GlmcError(f"{a.path}: is not the adapter {artifact} was compiled with (sha256 differs)")
+    ref = open_model(name, purpose="verifying", rope_ratio_as=src.get("rope_ratio_as"), adapters=adapters)
     if ref.source["sha256"] != src["sha256"]:
         raise GlmcError(f"{name}: is not the checkpoint {artifact} was compiled from (sha256 differs)")
     r = compare(rt, Reference.of(ref), rt.manifest["dtype"], rt.manifest["quant"])

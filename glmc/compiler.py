@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from glmc import __version__
 from glmc.artifact import staging_dir, write_manifest
@@ -143,11 +144,15 @@ def compile(
     tune_budget: float = 120.0,
     chunked_prefill: bool | None = None,
     rope_ratio_as: str | None = None,
+    lora: Sequence = (),
 ) -> Path:
     """Compile MODEL (checkpoint directory or preset name); return the artifact path.
 
     The stages, in order: load -> [calibrate] -> trace -> passes -> lower (the target's
     backend) -> verify (through that backend's executor) -> [tune] -> write.
+
+    lora: PEFT LoRA adapter directories, each a path or (path, scale), merged into the
+    weights as they are read (verification then checks against the merged model).
     """
     from glmc import checkpoint
     from glmc.calibrate import calibration_rows
@@ -162,6 +167,7 @@ def compile(
         embedding = "int8" if quant != "none" and backend.target.family == "cpu" else "fp32"
     qc = QuantConfig(quant, group_size, symmetric, lm_head, embedding, accuracy_level, kv_cache)
     check_options(backend, dtype, qc, calibrate)
+    adapters = read_adapters(lora, allow_pickle)
     if tune and backend.why_cannot_run_here():
         raise GlmcError(f"--tune: {backend.why_cannot_run_here()}; compile without --tune and run `glmc tune` there")
     out = Path(output) if output is not None else default_output(str(model), quant)
@@ -171,11 +177,11 @@ def compile(
     with _Stages(progress, total=6 + bool(calibrate) + bool(tune)) as stages:
         with stages.stage("load checkpoint"):
             if calibrate:       # calibration runs the model: it needs the weights in memory
-                loaded = checkpoint.load(model, allow_pickle=allow_pickle, rope_ratio_as=rope_ratio_as,
+                loaded = checkpoint.load(model, allow_pickle=allow_pickle, rope_ratio_as=rope_ratio_as, adapters=adapters,
                                          bytes_per_param=4 * CALIBRATED_PEAK_OVER_WEIGHTS, purpose="compiling")
             else:               # weights stay in the checkpoint until they are written
                 loaded = checkpoint.open_model(model, allow_pickle=allow_pickle, purpose="compiling",
-                                               rope_ratio_as=rope_ratio_as,
+                                               rope_ratio_as=rope_ratio_as, adapters=adapters,
                                                need_bytes=lambda c: compile_memory_bytes(c, qc, verify))
             book = _weight_book(loaded, eager=bool(calibrate))
         cfg = loaded.config
@@ -309,6 +315,17 @@ def _weight_book(loaded, eager: bool) -> WeightBook:
             if name in loaded.tensors:
                 book.register(p, loaded.tensors.lazy(name))
     return book
+
+
+def read_adapters(lora: Sequence, allow_pickle: bool = False) -> list:
+    """--lora PATH [--lora-scale S]: each item a path or (path, scale)."""
+    from glmc.lora import read_adapter
+
+    out = []
+    for item in lora or ():
+        path, scale = item if isinstance(item, tuple) else (item, 1.0)
+        out.append(read_adapter(path, scale, allow_pickle))
+    return out
 
 
 def compile_memory_bytes(cfg: dict, qc: QuantConfig, verify: bool) -> float:
