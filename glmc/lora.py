@@ -15,7 +15,6 @@ base rows plus scale * B[r0:r1] @ A, so the model is never resident at once.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -65,12 +64,9 @@ def read_adapter(path, scale: float = 1.0, allow_pickle: bool = False) -> Adapte
     if not where.is_file():
         hint = " (it is a model checkpoint: pass it as MODEL)" if (path / "config.json").is_file() else ""
         raise GlmcError(f"--lora {path}: no adapter_config.json{hint}")
-    try:
-        cfg = json.loads(where.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GlmcError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise GlmcError(f"{where}: expected a JSON object")
+    from glmc.checkpoint import _read_json
+
+    cfg = _read_json(where, "adapter_config.json")
     kind = cfg.get("peft_type", "LORA")
     if kind != "LORA":
         raise GlmcError(f"{where}: peft_type {kind} is not supported (glmc merges LoRA adapters)")

@@ -87,15 +87,10 @@ def preset_text_spec(tokenizer_json: str | None, config: dict) -> TextSpec | Non
 
 
 def _json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GlmcError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise GlmcError(f"{path}: expected a JSON object")
-    return data
+    """An optional JSON object file: {} when absent."""
+    from glmc.checkpoint import _read_json
+
+    return _read_json(path, path.name) if path.is_file() else {}
 
 
 def _is_tiktoken_ranks(data: bytes) -> bool:
