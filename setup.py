@@ -26,6 +26,8 @@ setup(
         "sentencepiece>=0.2",      # ChatGLM2/3 tokenizer.model
         "tiktoken>=0.7",           # GLM-4 tokenizer.model (ranks file)
         "jinja2>=3.1",             # checkpoints' chat_template
+        "fastapi>=0.110",          # glmc serve
+        "uvicorn>=0.29",
         "numpy>=1.26",
         "click>=8.1",
         "rich>=13",
@@ -33,7 +35,8 @@ setup(
         "triton>=3.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3.5", "hypothesis>=6", "peft>=0.13"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3.5", "hypothesis>=6", "peft>=0.13",
+                 "openai>=1.30", "httpx>=0.27"],
         "gpu": ["triton>=3.2"],
         "peers": ["onnxruntime-genai>=0.18"],
     },

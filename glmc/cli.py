@@ -230,6 +230,25 @@ def chat(artifact, system, max_new_tokens, temperature, top_k, top_p, seed, thre
 
 
 @main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-batch", default=8, show_default=True, type=int,
+              help="KV-cache rows: requests decoded together (continuous batching).")
+@click.option("--max-queue", default=64, show_default=True, type=int,
+              help="Requests that may wait for a row; beyond it the server answers 429.")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1/ requests.")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all available).")
+def serve(artifact, host, port, max_batch, max_queue, api_key, threads):
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health), with continuous batching."""
+    from glmc.serve import serve as run_server
+
+    run_server(artifact, host=host, port=port, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
+               threads=threads)
+
+
+@main.command()
 @click.argument("model_or_artifact")
 @click.option("--full", is_flag=True, help="Print the whole op histogram after every pass.")
 @click.option("--target", default="cpu", show_default=True, help="The target whose compile to describe (a model).")

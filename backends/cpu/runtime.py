@@ -100,6 +100,17 @@ class StepCache:
         self.batch, self.capacity = batch, capacity
         self.step = None            # the decode step's binding and the arrays it reads and writes
 
+    def rows(self, start: int, stop: int) -> "StepCache":
+        """Rows [start, stop) as a cache of their own: the same memory, its own step binding (a
+        server prefills the rows it admits and decodes only the rows in use)."""
+        view = object.__new__(StepCache)
+        view.k, view.v = [a[start:stop] for a in self.k], [a[start:stop] for a in self.v]
+        view.kv = [a for pair in zip(view.k, view.v) for a in pair]
+        view.ort_kv = [ort.OrtValue.ortvalue_from_numpy(a) for a in view.kv]
+        view.lengths = self.lengths[start:stop]
+        view.batch, view.capacity, view.step = stop - start, self.capacity, None
+        return view
+
 
 def _step_feeds(input_ids: np.ndarray, last_slot: np.ndarray, last_rows: np.ndarray) -> dict:
     """The step graph's inputs besides the cache: row b's C tokens go to the slots ending at
