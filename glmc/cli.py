@@ -245,7 +245,7 @@ def serve(artifact, host, port, max_batch, max_queue, api_key, threads):
     from glmc.serve import serve as run_server
 
     run_server(artifact, host=host, port=port, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
-               threads=threads)
+               threads=threads, announce=click.echo)
 
 
 @main.command()

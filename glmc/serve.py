@@ -460,7 +460,8 @@ def make_app(runtime, engine: Engine, model_name: str, api_key: str | None = Non
 
 
 def serve(artifact, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
-          api_key: str | None = None, threads: int | None = None) -> None:
+          api_key: str | None = None, threads: int | None = None, announce: Callable[[str], object] | None = None) -> None:
+    """Load ARTIFACT and serve it until SIGINT/SIGTERM; `announce` gets one line once the model is loaded."""
     import contextlib
     from pathlib import Path
 
@@ -479,5 +480,6 @@ def serve(artifact, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 
 
     app.router.lifespan_context = lifespan
     mode = f"continuous batching, {engine.max_batch} rows" if engine.batched else "one request at a time"
-    print(f"glmc serve: {artifact} on http://{host}:{port}/v1 ({mode}, queue {max_queue})", flush=True)
+    if announce is not None:
+        announce(f"glmc serve: {artifact} on http://{host}:{port}/v1 ({mode}, queue {max_queue})")
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
