@@ -221,12 +221,7 @@ class Runtime:
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> str:
         """The assistant's reply to `messages`, as text."""
         ids = [t.id for t in self.stream_chat(messages, max_new_tokens, temperature, top_k, top_p, seed)]
-        reply = self.codec.decode(ids)
-        if self.codec.chat_format != "plain" and "\n" in reply:     # "metadata\ncontent", as the releases
-            metadata, content = reply.split("\n", 1)
-            if not metadata.strip():
-                reply = content
-        return reply.strip()
+        return self.codec.reply(self.codec.decode(ids))
 
     def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stop=None):
         """Yield {row: token} for each generated position, rows that are still running."""

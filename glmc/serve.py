@@ -387,13 +387,17 @@ def make_app(runtime, engine: Engine, model_name: str, api_key: str | None = Non
 
         if req.stream:
             async def events():
-                first = True
+                first, lead = True, chat and runtime.codec.chat_format != "plain"
                 try:
                     while True:
                         ev = await queue.get()
                         if ev[0] == "token":
-                            if ev[2] or first:
-                                yield f"data: {json.dumps(chunk(ev[2], first=first), ensure_ascii=False)}\n\n"
+                            text = ev[2]
+                            if lead:                    # the empty metadata line that opens a turn
+                                text = text.lstrip("\n")
+                                lead = not text
+                            if text or first:
+                                yield f"data: {json.dumps(chunk(text, first=first), ensure_ascii=False)}\n\n"
                                 first = False
                             continue
                         if ev[1] == "error":
@@ -417,7 +421,7 @@ def make_app(runtime, engine: Engine, model_name: str, api_key: str | None = Non
             engine.cancel(job)
         if ev[1] == "error":
             return _error(500, ev[2], kind="server_error")
-        finish, text = ev[1], job.shown
+        finish, text = ev[1], runtime.codec.reply(job.shown) if chat else job.shown
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                       "logprobs": None}

@@ -385,6 +385,17 @@ class ChatCodec:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return c.encode(text + ("assistant:" if add_generation_prompt else ""))
 
+    def reply(self, text: str) -> str:
+        """An assistant turn's text as the releases return it: ChatGLM3 / GLM-4 turns open with a
+        metadata line (empty for plain replies), which is dropped with surrounding space."""
+        if self.chat_format == "plain":
+            return text
+        if "\n" in text:
+            metadata, content = text.split("\n", 1)
+            if not metadata.strip():
+                text = content
+        return text.strip()
+
     def stop_ids(self) -> set[int]:
         """Tokens that end an assistant turn in this chat format (beside the eos ids)."""
         if self.chat_format in ("chatglm3", "glm4", "template"):

@@ -232,3 +232,14 @@ def test_compiled_chatglm3_release_chats_like_the_original(tmp_path):
                            input="hello 你好\nsecond turn\n/quit\n")
     assert r.exit_code == 0, r.output
     assert r.output.count("glm> ") == 2
+
+
+def test_reply_drops_the_empty_metadata_line_of_glm_turns(glm4):
+    from glmc.tokenizer import ChatCodec
+
+    _, _, spec = glm4
+    chat = ChatCodec(codec_for(spec.kind, spec.files["tokenizer.model"], spec.specials), spec.meta())
+    assert chat.reply("\n你好！ Hello.\n") == "你好！ Hello."
+    assert chat.reply("get_weather\n{\"city\": \"北京\"}") == "get_weather\n{\"city\": \"北京\"}"   # a tool call keeps it
+    plain = ChatCodec(chat.codec, dict(spec.meta(), chat_format="plain"))
+    assert plain.reply("\n as made \n") == "\n as made \n"
