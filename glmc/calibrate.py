@@ -23,7 +23,7 @@ def calibration_sequences(loaded, n_seqs: int, length: int) -> list[list[int]]:
     seeded random tokens (they still give per-channel activation magnitudes)."""
     src = loaded.source
     text_path = Path(src["name"]) / "calibration.txt" if src["kind"] == "checkpoint" else None
-    if text_path is not None and text_path.is_file() and loaded.text is not None:
+    if text_path is not None and text_path.is_file() and loaded.text is not None and loaded.text.files:
         from glmc.tokenizer import codec_for
 
         text = loaded.text

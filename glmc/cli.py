@@ -219,14 +219,18 @@ def chat(artifact, system, max_new_tokens, temperature, top_k, top_p, seed, thre
             continue
         messages.append({"role": "user", "content": line})
         click.echo("glm> ", nl=False)
-        reply = []
+        reply, lead = [], model.codec.chat_format != "plain"
         for tok in model.stream_chat(messages, max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_k=top_k, top_p=top_p, seed=seed):
-            if tok.text:
-                reply.append(tok.text)
-                click.echo(tok.text, nl=False)
+            text = tok.text or ""
+            reply.append(text)
+            if lead:                    # the empty metadata line that opens a ChatGLM3 / GLM-4 turn
+                text = text.lstrip("\n")
+                lead = not text
+            if text:
+                click.echo(text, nl=False)
         click.echo()
-        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+        messages.append({"role": "assistant", "content": model.codec.reply("".join(reply))})
 
 
 @main.command()

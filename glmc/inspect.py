@@ -68,8 +68,9 @@ def describe_artifact(path: Path) -> str:
     text = m.get("text")
     if text:
         gen = {k: v for k, v in text.get("generation", {}).items() if k != "eos_token_id"}
-        lines.append(f"text: {text['kind']} tokenizer ({text['file']}), {len(text.get('specials', {}))} special tokens, "
-                     f"chat format {text['chat_format']}, eos ids {text.get('generation', {}).get('eos_token_id')}"
+        tok = (f"{text['kind']} tokenizer ({text['file']}), {len(text.get('specials', {}))} special tokens, "
+               f"chat format {text['chat_format']}" if text.get("file") else "no tokenizer")
+        lines.append(f"text: {tok}, eos ids {text.get('generation', {}).get('eos_token_id')}"
                      + (f", generation defaults {gen}" if gen else ""))
     for p in m["passes"]:
         lines.append(f"   {p['graph']:<8} {p['name']:<22} matches={p['matches']:<4} nodes {p['nodes_before']} -> {p['nodes_after']}")

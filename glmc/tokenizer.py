@@ -63,7 +63,7 @@ def byte_tokenizer_json(vocab_size: int) -> str | None:
 
 @dataclass
 class TextSpec:
-    kind: str                              # tokenizers | sentencepiece | tiktoken
+    kind: str | None                       # tokenizers | sentencepiece | tiktoken; None: no tokenizer
     files: dict[str, bytes]                # artifact file name -> content
     specials: dict[str, int]               # special token text -> id
     chat_format: str                       # template | chatglm3 | glm4 | chatglm2 | plain
@@ -73,7 +73,7 @@ class TextSpec:
 
     def meta(self) -> dict:
         """The manifest's `text` entry (files are stored beside it)."""
-        return {"kind": self.kind, "file": next(iter(self.files)), "specials": self.specials,
+        return {"kind": self.kind, "file": next(iter(self.files), None), "specials": self.specials,
                 "chat_format": self.chat_format, "chat_template": self.chat_template, "generation": self.generation}
 
 
@@ -143,8 +143,8 @@ def read_text_spec(ckpt: Path, config: dict) -> TextSpec | None:
         return TextSpec("tokenizers", {"tokenizer.json": data}, codec.specials(),
                         "template" if template else "plain", template, generation)
     model = ckpt / "tokenizer.model"
-    if not model.is_file():
-        return None
+    if not model.is_file():         # no tokenizer: the generation defaults still count
+        return TextSpec(None, {}, {}, "plain", None, generation)
     data = model.read_bytes()
     if _is_tiktoken_ranks(data):
         added = tok_cfg.get("added_tokens_decoder") or {}
@@ -291,11 +291,13 @@ def codec_for(kind: str, data: bytes, specials: dict[str, int]) -> Codec:
 
 def open_codec(root: Path, meta: dict | None) -> "ChatCodec | None":
     """The artifact's tokenizer: from its manifest `text` entry, or a bare tokenizer.json."""
-    if meta is None:
+    if meta is None:                # artifacts from before the manifest's `text` entry
         tok = root / "tokenizer.json"
         if not tok.is_file():
             return None
         meta = {"kind": "tokenizers", "file": "tokenizer.json", "specials": {}, "chat_format": "plain"}
+    if meta.get("file") is None:
+        return None
     data = (root / meta["file"]).read_bytes()
     return ChatCodec(codec_for(meta["kind"], data, meta.get("specials", {})), meta)
 

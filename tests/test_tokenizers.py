@@ -243,3 +243,14 @@ def test_reply_drops_the_empty_metadata_line_of_glm_turns(glm4):
     assert chat.reply("get_weather\n{\"city\": \"北京\"}") == "get_weather\n{\"city\": \"北京\"}"   # a tool call keeps it
     plain = ChatCodec(chat.codec, dict(spec.meta(), chat_format="plain"))
     assert plain.reply("\n as made \n") == "\n as made \n"
+
+
+def test_generation_config_counts_without_a_tokenizer(tmp_path):
+    from glmc.tokenizer import open_codec
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [1, 7], "do_sample": True, "temperature": 0.5, "top_p": 0.9, "max_new_tokens": 20}))
+    spec = read_text_spec(tmp_path, {"eos_token_id": 2})
+    assert spec.kind is None and spec.files == {}
+    assert spec.generation == {"eos_token_id": [2, 1, 7], "temperature": 0.5, "top_p": 0.9, "max_new_tokens": 20}
+    assert open_codec(tmp_path, spec.meta()) is None
