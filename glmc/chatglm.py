@@ -21,14 +21,6 @@ _PREFIX = "transformer."
 
 ROPE_RATIO_MODES = ("base", "positions")
 
-# ChatGLM config fields that do not change the math of a forward pass (training, dropout at
-# eval, fused-kernel switches, or settings the code stores and never reads); see README.
-IGNORED = ("hidden_dropout", "attention_dropout", "classifier_dropout", "bias_dropout_fusion",
-           "apply_query_key_layer_scaling", "attention_softmax_in_fp32", "original_rope",
-           "use_cache", "torch_dtype", "dtype", "transformers_version", "seq_length", "attn_implementation",
-           "prefix_projection", "interleaved_qkv")
-
-
 def rope_ratio_from_code(text: str | None) -> str | None:
     """How the modeling_chatglm.py shipped beside a checkpoint applies config.rope_ratio,
     read as text (never imported): 'base' (the rotary base is multiplied by it: ChatGLM3-6B-32k,

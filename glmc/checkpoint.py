@@ -445,16 +445,12 @@ def _load_checkpoint(ckpt: Path, allow_pickle: bool = False, bytes_per_param: fl
     files = weight_files(ckpt, allow_pickle)
     tensors = _read_tensors(files)
     dtype_notes = _dtype_warnings(raw, tensors, ckpt / "config.json")
-    if adapters:
-        from glmc import lora
-
-        found = lora.merge({n: (_in_memory(t), tuple(t.shape), t.dtype) for n, t in tensors.items()}, adapters)
-        tensors = {n: reader(n, 0, shape[0]) if shape else reader(n, 0, 0) for n, (reader, shape, _) in found.items()}
+    if adapters or per_head:
+        found = {n: (_in_memory(t), tuple(t.shape), t.dtype) for n, t in tensors.items()}
+        wrapped = _stored_readers(found, cfg, per_head, adapters)
+        tensors = {n: reader(n, 0, shape[0]) if shape else reader(n, 0, 0)
+                   for n, (reader, shape, _) in wrapped.items()}
     if layout == "chatglm":
-        if per_head:
-            rows = chatglm.block_rows(cfg["num_attention_heads"], cfg["head_dim"])
-            tensors = {n: t[rows] if ".query_key_value." in n and len(t) == len(rows) else t
-                       for n, t in tensors.items()}
         tensors = chatglm.weights_from_chatglm(tensors, cfg)
     warnings = notes + dtype_notes
     model = _new_model(model_type, config)
@@ -560,14 +556,24 @@ class _Permuted:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _map_entries(found: dict, layout: str, cfg: dict, where: str, expected: dict, tied: bool,
-                 per_head: bool = False) -> TensorSource:
-    """Rename (and for chatglm split) the stored tensors onto the model's names, checking names,
-    shapes and dtypes against the model without reading any data."""
-    if per_head:                # read a per-head packed query_key_value as [q; k; v] blocks
+def _stored_readers(found: dict, cfg: dict, per_head: bool, adapters) -> dict:
+    """The stored tensors' readers as glm's mapping wants them: LoRA adapters merged (on the
+    stored rows, which their B matrices index), then a per-head packed query_key_value read
+    as [q; k; v] blocks. found: name -> (reader(name, r0, r1), shape, dtype)."""
+    if adapters:
+        from glmc import lora
+
+        found = lora.merge(found, adapters)
+    if per_head:
         rows = chatglm.block_rows(cfg["num_attention_heads"], cfg["head_dim"])
         found = {n: (_Permuted(e[0], rows), *e[1:]) if ".query_key_value." in n and e[1] and e[1][0] == len(rows)
                  else e for n, e in found.items()}
+    return found
+
+
+def _map_entries(found: dict, layout: str, cfg: dict, where: str, expected: dict, tied: bool) -> TensorSource:
+    """Rename (and for chatglm split) the stored tensors onto the model's names, checking names,
+    shapes and dtypes against the model without reading any data."""
     metas = {n: torch.empty(shape, dtype=dt or torch.float32, device="meta") for n, (_, shape, dt) in found.items()}
     origin = {id(t): n for n, t in metas.items()}
     mapped = chatglm.weights_from_chatglm(metas, cfg) if layout == "chatglm" else dict(metas)
@@ -624,13 +630,10 @@ def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str
     files = weight_files(path, allow_pickle)
     found = _safetensors_entries(files)
     metas = {n: torch.empty(0, dtype=dt or torch.float32) for n, (_, _, dt) in found.items()}
-    if adapters:
-        from glmc import lora
-
-        found = lora.merge(found, adapters)
+    found = _stored_readers(found, cfg, per_head, adapters)
     model = _empty_model(model_type, config)
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    tensors = _map_entries(found, layout, cfg, str(path), expected, bool(config.tie_word_embeddings), per_head)
+    tensors = _map_entries(found, layout, cfg, str(path), expected, bool(config.tie_word_embeddings))
     warnings = notes + _dtype_warnings(raw, metas, path / "config.json") + _adapter_notes(path, adapters)
     tok = path / "tokenizer.json"
     text = read_text_spec(path, raw)

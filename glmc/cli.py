@@ -219,14 +219,11 @@ def chat(artifact, system, max_new_tokens, temperature, top_k, top_p, seed, thre
             continue
         messages.append({"role": "user", "content": line})
         click.echo("glm> ", nl=False)
-        reply, lead = [], model.codec.chat_format != "plain"
+        reply, opening = [], model.codec.opening_filter()
         for tok in model.stream_chat(messages, max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_k=top_k, top_p=top_p, seed=seed):
-            text = tok.text or ""
-            reply.append(text)
-            if lead:                    # the empty metadata line that opens a ChatGLM3 / GLM-4 turn
-                text = text.lstrip("\n")
-                lead = not text
+            reply.append(tok.text or "")
+            text = opening(tok.text or "")
             if text:
                 click.echo(text, nl=False)
         click.echo()

@@ -343,10 +343,7 @@ def make_app(runtime, engine: Engine, model_name: str, api_key: str | None = Non
         if limit is not None and limit > room:
             return _error(400, f"max_tokens={limit} with a {len(ids)}-token prompt exceeds the model's "
                                f"{runtime.max_seq_len} tokens", code="context_length_exceeded", param="max_tokens")
-        gen = runtime.generation
-        temperature = gen.get("temperature", 0.0) if req.temperature is None else req.temperature
-        top_p = gen.get("top_p", 1.0) if req.top_p is None else req.top_p
-        top_k = gen.get("top_k", 0) if req.top_k is None else req.top_k
+        _, temperature, top_k, top_p = runtime._defaults(limit or room, req.temperature, req.top_k, req.top_p)
         try:
             check_sampling(temperature, top_k, top_p)
         except GlmcError as e:
@@ -387,15 +384,12 @@ def make_app(runtime, engine: Engine, model_name: str, api_key: str | None = Non
 
         if req.stream:
             async def events():
-                first, lead = True, chat and runtime.codec.chat_format != "plain"
+                first, opening = True, runtime.codec.opening_filter() if chat else (lambda text: text)
                 try:
                     while True:
                         ev = await queue.get()
                         if ev[0] == "token":
-                            text = ev[2]
-                            if lead:                    # the empty metadata line that opens a turn
-                                text = text.lstrip("\n")
-                                lead = not text
+                            text = opening(ev[2])
                             if text or first:
                                 yield f"data: {json.dumps(chunk(text, first=first), ensure_ascii=False)}\n\n"
                                 first = False

@@ -221,9 +221,7 @@ class _TokenizersCodec(Codec):
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_str(tokenizer_json)
-        super().__init__({}, split_specials=False)   # tokenizers splits its own added tokens
-        self.special_ids = self.specials()
-        self._special_text = {i: t for t, i in self.special_ids.items()}
+        super().__init__(self.specials(), split_specials=False)   # tokenizers splits its own added tokens
 
     def specials(self) -> dict[str, int]:
         return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
@@ -231,8 +229,8 @@ class _TokenizersCodec(Codec):
     def _encode_plain(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+    def _decode_plain(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
 
 
 class _SentencePieceCodec(Codec):
@@ -397,6 +395,20 @@ class ChatCodec:
             if not metadata.strip():
                 text = content
         return text.strip()
+
+    def opening_filter(self):
+        """For a reply streamed in pieces: a function that drops the empty metadata line opening
+        a ChatGLM3 / GLM-4 turn (newlines before the first text), then passes text as it is."""
+        lead = self.chat_format != "plain"
+
+        def strip(text: str) -> str:
+            nonlocal lead
+            if lead:
+                text = text.lstrip("\n")
+                lead = not text
+            return text
+
+        return strip
 
     def stop_ids(self) -> set[int]:
         """Tokens that end an assistant turn in this chat format (beside the eos ids)."""
