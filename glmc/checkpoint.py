@@ -48,6 +48,7 @@ class LoadedModel:
     # parameters are then uninitialised memory that only tracing may look at)
     tensors: "TensorSource | None" = None
     weights_in_model: bool = True
+    per_head_qkv: bool = False          # chatglm query_key_value packed [q_h; k_h; v_h] per head
 
     def parameter_count(self) -> int:
         return count_parameters(dict(self.config, model_type=self.model_type))
@@ -642,7 +643,7 @@ def open_model(spec: str | os.PathLike, allow_pickle: bool = False, purpose: str
         source=_source(path, files, rope_ratio_as, adapters),
         tokenizer_json=tok.read_text() if tok.is_file() else None, warnings=warnings + (text.notes if text else []),
         tensors=tensors,
-        weights_in_model=False)
+        weights_in_model=False, per_head_qkv=per_head)
     return loaded
 
 

@@ -93,9 +93,14 @@ def presets():
               help="A PEFT LoRA adapter directory to merge into the weights (repeatable).")
 @click.option("--lora-scale", "lora_scale", multiple=True, type=float,
               help="Scale of each --lora, in order (one value applies to all; default 1).")
+@click.option("--lora-slots", type=int, default=0, show_default=True,
+              help="cpu: run-time adapter slots. The decoder linears take per-request LoRA adapters loaded "
+                   "with Runtime.add_adapter / glmc serve --adapter, kept unmerged beside the base weights.")
+@click.option("--lora-rank", type=int, default=16, show_default=True,
+              help="The largest adapter rank the --lora-slots take.")
 def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, tune_budget, verify, fuse, calibrate,
             asym, lm_head, embedding, kv_cache, accuracy_level, chunked_prefill, allow_pickle, rope_ratio_as,
-            lora, lora_scale):
+            lora, lora_scale, lora_slots, lora_rank):
     """Compile MODEL (a checkpoint directory or a preset name) into an artifact."""
     import json
 
@@ -111,7 +116,8 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
                      max_seq_len=max_seq_len, verify=verify, fuse=fuse, progress=sys.stderr.isatty(),
                      calibrate=calibrate, symmetric=not asym, lm_head=lm_head, accuracy_level=accuracy_level,
                      embedding=embedding, kv_cache=kv_cache, allow_pickle=allow_pickle, tune=tune, tune_budget=tune_budget,
-                     chunked_prefill=chunked_prefill, rope_ratio_as=rope_ratio_as, lora=list(zip(lora, scales)))
+                     chunked_prefill=chunked_prefill, rope_ratio_as=rope_ratio_as, lora=list(zip(lora, scales)),
+                     lora_slots=lora_slots, lora_rank=lora_rank)
     report = json.loads((out / "report.json").read_text())
     v = report["verify"]
     if not isinstance(v, dict):

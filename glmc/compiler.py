@@ -74,6 +74,37 @@ def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
         raise GlmcError("--calibrate N takes N >= 1 sequences and applies to --quant int4")
 
 
+def check_lora_slots(backend, slots, rank, calibrate: int, kv_cache: str) -> None:
+    for name, v in (("--lora-slots", slots), ("--lora-rank", rank)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (name == "--lora-rank" and v < 1):
+            raise GlmcError(f"{name} must be a {'non-negative' if name == '--lora-slots' else 'positive'} "
+                            f"integer, got {v!r}")
+    if not slots:
+        return
+    if slots > 64:
+        raise GlmcError(f"--lora-slots {slots}: at most 64 run-time adapter slots")
+    if backend.target.family != "cpu":
+        raise GlmcError("--lora-slots is built for the cpu target only; merge adapters with --lora for "
+                        f"{backend.target.kind}")
+    if calibrate:
+        raise GlmcError("--lora-slots cannot be combined with --calibrate (calibrated weights are not rows of "
+                        "the checkpoint's tensors)")
+    if kv_cache != "fp32":
+        raise GlmcError("--lora-slots needs the lean step graph, which --kv-cache fp16 does not use")
+
+
+def stored_rows(loaded, linears: list) -> dict:
+    """Where each checkpoint tensor packed into an adapter linear is stored: glm name ->
+    [stored tensor name, first stored row, rows read per head (chatglm's per-head qkv)], the
+    names an adapter's modules are keyed by."""
+    out = {}
+    for lin in linears:
+        for name, _, _ in lin["parts"]:
+            _, stored, start, _, _ = loaded.tensors.entries[name]
+            out[name] = [stored, int(start), bool(loaded.per_head_qkv and ".query_key_value." in stored)]
+    return out
+
+
 def default_output(model: str, quant: str) -> Path:
     name = Path(model).name if Path(model).is_dir() else model
     suffix = "" if quant == "none" else f"-{quant}"
@@ -145,6 +176,8 @@ def compile(
     chunked_prefill: bool | None = None,
     rope_ratio_as: str | None = None,
     lora: Sequence = (),
+    lora_slots: int = 0,
+    lora_rank: int = 16,
 ) -> Path:
     """Compile MODEL (checkpoint directory or preset name); return the artifact path.
 
@@ -153,6 +186,8 @@ def compile(
 
     lora: PEFT LoRA adapter directories, each a path or (path, scale), merged into the
     weights as they are read (verification then checks against the merged model).
+    lora_slots / lora_rank: the decoder linears take run-time adapters (Runtime.add_adapter)
+    of rank <= lora_rank in that many slots, beside the (possibly quantized) base weights.
     """
     from glmc import checkpoint
     from glmc.calibrate import calibration_rows
@@ -167,6 +202,7 @@ def compile(
         embedding = "int8" if quant != "none" and backend.target.family == "cpu" else "fp32"
     qc = QuantConfig(quant, group_size, symmetric, lm_head, embedding, accuracy_level, kv_cache)
     check_options(backend, dtype, qc, calibrate)
+    check_lora_slots(backend, lora_slots, lora_rank, calibrate, kv_cache)
     adapters = read_adapters(lora, allow_pickle)
     if tune and backend.why_cannot_run_here():
         raise GlmcError(f"--tune: {backend.why_cannot_run_here()}; compile without --tune and run `glmc tune` there")
@@ -189,7 +225,8 @@ def compile(
         seq = max_seq_len if max_seq_len is not None else min(limit, 2048)
         if not isinstance(seq, int) or not 2 <= seq <= limit:
             raise GlmcError(f"--max-seq-len must be in [2, {limit}] (the model's max_position_embeddings), got {seq}")
-        ctx = make_context(target, dtype, qc, seq, fuse=fuse, model_config=cfg, weights=book)
+        ctx = make_context(target, dtype, qc, seq, fuse=fuse, model_config=cfg, weights=book,
+                           lora_slots=(lora_slots, lora_rank) if lora_slots else None)
         pipeline = default_pipeline(ctx) if passes is None else passes
         if calibrate:
             with stages.stage("calibrate"):
@@ -204,6 +241,8 @@ def compile(
         with staging_dir(out) as tmp:
             with stages.stage(f"lower ({target})"):
                 backend_info = backend.lower(graphs, tmp, ctx)
+                if "lora" in backend_info:
+                    backend_info["lora"]["stored"] = stored_rows(loaded, backend_info["lora"]["linears"])
             if loaded.text is not None:         # tokenizer file(s); the rest goes in the manifest
                 for name, data in loaded.text.files.items():
                     (tmp / name).write_bytes(data)

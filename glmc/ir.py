@@ -79,6 +79,7 @@ class PassContext:
     memo: WeightMemo = field(default_factory=WeightMemo, compare=False)
     # which constants are recipes over the checkpoint (glmc/weights.py); eager outside compile
     weights: WeightBook = field(default_factory=WeightBook, compare=False)
+    lora_slots: tuple | None = None         # (slots, rank): decoder linears take run-time adapters
 
     def for_entry(self, entry: str) -> "PassContext":
         """The same context, for the graph of another entry point (shares the memo)."""
@@ -91,7 +92,7 @@ class PassContext:
 def make_context(target: str | Target = "cpu", dtype: str | None = None, quant: QuantConfig | None = None,
                  max_seq_len: int = 2048, entry: str = "prefill", fuse: bool = True, model_config: dict | None = None,
                  calibration: dict | None = None, stop_before: str | None = None,
-                 weights: WeightBook | None = None) -> PassContext:
+                 weights: WeightBook | None = None, lora_slots: tuple | None = None) -> PassContext:
     """The one way compile, inspect, calibration and tests build a PassContext."""
     from glmc.backends import get_backend
 
@@ -109,6 +110,7 @@ def make_context(target: str | Target = "cpu", dtype: str | None = None, quant: 
         model_config=MappingProxyType(dict(model_config or {})),
         calibration=MappingProxyType(dict(calibration or {})),
         weights=weights if weights is not None else WeightBook(),
+        lora_slots=lora_slots,
     )
 
 

@@ -121,8 +121,10 @@ def _pair_up(a: Adapter) -> None:
             halves.setdefault(m.group(1), {})[m.group(2)] = t
         elif ".lora_" in inner or ".lora_magnitude" in inner:
             raise GlmcError(f"{a.path}: tensor {name!r} is not supported (only lora_A / lora_B weights)")
-        else:                                    # modules_to_save: a full replacement of a base tensor
-            a.replaced[inner.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")] = t
+        else:   # modules_to_save, or (save_embedding_layers) a LoRA target's base weight: a full replacement
+            for marker in (".modules_to_save.default.", ".modules_to_save.", ".base_layer."):
+                inner = inner.replace(marker, ".")
+            a.replaced[inner] = t
     for module, h in halves.items():
         if set(h) != {"A", "B"}:
             raise GlmcError(f"{a.path}: module {module} has lora_{''.join(h)} without its pair")
@@ -145,6 +147,9 @@ def check_targets(adapters: list[Adapter], stored: dict[str, tuple]) -> None:
     for a in adapters:
         for module, (A, B, _) in a.pairs.items():
             shape = stored.get(module + ".weight")
+            if shape is None and module.endswith("lm_head") and any(n.endswith("embed_tokens.weight") for n in stored):
+                raise GlmcError(f"--lora {a.path}: module {module}: this base ties lm_head to the embedding table, "
+                                "and a LoRA on the tied lm_head is not supported")
             if shape is None:
                 raise GlmcError(f"--lora {a.path}: module {module} is not in the base checkpoint "
                                 "(an adapter for another model or layout?)")
@@ -196,4 +201,58 @@ def merge(found: dict, adapters: list[Adapter]) -> dict:
     for name, pairs in parts.items():
         reader, shape, _ = out[name]
         out[name] = (_Merged(reader, pairs), shape, torch.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------- run-time slots
+
+def slot_tables(adapter: Adapter, lora: dict, config: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """An adapter laid out for an artifact's run-time slots (compile --lora-slots): per
+    adapter linear of the manifest's backend.lora, (A (K, W), B (W, N)) with W = parts x rank,
+    so that x @ A @ B is the adapter's delta of that (packed) linear's output.
+
+    Part p of a linear (rows r0:r0+n of the packed weight, from one checkpoint tensor) gets
+    rank block p: A's columns are that tensor's lora_A, B's rows its scaled lora_B rows for
+    the part, as stored (a per-head chatglm query_key_value through block_rows)."""
+    from glmc.chatglm import block_rows
+
+    rank, stored = lora["rank"], lora["stored"]
+    modules = {s[0][: -len(".weight")]: s for s in stored.values()}
+    for module, (A, B, _) in adapter.pairs.items():
+        if module not in modules:
+            raise GlmcError(f"{adapter.path}: module {module} is not a decoder linear of this artifact (run-time "
+                            "adapters apply to the decoder layers' linears; merge others with --lora at compile)")
+        if A.shape[0] > rank:
+            raise GlmcError(f"{adapter.path}: module {module} has rank {A.shape[0]}, above the artifact's "
+                            f"--lora-rank {rank}")
+    if adapter.replaced:
+        raise GlmcError(f"{adapter.path}: modules_to_save ({', '.join(sorted(adapter.replaced)[:2])}) replace base "
+                        "weights, which run-time slots cannot; merge this adapter with --lora at compile")
+    shapes: dict[str, tuple] = {}          # stored tensor -> (rows, in_features): the rows its parts cover
+    for lin in lora["linears"]:
+        for name, _, n in lin["parts"]:
+            st, start, _ = stored[name]
+            shapes[st] = (max(shapes.get(st, (0,))[0], start + n), lin["in_features"])
+    check_targets([adapter], shapes)
+    order = None
+    out = []
+    for lin in lora["linears"]:
+        K, N, parts = lin["in_features"], lin["out_features"], lin["parts"]
+        A_t = torch.zeros(K, len(parts) * rank)
+        B_t = torch.zeros(len(parts) * rank, N)
+        for p, (name, r0, n) in enumerate(parts):
+            st, start, per_head = stored[name]
+            pair = adapter.pairs.get(st[: -len(".weight")])
+            if pair is None:
+                continue
+            A, B, scaling = pair
+            rows = torch.arange(start, start + n)
+            if per_head:
+                if order is None:
+                    order = block_rows(config["num_attention_heads"], config["head_dim"])
+                rows = order[rows]
+            r = A.shape[0]
+            A_t[:, p * rank: p * rank + r] = A.to(torch.float32).T
+            B_t[p * rank: p * rank + r, r0: r0 + n] = scaling * B.to(torch.float32)[rows].T
+        out.append((A_t, B_t))
     return out

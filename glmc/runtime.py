@@ -57,6 +57,52 @@ class Runtime:
         graphs = self.manifest.get("backend", {}).get("graphs", {})
         has_extend = "extend" in graphs or "step" in graphs      # an entry that continues a cache
         self.prefill_chunk = prefill_chunk if prefill_chunk and has_extend else None
+        self.adapters: dict[str, int] = {}       # run-time adapter name -> slot (compile --lora-slots)
+
+    # ---- run-time adapters --------------------------------------------------------------
+
+    def _lora(self):
+        tables = getattr(self.executor, "lora", None)
+        if tables is None:
+            raise GlmcError(f"{self.path}: the artifact has no run-time adapter slots (compile it with "
+                            "--lora-slots N --lora-rank R, or merge the adapter with --lora)")
+        return tables
+
+    def add_adapter(self, name: str, path: str | os.PathLike, scale: float = 1.0, allow_pickle: bool = False) -> None:
+        """Load a PEFT LoRA adapter into a free slot, for generate(..., adapter=name)."""
+        from glmc.lora import read_adapter, slot_tables
+
+        tables = self._lora()
+        if not isinstance(name, str) or not name:
+            raise GlmcError(f"an adapter name must be a non-empty string, got {name!r}")
+        if name in self.adapters:
+            raise GlmcError(f"adapter {name!r} is already loaded (remove_adapter it first)")
+        free = [s for s in range(1, tables.slots + 1) if s not in self.adapters.values()]
+        if not free:
+            raise GlmcError(f"all {tables.slots} adapter slots are in use ({', '.join(self.adapters)}); "
+                            "remove_adapter one first")
+        adapter = read_adapter(path, scale, allow_pickle)
+        tables.write(free[0], slot_tables(adapter, tables.spec, self.config))
+        self.adapters[name] = free[0]
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise GlmcError(f"no adapter named {name!r} is loaded")
+        self._lora().write(self.adapters.pop(name), None)
+
+    def _adapter_slots(self, adapter, batch: int) -> np.ndarray | None:
+        """adapter: None, a name for every row, or one name (or None) per row -> slot per row."""
+        if adapter is None:
+            return None
+        names = [adapter] * batch if isinstance(adapter, str) else adapter
+        if not isinstance(names, Sequence) or len(names) != batch:
+            raise GlmcError(f"adapter must be a name or one name (or None) per prompt ({batch}), got {adapter!r}")
+        self._lora()
+        unknown = [a for a in names if a is not None and a not in self.adapters]
+        if unknown:
+            loaded = ", ".join(self.adapters) or "none"
+            raise GlmcError(f"no adapter named {unknown[0]!r} is loaded (loaded: {loaded}); add_adapter it first")
+        return np.array([0 if a is None else self.adapters[a] for a in names], np.int64)
 
     # ---- inputs -------------------------------------------------------------------------
 
@@ -106,10 +152,13 @@ class Runtime:
             mask[b, : len(p)] = 1
         return ids, mask
 
-    def prefill(self, prompts: list[list[int]]):
-        """A fresh cache holding the prompts, and (B, V) logits of each prompt's last token."""
+    def prefill(self, prompts: list[list[int]], adapter_slots: np.ndarray | None = None):
+        """A fresh cache holding the prompts (row b with run-time adapter slot adapter_slots[b]),
+        and (B, V) logits of each prompt's last token."""
         ids, mask = self._pad(prompts)
         cache = self.executor.new_cache(len(prompts))
+        if adapter_slots is not None:
+            cache.adapter_slot[:] = adapter_slots
         C, T = self.prefill_chunk, ids.shape[1]
         if not C or T <= C:
             return cache, self.executor.prefill(cache, ids, mask)
@@ -154,31 +203,33 @@ class Runtime:
 
     def generate(self, prompts, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_at_eos: bool = True) -> list[list[int]]:
-        """New tokens for each prompt of a batch (prompts may differ in length)."""
+                 stop_at_eos: bool = True, adapter=None) -> list[list[int]]:
+        """New tokens for each prompt of a batch (prompts may differ in length). adapter: a
+        run-time adapter's name (add_adapter) for every row, or one name or None per prompt."""
         max_new_tokens, temperature, top_k, top_p = self._defaults(max_new_tokens, temperature, top_k, top_p)
         prompts = self._prompts(prompts, max_new_tokens)
+        slots = self._adapter_slots(adapter, len(prompts))
         out: list[list[int]] = [[] for _ in prompts]
-        for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos):
+        for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, slots=slots):
             for b, t in step.items():
                 out[b].append(t)
         return out
 
     def stream(self, prompt, max_new_tokens: int | None = None, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop_at_eos: bool = True) -> Iterator[Token]:
+               stop_at_eos: bool = True, adapter: str | None = None) -> Iterator[Token]:
         """Yield the tokens of one prompt as they are made."""
         max_new_tokens, temperature, top_k, top_p = self._defaults(max_new_tokens, temperature, top_k, top_p)
         prompts = self._prompts(prompt, max_new_tokens)
         if len(prompts) != 1:
             raise GlmcError("stream() takes one prompt; use generate() for a batch")
         yield from self._stream(prompts, max_new_tokens, temperature, top_k, top_p, seed,
-                                self.eos_ids if stop_at_eos else set())
+                                self.eos_ids if stop_at_eos else set(), self._adapter_slots(adapter, 1))
 
-    def _stream(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop) -> Iterator[Token]:
+    def _stream(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, slots=None) -> Iterator[Token]:
         made: list[int] = []
         shown = ""
-        for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed, True, stop):
+        for step in self._steps(prompts, max_new_tokens, temperature, top_k, top_p, seed, True, stop, slots):
             t = step[0]
             made.append(t)
             text = None
@@ -196,7 +247,8 @@ class Runtime:
         return self.codec.chat_ids(messages)
 
     def stream_chat(self, messages, max_new_tokens: int | None = None, temperature: float | None = None,
-                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[Token]:
+                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                    adapter: str | None = None) -> Iterator[Token]:
         """Yield the assistant's reply to `messages` ([{"role", "content"}, ...]) token by token;
         it ends at an eos id or a token that opens another turn (not yielded)."""
         ids = self.chat_ids(messages)
@@ -212,25 +264,27 @@ class Runtime:
         _, temperature, top_k, top_p = self._defaults(max_new_tokens, temperature, top_k, top_p)
         prompts = self._prompts([ids], max_new_tokens)
         stop = self.eos_ids | self.codec.stop_ids()
-        for tok in self._stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop):
+        for tok in self._stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                self._adapter_slots(adapter, 1)):
             if tok.id in stop:
                 return
             yield tok
 
     def chat(self, messages, max_new_tokens: int | None = None, temperature: float | None = None,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> str:
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             adapter: str | None = None) -> str:
         """The assistant's reply to `messages`, as text."""
-        ids = [t.id for t in self.stream_chat(messages, max_new_tokens, temperature, top_k, top_p, seed)]
+        ids = [t.id for t in self.stream_chat(messages, max_new_tokens, temperature, top_k, top_p, seed, adapter)]
         return self.codec.reply(self.codec.decode(ids))
 
-    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stop=None):
+    def _steps(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, stop=None, slots=None):
         """Yield {row: token} for each generated position, rows that are still running."""
         stop = self.eos_ids if stop is None else stop
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens == 0:
             return
         rng = np.random.default_rng(seed) if temperature > 0 else None
-        cache, last = self.prefill(prompts)                                         # last: (B, V)
+        cache, last = self.prefill(prompts, slots)                                  # last: (B, V)
         B = len(prompts)
         position = np.array([len(p) for p in prompts], np.int64)
         running = [True] * B

@@ -185,3 +185,147 @@ def test_lora_scale_count_must_match(base_and_adapter, tmp_path):
     code, lines = _cli("compile", base_and_adapter / "base", "-o", tmp_path / "x.glmc", "--lora", ad, "--lora", ad,
                        "--lora-scale", "0.5", "--lora-scale", "1", "--lora-scale", "2")
     assert code == 2 and "--lora-scale given 3 times for 2 --lora adapters" in lines[0], lines
+
+
+# ------------------------------------------------------------------ run-time adapter slots
+
+@pytest.fixture(scope="module")
+def slotted(tmp_path_factory):
+    """A glm-gqa base with two adapters (b: another rank, targets and scale), compiled once with
+    two adapter slots (verified at compile: the no-adapter path against transformers) and
+    once with each adapter merged."""
+    root = tmp_path_factory.mktemp("slots")
+    spec = VARIANTS["glm-gqa"]
+    make_hf_model(spec).save_pretrained(root / "base")
+    a = _adapter(make_hf_model(spec), root / "a", GLM_TARGETS, seed=1)
+    b = _adapter(make_hf_model(spec), root / "b", ["q_proj", "o_proj", "down_proj"], seed=2, r=4)
+    art = glmc.compile(root / "base", root / "slots.glmc", progress=False, max_seq_len=64, lora_slots=2, lora_rank=8)
+    merged = {name: glmc.compile(root / "base", root / f"{name}.glmc", progress=False, max_seq_len=64, verify=False,
+                                 lora=[(path, scale)])
+              for name, path, scale in (("a", a, 1.0), ("b", b, 0.5))}
+    return root, art, merged
+
+
+def test_runtime_adapters_equal_their_merged_artifacts_row_by_row(slotted):
+    root, art, merged = slotted
+    rt = glmc.load(art)
+    assert rt.manifest["backend"]["lora"]["slots"] == 2
+    rt.add_adapter("a", root / "a")
+    rt.add_adapter("b", root / "b", scale=0.5)
+    ma, mb = glmc.load(merged["a"]), glmc.load(merged["b"])
+    prompts = [IDS, IDS[:3], IDS[:5], IDS]
+    # one batch, each row its own adapter (or none): each row's greedy tokens are its merged artifact's
+    got = rt.generate(prompts, max_new_tokens=8, adapter=["a", "b", None, "b"])
+    base = glmc.load(art).generate(prompts, max_new_tokens=8)
+    assert got == [ma.generate(IDS, max_new_tokens=8)[0], mb.generate(IDS[:3], max_new_tokens=8)[0], base[2],
+                   mb.generate(IDS, max_new_tokens=8)[0]]
+    assert got[0] != base[0] and got[3] != base[3]              # the adapters change the tokens
+    # logits (fp32): unmerged x @ A @ B against the merged weights, within the fp32 tolerance
+    for name, m in (("a", ma), ("b", mb)):
+        _, last = rt.prefill([IDS], rt._adapter_slots(name, 1))
+        assert float(np.abs(last[0] - m.logits(IDS)[-1]).max()) <= ATOL
+    # streaming and one name for the whole batch take the same path
+    assert [t.id for t in rt.stream(IDS[:3], max_new_tokens=8, adapter="b")] == got[1]
+    assert rt.generate([IDS, IDS], max_new_tokens=4, adapter="a") == [got[0][:4]] * 2
+    # a slot is freed and reused: b removed, a loaded again under another name
+    rt.remove_adapter("b")
+    rt.add_adapter("a2", root / "a")
+    assert rt.generate(IDS, max_new_tokens=8, adapter="a2") == [got[0]]
+
+
+def test_runtime_adapter_errors_are_one_line(slotted, tmp_path):
+    root, art, merged = slotted
+    rt = glmc.load(art)
+    with pytest.raises(GlmcError, match="no adapter named 'a' is loaded"):
+        rt.generate(IDS, max_new_tokens=2, adapter="a")
+    rt.add_adapter("a", root / "a")
+    with pytest.raises(GlmcError, match="'a' is already loaded"):
+        rt.add_adapter("a", root / "a")
+    rt.add_adapter("b", root / "b")
+    with pytest.raises(GlmcError, match="all 2 adapter slots are in use"):
+        rt.add_adapter("c", root / "a")
+    with pytest.raises(GlmcError, match="one name .or None. per prompt"):
+        rt.generate([IDS, IDS], max_new_tokens=2, adapter=["a"])
+    # rank above --lora-rank, another base, the lm_head, modules_to_save: refused, nothing loaded
+    spec = VARIANTS["glm-gqa"]
+    cases = [
+        (_adapter(make_hf_model(spec), tmp_path / "r16", ["q_proj"], r=16), "has rank 16, above the artifact's --lora-rank 8"),
+        (_adapter(make_hf_model(VARIANTS["glm-mha-tied"]), tmp_path / "other", ["q_proj"]), "(128, 64) in the base"),
+        (_adapter(make_hf_model(spec), tmp_path / "head", ["lm_head"]), "lm_head is not a decoder linear"),
+        (_adapter(make_hf_model(spec), tmp_path / "save", ["q_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
+    ]
+    rt.remove_adapter("b")
+    for path, message in cases:
+        with pytest.raises(GlmcError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            rt.add_adapter("x", path)
+        assert "x" not in rt.adapters
+    # an artifact built without slots says how to get them
+    with pytest.raises(GlmcError, match="no run-time adapter slots .compile it with --lora-slots"):
+        glmc.load(merged["a"]).add_adapter("a", root / "a")
+
+
+def test_lora_slots_options_are_checked_up_front(slotted, tmp_path):
+    root = slotted[0]
+    for args, message in [
+        (["--lora-slots", "2", "--target", "cuda:sm_90"], "--lora-slots is built for the cpu target only"),
+        (["--lora-slots", "2", "--quant", "int4", "--calibrate", "2"], "cannot be combined with --calibrate"),
+        (["--lora-slots", "2", "--kv-cache", "fp16"], "--kv-cache fp16"),
+        (["--lora-slots", "1", "--lora-rank", "0"], "--lora-rank must be a positive integer"),
+    ]:
+        code, lines = _cli("compile", root / "base", "-o", tmp_path / "x.glmc", *args)
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, lines)
+        assert not (tmp_path / "x.glmc").exists()
+
+
+def test_int4_slots_leave_the_base_path_as_built_without_them(tmp_path):
+    """int4 + slots: with no adapter the tokens and logits are those of the int4 artifact built
+    without slots (the W = 0 tables add nothing); with one, the logits move toward PEFT's merge."""
+    spec = VARIANTS["glm4-mqa"]
+    make_hf_model(spec).save_pretrained(tmp_path / "base")
+    ad = _adapter(make_hf_model(spec), tmp_path / "a", GLM_TARGETS)
+    common = dict(progress=False, max_seq_len=64, quant="int4", group_size=32)
+    plain = glmc.load(glmc.compile(tmp_path / "base", tmp_path / "p.glmc", verify=False, **common))
+    rt = glmc.load(glmc.compile(tmp_path / "base", tmp_path / "s.glmc", lora_slots=1, lora_rank=8, **common))
+    assert rt.generate([IDS, IDS[:4]], max_new_tokens=8) == plain.generate([IDS, IDS[:4]], max_new_tokens=8)
+    _, none = rt.prefill([IDS])
+    _, want = plain.prefill([IDS])
+    assert np.array_equal(none, want)
+    rt.add_adapter("a", ad)
+    _, got = rt.prefill([IDS], rt._adapter_slots("a", 1))
+    merged = _logits(_merged(make_hf_model(spec), (ad, 1.0)))[-1].numpy()
+    base = _logits(make_hf_model(spec))[-1].numpy()
+    assert np.abs(got[0] - merged).mean() < 0.5 * np.abs(got[0] - base).mean()
+
+
+def test_runtime_adapter_on_the_original_chatglm_layout(tmp_path):
+    """An adapter on ChatGLM's per-head packed query_key_value (multi_query_attention false),
+    laid into the slots at run time, gives PEFT-merged tokens of the original code."""
+    from tests.chatglm_reference import greedy, original_model, require_reference, save_release
+
+    folder = require_reference() / "chatglm3-6b"
+    variant = dict(multi_query_attention=False, kv_channels=32)     # rotary 16 wide: the step graph
+    base_dir = save_release(original_model(folder, **variant), folder, tmp_path / "base")
+    ad = _adapter(original_model(folder, **variant), tmp_path / "lora", CHATGLM_TARGETS)
+    merged = _merged(original_model(folder, **variant), (ad, 1.0))
+    rt = glmc.load(glmc.compile(base_dir, tmp_path / "s.glmc", progress=False, max_seq_len=64, verify=False,
+                                lora_slots=1, lora_rank=8))
+    rt.add_adapter("chat", ad)
+    _, last = rt.prefill([IDS], rt._adapter_slots("chat", 1))
+    assert float(np.abs(last[0] - _logits(merged)[-1].numpy()).max()) <= ATOL
+    assert rt.generate([IDS, IDS[:4]], max_new_tokens=8, adapter="chat") == [greedy(merged, IDS, 8),
+                                                                             greedy(merged, IDS[:4], 8)]
+
+
+def test_adapter_on_the_lm_head(tmp_path):
+    """PEFT saves a LoRA'd lm_head's base weight beside it (save_embedding_layers): merged as
+    PEFT merges it. A base whose lm_head is tied to the embedding is refused by name."""
+    spec = VARIANTS["glm-gqa"]
+    make_hf_model(spec).save_pretrained(tmp_path / "base")
+    ad = _adapter(make_hf_model(spec), tmp_path / "a", ["q_proj", "lm_head"])
+    want = _logits(_merged(make_hf_model(spec), (ad, 1.0)))
+    assert float((want - _logits(load(tmp_path / "base", adapters=[read_adapter(ad)]).model)).abs().max()) <= ATOL
+    tied = VARIANTS["glm-mha-tied"]
+    make_hf_model(tied).save_pretrained(tmp_path / "tied")
+    ad = _adapter(make_hf_model(tied), tmp_path / "t", ["q_proj", "lm_head"])
+    with pytest.raises(GlmcError, match="ties lm_head to the embedding table"):
+        load(tmp_path / "tied", adapters=[read_adapter(ad)])

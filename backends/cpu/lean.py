@@ -26,6 +26,14 @@ inputs of the traced graph are not needed: GQA is causal over each row's first
 seqlens_k + 1 slots. A graph holding anything else, or attention this op cannot take
 (the rotary width must be a multiple of 16; an fp16 cache), is declined: `build_step`
 returns None with the reason, and the artifact keeps the exported extend entry.
+
+Run-time adapter slots (--lora-slots N --lora-rank R): every decoder linear y = x W^T
+also gets y += (x @ A[slot]) @ B[slot] per row, where `adapter_slot` (B,) picks the row's
+slot and A (N+1, K, W) / B (N+1, W, N_out) are graph inputs the runtime binds (slot 0 is
+no adapter; W is parts x R, one rank block per checkpoint tensor packed into the linear,
+B block-diagonal). With no adapter in a batch the runtime binds W = 0 tables: the extra
+nodes then do no arithmetic. `lora_linears` records, per linear, which checkpoint
+tensors' rows it holds, so an adapter can be laid into the tables at run time.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import glmc.ops  # noqa: F401  (registers the glmc:: ops the handlers are keyed 
 from glmc.backends.cpu.ops import MS, OPSET
 from glmc.modelcfg import head_dim
 from glmc.trace import Traced
-from glmc.weights import Transpose
+from glmc.weights import Cast, Cat, Part, Source, Transpose
 
 FLOAT, INT64, INT32 = ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.INT32
 _aten = torch.ops.aten
@@ -54,9 +62,11 @@ class Declined(Exception):
 
 
 class _Builder:
-    def __init__(self, traced: Traced, book, config: dict, accuracy_level: int):
+    def __init__(self, traced: Traced, book, config: dict, accuracy_level: int, lora_slots=None):
         self.gm, self.book, self.config = traced.gm, book, config
         self.accuracy_level = accuracy_level
+        self.lora_slots = lora_slots            # (slots, rank) or None
+        self.lora_linears: list[dict] = []
         self.nodes: list[ir.Node] = []
         self.inits: dict[str, ir.Value] = {}
         self.values: dict = {}                  # fx node -> ir.Value (or tuple of them)
@@ -72,6 +82,9 @@ class _Builder:
             "total_sequence_length": self._input("total_sequence_length", INT32, []),
             "last_rows": self._input("last_rows", INT64, [B]),
         }
+        if lora_slots:
+            self.inputs["adapter_slot"] = self._input("adapter_slot", INT64, [B])
+        self.lora_inputs: list[ir.Value] = []
         S = ir.SymbolicDim("capacity")
         Hkv, D = config["num_key_value_heads"], head_dim(config)
         self.past = [self._input(f"past_{kind}_{i}", FLOAT, [B, Hkv, S, D])
@@ -144,7 +157,7 @@ class _Builder:
             k, v = self.presents[i]
             k.name, v.name = f"present_key_{i}", f"present_value_{i}"
             outputs += [k, v]
-        graph = ir.Graph([*self.inputs.values(), *self.past], outputs, nodes=self.nodes,
+        graph = ir.Graph([*self.inputs.values(), *self.lora_inputs, *self.past], outputs, nodes=self.nodes,
                          initializers=list(self.inits.values()), opset_imports={"": OPSET, MS: 1}, name="step")
         return ir.Model(graph, ir_version=10)
 
@@ -188,17 +201,64 @@ def _linear_nbits(b: _Builder, n):
         w = b.weight(v)
         return b.op("Reshape", [w, b.const_ints(-1)], dtype=w.dtype)
 
-    return b.op("MatMulNBits", [b.emit(x), b.weight(qweight), flat(scales), flat(zeros), None,
-                                b.weight(bias) if bias is not None else None],
-                {"K": int(K), "N": int(N), "bits": int(bits), "block_size": int(block),
-                 "accuracy_level": b.accuracy_level}, domain=MS)
+    y = b.op("MatMulNBits", [b.emit(x), b.weight(qweight), flat(scales), flat(zeros), None,
+                             b.weight(bias) if bias is not None else None],
+             {"K": int(K), "N": int(N), "bits": int(bits), "block_size": int(block),
+              "accuracy_level": b.accuracy_level}, domain=MS)
+    return _with_adapters(b, x, qweight, y, int(K), int(N))
 
 
 def _linear(b: _Builder, n):
     x, w = n.args[0], n.args[1]
     bias = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
     y = b.op("MatMul", [b.emit(x), b.weight(w, transpose=True)])
-    return b.op("Add", [y, b.weight(bias)]) if bias is not None else y
+    y = b.op("Add", [y, b.weight(bias)]) if bias is not None else y
+    N, K = b.tensor(w).shape
+    return _with_adapters(b, x, w, y, int(K), int(N))
+
+
+def row_sources(lazy) -> list[tuple[str, int, int]] | None:
+    """The checkpoint tensors (glm names) whose rows make up a weight's rows, in order, as
+    (name, first row in the weight, rows); None when the weight is not rows of checkpoint
+    tensors (a calibrated weight, a transpose)."""
+    if isinstance(lazy, Source):
+        return [(lazy.name, 0, lazy.shape[0])]
+    if isinstance(lazy, Part) and getattr(lazy.multi, "x", None) is not None:
+        return row_sources(lazy.multi.x)
+    if isinstance(lazy, Cast):
+        return row_sources(lazy.x)
+    if isinstance(lazy, Cat):
+        out, at = [], 0
+        for part in lazy.parts:
+            inner = row_sources(part)
+            if inner is None:
+                return None
+            out += [(name, at + r0, rows) for name, r0, rows in inner]
+            at += part.shape[0]
+        return out
+    return None
+
+
+def _with_adapters(b: _Builder, x, weight, y, K: int, N: int):
+    """y + (x @ A[slot]) @ B[slot] for a decoder linear of an artifact with adapter slots."""
+    if not b.lora_slots:
+        return y
+    parts = row_sources(b.book.recipe(b.tensor(weight)))
+    if parts is None:
+        raise Declined(f"the weight of {weight.name} is not rows of checkpoint tensors, so no adapter can be "
+                       "laid onto it (--lora-slots with --calibrate)")
+    if not all(name.startswith("model.layers.") for name, _, _ in parts):
+        return y                # the lm_head: adapters apply to the decoder linears
+    j = len(b.lora_linears)
+    S1, W = ir.SymbolicDim("lora_slots"), ir.SymbolicDim(f"lora_width_{j}")
+    a_in = b._input(f"lora_a_{j}", FLOAT, [S1, K, W])
+    b_in = b._input(f"lora_b_{j}", FLOAT, [S1, W, N])
+    b.lora_inputs += [a_in, b_in]
+    b.lora_linears.append({"a": a_in.name, "b": b_in.name, "in_features": K, "out_features": N,
+                           "parts": [list(p) for p in parts]})
+    slot = b.inputs["adapter_slot"]
+    low = b.op("MatMul", [b.emit(x), b.op("Gather", [a_in, slot], {"axis": 0})])
+    return b.op("Add", [y, b.op("MatMul", [low, b.op("Gather", [b_in, slot], {"axis": 0})])])
 
 
 def _swiglu(b: _Builder, n):
@@ -297,15 +357,18 @@ _HANDLERS = {
 }
 
 
-def build_step(traced: Traced, book, config: dict, accuracy_level: int) -> tuple[ir.Model | None, str | None]:
-    """The lean step graph of a fused extend graph, or (None, why it was declined)."""
+def build_step(traced: Traced, book, config: dict, accuracy_level: int,
+               lora_slots: tuple[int, int] | None = None) -> tuple[ir.Model | None, str | None, list]:
+    """The lean step graph of a fused extend graph, or (None, why it was declined), and with
+    lora_slots (slots, rank) the adapter linears it takes (`_with_adapters`)."""
     # emission recurses from the logits back along the residual stream: a few frames per
     # node of the longest chain (~10 per layer), more than Python's default allows at 100+ layers
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 4 * len(traced.gm.graph.nodes) + 1000))
+    builder = _Builder(traced, book, config, accuracy_level, lora_slots)
     try:
-        return _Builder(traced, book, config, accuracy_level).build(), None
+        return builder.build(), None, builder.lora_linears
     except Declined as e:
-        return None, str(e)
+        return None, str(e), []
     finally:
         sys.setrecursionlimit(limit)

@@ -28,6 +28,7 @@ from torch.onnx._internal.exporter._core import TorchTensor
 
 from glmc.backends.cpu.lean import build_step
 from glmc.backends.cpu.ops import OPSET, translation_table
+from glmc.errors import GlmcError
 from glmc.ir import PassContext
 from glmc.modelcfg import tensor_layer
 from glmc.trace import Traced
@@ -176,13 +177,18 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
     level = ctx.quant.accuracy_level
     weights = _Weights(ctx.weights, ctx.model_config.get("num_hidden_layers", 0))
     models, io = {}, {}
-    declined = None
+    declined = lora = None
     for t in traced:
         if t.name == "extend":
             # the generation entry: built straight from the fused graph where it can be
             # (backends/cpu/lean.py), else exported by torch.onnx as it is
-            step, declined = (None, "--kv-cache fp16") if ctx.quant.kv_cache == "fp16" else \
-                build_step(t, ctx.weights, ctx.model_config, level)
+            step, declined, adapters = (None, "--kv-cache fp16", []) if ctx.quant.kv_cache == "fp16" else \
+                build_step(t, ctx.weights, ctx.model_config, level, ctx.lora_slots)
+            if ctx.lora_slots and step is None:
+                raise GlmcError(f"--lora-slots needs the lean step graph, which this model cannot use: {declined}")
+            if ctx.lora_slots:
+                slots, rank = ctx.lora_slots
+                lora = {"slots": slots, "rank": rank, "linears": adapters}
             if step is not None:
                 models["step"] = step
                 io["step"] = {"inputs": [v.name for v in step.graph.inputs],
@@ -222,6 +228,8 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
     }
     if declined:
         info["step_declined"] = declined
+    if lora:
+        info["lora"] = lora
     return info
 
 

@@ -97,6 +97,7 @@ class StepCache:
         self.kv = [a for pair in zip(self.k, self.v) for a in pair]          # k_0, v_0, k_1, ...
         self.ort_kv = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv]
         self.lengths = np.zeros(batch, np.int64)
+        self.adapter_slot = np.zeros(batch, np.int64)       # each row's run-time adapter (0: none)
         self.batch, self.capacity = batch, capacity
         self.step = None            # the decode step's binding and the arrays it reads and writes
 
@@ -108,6 +109,7 @@ class StepCache:
         view.kv = [a for pair in zip(view.k, view.v) for a in pair]
         view.ort_kv = [ort.OrtValue.ortvalue_from_numpy(a) for a in view.kv]
         view.lengths = self.lengths[start:stop]
+        view.adapter_slot = self.adapter_slot[start:stop]
         view.batch, view.capacity, view.step = stop - start, self.capacity, None
         return view
 
@@ -118,6 +120,41 @@ def _step_feeds(input_ids: np.ndarray, last_slot: np.ndarray, last_rows: np.ndar
     return {"input_ids": np.ascontiguousarray(input_ids, np.int64), "seqlens_k": last_slot.astype(np.int32),
             "total_sequence_length": np.array(last_slot.max() + 1, np.int32),
             "last_rows": last_rows.astype(np.int64)}
+
+
+class _AdapterTables:
+    """The step graph's run-time adapter inputs (backends/cpu/lean.py): per adapter linear j,
+    lora_a_j (slots+1, K, W) and lora_b_j (slots+1, W, N) in memory the runtime writes an
+    adapter into (slot 0 stays zero: no adapter), and W = 0 twins bound while no row of a
+    batch has one. Zeroed pages are not resident until an adapter is written."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.slots, self.rank = spec["slots"], spec["rank"]
+        self.full, self.empty, self.names = [], [], []
+        for lin in spec["linears"]:
+            K, N, W = lin["in_features"], lin["out_features"], len(lin["parts"]) * self.rank
+            self.names += [lin["a"], lin["b"]]
+            self.full += [np.zeros((self.slots + 1, K, W), np.float32), np.zeros((self.slots + 1, W, N), np.float32)]
+            self.empty += [np.zeros((self.slots + 1, K, 0), np.float32), np.zeros((self.slots + 1, 0, N), np.float32)]
+        self._ort = {False: [ort.OrtValue.ortvalue_from_numpy(a) for a in self.empty],
+                     True: [ort.OrtValue.ortvalue_from_numpy(a) for a in self.full]}
+
+    def write(self, slot: int, tables: list) -> None:
+        """tables: per linear (A (K, W), B (W, N)) as lora.slot_tables gives them; None clears."""
+        for j in range(len(self.spec["linears"])):
+            a, b = self.full[2 * j], self.full[2 * j + 1]
+            if tables is None:
+                a[slot], b[slot] = 0.0, 0.0
+            else:
+                a[slot], b[slot] = tables[j][0].numpy(), tables[j][1].numpy()
+
+    def feeds(self, adapter_slot: np.ndarray, active: bool | None = None, arrays: bool = False) -> dict:
+        """adapter_slot and the tables: the slots' when `active` (default: any row has an adapter)."""
+        active = bool(adapter_slot.any()) if active is None else active
+        tables = (self.full if active else self.empty) if arrays else self._ort[active]
+        value = adapter_slot if arrays else ort.OrtValue.ortvalue_from_numpy(adapter_slot)
+        return {"adapter_slot": value, **dict(zip(self.names, tables))}
 
 
 class _LazySessions(dict):
@@ -166,6 +203,7 @@ class CpuExecutor:
             io = self.io["step"]
             self._past = [x for x in io["inputs"] if x.startswith("past_")]
             self._present = [x for x in io["outputs"] if x.startswith("present_")]
+        self.lora = _AdapterTables(backend["lora"]) if backend.get("lora") else None
 
     def _make_session(self, name: str, profile_prefix: str | None = None, model: bytes | None = None,
                       initializers=None):
@@ -217,10 +255,12 @@ class CpuExecutor:
         lengths = mask.sum(1)
         real = [np.arange(n) for n in lengths]
         if self.generation == "step":
-            calls = [Call(_step_feeds(ids, np.full(B, T - 1), np.arange(B) * T + lengths - 1), start=0, real=real)]
+            none = self.lora.feeds(np.zeros(B, np.int64), arrays=True) if self.lora else {}   # the base model
+            calls = [Call({**_step_feeds(ids, np.full(B, T - 1), np.arange(B) * T + lengths - 1), **none},
+                          start=0, real=real)]
             for n, tok in enumerate(steps):
                 pos = lengths + n
-                calls.append(Call(_step_feeds(tok.reshape(B, 1), pos, np.arange(B)), position=pos,
+                calls.append(Call({**_step_feeds(tok.reshape(B, 1), pos, np.arange(B)), **none}, position=pos,
                                   real=[np.array([p]) for p in pos]))
             return calls
         calls = [Call({"input_ids": ids, "attention_mask": mask, "position": np.zeros(B, np.int64),
@@ -316,15 +356,19 @@ class CpuExecutor:
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
 
-    def _step_call(self, kv, input_ids: np.ndarray, last_slot: np.ndarray, last_rows: np.ndarray) -> np.ndarray:
+    def _step_call(self, kv, input_ids: np.ndarray, last_slot: np.ndarray, last_rows: np.ndarray,
+                   adapter_slot: np.ndarray) -> np.ndarray:
         """One call of the step graph over cache buffers `kv` (a batch's, or one row's): row b's
-        C tokens go to the slots ending at last_slot[b] -> (B, 1, V) logits of the flattened
-        (B*C) rows `last_rows`."""
+        C tokens go to the slots ending at last_slot[b] (with run-time adapter adapter_slot[b])
+        -> (B, 1, V) logits of the flattened (B*C) rows `last_rows`."""
         sess = self.sessions["step"]
         binding = sess.io_binding()
         binding.bind_output("logits")
         for name, value in _step_feeds(input_ids, last_slot, last_rows).items():
             binding.bind_cpu_input(name, value)
+        if self.lora:
+            for name, value in self.lora.feeds(np.ascontiguousarray(adapter_slot, np.int64)).items():
+                binding.bind_ortvalue_input(name, value)
         self._bind_kv(binding, kv)
         sess.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
@@ -334,7 +378,8 @@ class CpuExecutor:
         lengths = attention_mask.sum(1)
         # right padding runs as tokens: it sits after its row's last real token, which (causal)
         # never sees it, and the slots it fills are rewritten by the row's next tokens
-        logits = self._step_call(cache.ort_kv, input_ids, np.full(B, T - 1), np.arange(B) * T + lengths - 1)
+        logits = self._step_call(cache.ort_kv, input_ids, np.full(B, T - 1), np.arange(B) * T + lengths - 1,
+                                 cache.adapter_slot)
         cache.lengths[:] = lengths
         return logits[:, 0]
 
@@ -346,7 +391,8 @@ class CpuExecutor:
         for b in np.nonzero(real)[0]:
             # GroupQueryAttention takes a chunk after a cache one row at a time: row b's views
             rows = [ort.OrtValue.ortvalue_from_numpy(a[b:b + 1]) for a in cache.kv]
-            logits[b] = self._step_call(rows, input_ids[b:b + 1], np.array([start + C - 1]), np.array([real[b] - 1]))[0]
+            logits[b] = self._step_call(rows, input_ids[b:b + 1], np.array([start + C - 1]), np.array([real[b] - 1]),
+                                        cache.adapter_slot[b:b + 1])[0]
             cache.lengths[b] = start + real[b]
         return logits
 
@@ -365,8 +411,15 @@ class CpuExecutor:
             out = ort.OrtValue.ortvalue_from_numpy(logits)
             binding.bind_ortvalue_output("logits", out)
             self._bind_kv(binding, cache.ort_kv)
-            cache.step = (sess, binding, ids, slot, total, logits, values, out)
+            cache.step = [sess, binding, ids, slot, total, logits, values, out, None]
         _, binding, ids, slot, total, logits = cache.step[:6]
+        if self.lora:
+            # the tables bound: W = 0 ones while no row has an adapter (no arithmetic), else the slots'
+            active = bool(cache.adapter_slot.any())
+            if cache.step[8] is not active:
+                for name, value in self.lora.feeds(cache.adapter_slot, active=active).items():
+                    binding.bind_ortvalue_input(name, value)
+                cache.step[8] = active
         ids[:] = input_ids
         slot[:] = position
         total[...] = slot.max() + 1
