@@ -28,12 +28,14 @@ seqlens_k + 1 slots. A graph holding anything else, or attention this op cannot 
 returns None with the reason, and the artifact keeps the exported extend entry.
 
 Run-time adapter slots (--lora-slots N --lora-rank R): every decoder linear y = x W^T
-also gets y += (x @ A[slot]) @ B[slot] per row, where `adapter_slot` (B,) picks the row's
-slot and A (N+1, K, W) / B (N+1, W, N_out) are graph inputs the runtime binds (slot 0 is
-no adapter; W is parts x R, one rank block per checkpoint tensor packed into the linear,
-B block-diagonal). With no adapter in a batch the runtime binds W = 0 tables: the extra
-nodes then do no arithmetic. `lora_linears` records, per linear, which checkpoint
-tensors' rows it holds, so an adapter can be laid into the tables at run time.
+also gets y += (x @ A) @ B, where A (R, K, W) and B (R, W, N_out) are graph inputs the
+runtime binds: R = 1 (one adapter for the whole batch, a view of its slot) or R = batch
+(row b's adapter in row b). W is parts x rank, one rank block per checkpoint tensor
+packed into the linear (B is block-diagonal). With no adapter in a batch the runtime binds
+W = 0 tables: three nodes per linear that do no arithmetic (no Gather: measured on
+small-glm int4, a slot Gather per table cost another 3-4% of a decode step).
+`lora_linears` records, per linear, which checkpoint tensors' rows it holds, so an
+adapter can be laid out for it at run time.
 """
 
 from __future__ import annotations
@@ -82,8 +84,6 @@ class _Builder:
             "total_sequence_length": self._input("total_sequence_length", INT32, []),
             "last_rows": self._input("last_rows", INT64, [B]),
         }
-        if lora_slots:
-            self.inputs["adapter_slot"] = self._input("adapter_slot", INT64, [B])
         self.lora_inputs: list[ir.Value] = []
         S = ir.SymbolicDim("capacity")
         Hkv, D = config["num_key_value_heads"], head_dim(config)
@@ -250,15 +250,13 @@ def _with_adapters(b: _Builder, x, weight, y, K: int, N: int):
     if not all(name.startswith("model.layers.") for name, _, _ in parts):
         return y                # the lm_head: adapters apply to the decoder linears
     j = len(b.lora_linears)
-    S1, W = ir.SymbolicDim("lora_slots"), ir.SymbolicDim(f"lora_width_{j}")
-    a_in = b._input(f"lora_a_{j}", FLOAT, [S1, K, W])
-    b_in = b._input(f"lora_b_{j}", FLOAT, [S1, W, N])
+    R, W = ir.SymbolicDim("lora_rows"), ir.SymbolicDim(f"lora_width_{j}")
+    a_in = b._input(f"lora_a_{j}", FLOAT, [R, K, W])
+    b_in = b._input(f"lora_b_{j}", FLOAT, [R, W, N])
     b.lora_inputs += [a_in, b_in]
     b.lora_linears.append({"a": a_in.name, "b": b_in.name, "in_features": K, "out_features": N,
                            "parts": [list(p) for p in parts]})
-    slot = b.inputs["adapter_slot"]
-    low = b.op("MatMul", [b.emit(x), b.op("Gather", [a_in, slot], {"axis": 0})])
-    return b.op("Add", [y, b.op("MatMul", [low, b.op("Gather", [b_in, slot], {"axis": 0})])])
+    return b.op("Add", [y, b.op("MatMul", [b.op("MatMul", [b.emit(x), a_in]), b_in])])
 
 
 def _swiglu(b: _Builder, n):

@@ -124,9 +124,13 @@ def _step_feeds(input_ids: np.ndarray, last_slot: np.ndarray, last_rows: np.ndar
 
 class _AdapterTables:
     """The step graph's run-time adapter inputs (backends/cpu/lean.py): per adapter linear j,
-    lora_a_j (slots+1, K, W) and lora_b_j (slots+1, W, N) in memory the runtime writes an
-    adapter into (slot 0 stays zero: no adapter), and W = 0 twins bound while no row of a
-    batch has one. Zeroed pages are not resident until an adapter is written."""
+    lora_a_j (R, K, W) and lora_b_j (R, W, N). Each slot's tables live in (slots+1, K, W) /
+    (slots+1, W, N) arrays the runtime writes an adapter into (slot 0 stays zero: no
+    adapter; zeroed pages are not resident until written). Bound for a batch's rows:
+      no row with an adapter  W = 0 tables (the nodes do no arithmetic)
+      one adapter for all     R = 1: a view of that slot (no copy)
+      rows differ             R = batch: the rows' slots gathered (a copy, kept for the
+                              batch until its rows' adapters change)."""
 
     def __init__(self, spec: dict):
         self.spec = spec
@@ -136,9 +140,8 @@ class _AdapterTables:
             K, N, W = lin["in_features"], lin["out_features"], len(lin["parts"]) * self.rank
             self.names += [lin["a"], lin["b"]]
             self.full += [np.zeros((self.slots + 1, K, W), np.float32), np.zeros((self.slots + 1, W, N), np.float32)]
-            self.empty += [np.zeros((self.slots + 1, K, 0), np.float32), np.zeros((self.slots + 1, 0, N), np.float32)]
-        self._ort = {False: [ort.OrtValue.ortvalue_from_numpy(a) for a in self.empty],
-                     True: [ort.OrtValue.ortvalue_from_numpy(a) for a in self.full]}
+            self.empty += [np.zeros((1, K, 0), np.float32), np.zeros((1, 0, N), np.float32)]
+        self._mixed: tuple = (None, None)          # (slots key, gathered tables) of the last mixed batch
 
     def write(self, slot: int, tables: list) -> None:
         """tables: per linear (A (K, W), B (W, N)) as lora.slot_tables gives them; None clears."""
@@ -148,13 +151,23 @@ class _AdapterTables:
                 a[slot], b[slot] = 0.0, 0.0
             else:
                 a[slot], b[slot] = tables[j][0].numpy(), tables[j][1].numpy()
+        self._mixed = (None, None)
 
-    def feeds(self, adapter_slot: np.ndarray, active: bool | None = None, arrays: bool = False) -> dict:
-        """adapter_slot and the tables: the slots' when `active` (default: any row has an adapter)."""
-        active = bool(adapter_slot.any()) if active is None else active
-        tables = (self.full if active else self.empty) if arrays else self._ort[active]
-        value = adapter_slot if arrays else ort.OrtValue.ortvalue_from_numpy(adapter_slot)
-        return {"adapter_slot": value, **dict(zip(self.names, tables))}
+    def tables(self, adapter_slot: np.ndarray) -> list[np.ndarray]:
+        """The arrays to bind for rows with these slots, in input order (self.names)."""
+        first = adapter_slot[0]
+        if not adapter_slot.any():
+            return self.empty
+        if (adapter_slot == first).all():
+            return [t[first:first + 1] for t in self.full]
+        key = adapter_slot.tobytes()
+        if self._mixed[0] != key:
+            self._mixed = (None, None)              # one gathered set at a time
+            self._mixed = (key, [np.take(t, adapter_slot, axis=0) for t in self.full])
+        return self._mixed[1]
+
+    def feeds(self, adapter_slot: np.ndarray) -> dict:
+        return {name: ort.OrtValue.ortvalue_from_numpy(t) for name, t in zip(self.names, self.tables(adapter_slot))}
 
 
 class _LazySessions(dict):
@@ -255,7 +268,7 @@ class CpuExecutor:
         lengths = mask.sum(1)
         real = [np.arange(n) for n in lengths]
         if self.generation == "step":
-            none = self.lora.feeds(np.zeros(B, np.int64), arrays=True) if self.lora else {}   # the base model
+            none = dict(zip(self.lora.names, self.lora.empty)) if self.lora else {}   # the base model
             calls = [Call({**_step_feeds(ids, np.full(B, T - 1), np.arange(B) * T + lengths - 1), **none},
                           start=0, real=real)]
             for n, tok in enumerate(steps):
@@ -367,7 +380,7 @@ class CpuExecutor:
         for name, value in _step_feeds(input_ids, last_slot, last_rows).items():
             binding.bind_cpu_input(name, value)
         if self.lora:
-            for name, value in self.lora.feeds(np.ascontiguousarray(adapter_slot, np.int64)).items():
+            for name, value in self.lora.feeds(adapter_slot).items():
                 binding.bind_ortvalue_input(name, value)
         self._bind_kv(binding, kv)
         sess.run_with_iobinding(binding)
@@ -411,15 +424,15 @@ class CpuExecutor:
             out = ort.OrtValue.ortvalue_from_numpy(logits)
             binding.bind_ortvalue_output("logits", out)
             self._bind_kv(binding, cache.ort_kv)
-            cache.step = [sess, binding, ids, slot, total, logits, values, out, None]
+            cache.step = [sess, binding, ids, slot, total, logits, values, out, None, None]
         _, binding, ids, slot, total, logits = cache.step[:6]
-        if self.lora:
-            # the tables bound: W = 0 ones while no row has an adapter (no arithmetic), else the slots'
-            active = bool(cache.adapter_slot.any())
-            if cache.step[8] is not active:
-                for name, value in self.lora.feeds(cache.adapter_slot, active=active).items():
+        if self.lora:       # the rows' adapter tables, bound again when the rows' adapters change
+            key = cache.adapter_slot.tobytes()
+            if cache.step[8] != key:
+                feeds = self.lora.feeds(cache.adapter_slot)
+                for name, value in feeds.items():
                     binding.bind_ortvalue_input(name, value)
-                cache.step[8] = active
+                cache.step[8:] = [key, feeds]
         ids[:] = input_ids
         slot[:] = position
         total[...] = slot.max() + 1
