@@ -158,19 +158,23 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible).")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all available).")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check file hashes on load.")
-def run(artifact, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, threads, verify):
+@click.option("--adapter", type=click.Path(), default=None,
+              help="A PEFT LoRA adapter directory, applied at run time (artifacts compiled with --lora-slots).")
+def run(artifact, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, threads, verify, adapter):
     """Generate from ARTIFACT and print tokens and timings."""
     from glmc.runtime import load
 
     if (prompt is None) == (ids is None):
         raise GlmcError("give exactly one of --prompt TEXT or --ids 1,2,3")
     model = load(artifact, verify=verify, threads=threads)
+    if adapter:
+        model.add_adapter("adapter", adapter)
     prompt_ids = model.encode(prompt) if prompt is not None else _parse_ids(ids)
     made, text = [], []
     t0 = time.perf_counter()
     t_first = None
     for tok in model.stream(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed):
+                            top_k=top_k, top_p=top_p, seed=seed, adapter="adapter" if adapter else None):
         if t_first is None:
             t_first = time.perf_counter()
         made.append(tok.id)
@@ -199,7 +203,9 @@ def run(artifact, prompt, ids, max_new_tokens, temperature, top_k, top_p, seed, 
 @click.option("--top-p", default=None, type=float)
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible).")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all available).")
-def chat(artifact, system, max_new_tokens, temperature, top_k, top_p, seed, threads):
+@click.option("--adapter", type=click.Path(), default=None,
+              help="A PEFT LoRA adapter directory, applied at run time (artifacts compiled with --lora-slots).")
+def chat(artifact, system, max_new_tokens, temperature, top_k, top_p, seed, threads, adapter):
     """An interactive chat with ARTIFACT in its chat format, streaming each reply.
     Commands: /reset starts over, /quit (or end of input) leaves."""
     from glmc.runtime import load
@@ -207,6 +213,8 @@ def chat(artifact, system, max_new_tokens, temperature, top_k, top_p, seed, thre
     model = load(artifact, threads=threads)
     if model.codec is None:
         raise GlmcError(f"{artifact}: the artifact has no tokenizer, so it cannot chat")
+    if adapter:
+        model.add_adapter("adapter", adapter)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     interactive = sys.stdin.isatty()
@@ -227,7 +235,7 @@ def chat(artifact, system, max_new_tokens, temperature, top_k, top_p, seed, thre
         click.echo("glm> ", nl=False)
         reply, opening = [], model.codec.opening_filter()
         for tok in model.stream_chat(messages, max_new_tokens=max_new_tokens, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, seed=seed):
+                                     top_k=top_k, top_p=top_p, seed=seed, adapter="adapter" if adapter else None):
             reply.append(tok.text or "")
             text = opening(tok.text or "")
             if text:
@@ -246,13 +254,22 @@ def chat(artifact, system, max_new_tokens, temperature, top_k, top_p, seed, thre
               help="Requests that may wait for a row; beyond it the server answers 429.")
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1/ requests.")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all available).")
-def serve(artifact, host, port, max_batch, max_queue, api_key, threads):
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
+              help="A PEFT LoRA adapter loaded into a run-time slot (artifacts compiled with --lora-slots); "
+                   "requests choose it as their \"model\". Repeatable.")
+def serve(artifact, host, port, max_batch, max_queue, api_key, threads, adapters):
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /v1/models, /health), with continuous batching."""
     from glmc.serve import serve as run_server
 
+    pairs = []
+    for item in adapters:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise GlmcError(f"--adapter takes NAME=DIR, got {item!r}")
+        pairs.append((name, path))
     run_server(artifact, host=host, port=port, max_batch=max_batch, max_queue=max_queue, api_key=api_key,
-               threads=threads, announce=click.echo)
+               threads=threads, announce=click.echo, adapters=pairs)
 
 
 @main.command()

@@ -77,6 +77,10 @@ def describe_artifact(path: Path) -> str:
     files = m["backend"].get("graphs", {})
     for graph, hist in m["backend"].get("op_histogram", {}).items():
         lines.append(f"   {files.get(graph, graph)}: {sum(hist.values())} nodes: {_hist_line(hist)}")
+    lora = m["backend"].get("lora")
+    if lora:
+        lines.append(f"   run-time adapters: {lora['slots']} slots of rank <= {lora['rank']} on "
+                     f"{len(lora['linears'])} decoder linears (Runtime.add_adapter, glmc serve --adapter)")
     if m["backend"].get("step_declined"):
         lines.append(f"   lean step graph declined ({m['backend']['step_declined']}): generation runs the extend graph")
     report = path / "report.json"

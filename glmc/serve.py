@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Union
+from typing import Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -58,6 +58,7 @@ class Job:
     cut: bool = False                      # a stop string ended the text
     row: int = -1
     position: int = 0
+    adapter_slot: int = 0                  # a run-time adapter's slot (serve --adapter), 0: none
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.seed) if self.temperature > 0 else None
@@ -161,6 +162,7 @@ class Engine:
         free = [b for b in range(self.max_batch) if b not in self.active]
         for job, b in zip(jobs, free):
             job.row = b
+            self.cache.adapter_slot[b] = job.adapter_slot
         runs: list[list[Job]] = []
         for job in jobs:
             if runs and runs[-1][-1].row + 1 == job.row:
@@ -235,6 +237,8 @@ class Engine:
     def _finish(self, job: Job, reason: str | None, message: str | None = None) -> None:
         if job.row >= 0:
             self.active.pop(job.row, None)
+            if self.cache is not None:
+                self.cache.adapter_slot[job.row] = 0        # a free row runs (padding) with no adapter
             job.row = -1
         if reason is None:
             return
@@ -332,9 +336,17 @@ def make_app(runtime, engine: Engine, model_name: str, api_key: str | None = Non
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "glmc"}]}
+        data = [{"id": model_name, "object": "model", "created": 0, "owned_by": "glmc"}]
+        data += [{"id": name, "object": "model", "created": 0, "owned_by": "glmc", "parent": model_name}
+                 for name in runtime.adapters]
+        return {"object": "list", "data": data}
 
     def _job(req: _Common, ids: list[int], stop_ids: set, queue: asyncio.Queue, loop) -> Job | object:
+        slot = runtime.adapters.get(req.model, 0)
+        if runtime.adapters and not slot and req.model not in (None, model_name):
+            names = ", ".join([model_name, *runtime.adapters])
+            return _error(404, f"the model '{req.model}' does not exist (this server has: {names})",
+                          code="model_not_found", param="model")
         room = runtime.max_seq_len - len(ids)
         if room < 1:
             return _error(400, f"the prompt has {len(ids)} tokens; this model holds {runtime.max_seq_len}",
@@ -350,7 +362,7 @@ def make_app(runtime, engine: Engine, model_name: str, api_key: str | None = Non
             return _error(400, str(e))
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return Job(ids, limit or room, temperature, top_p, top_k, req.seed, frozenset(stop_ids), tuple(s for s in stop if s),
-                   sink=(loop, queue), quiet=not req.stream)
+                   sink=(loop, queue), quiet=not req.stream, adapter_slot=slot)
 
     async def _run(request: Request, req: _Common, ids: list[int], stop_ids: set, chat: bool):
         loop = asyncio.get_running_loop()
@@ -366,6 +378,7 @@ def make_app(runtime, engine: Engine, model_name: str, api_key: str | None = Non
         except GlmcError as e:
             return _error(503, str(e), kind="server_error")
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        answered_as = req.model if job.adapter_slot else model_name
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
 
@@ -379,7 +392,7 @@ def make_app(runtime, engine: Engine, model_name: str, api_key: str | None = Non
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            return {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created, "model": model_name,
+            return {"id": rid, "object": kind + ".chunk" if chat else kind, "created": created, "model": answered_as,
                     "choices": [choice]}
 
         if req.stream:
@@ -422,7 +435,7 @@ def make_app(runtime, engine: Engine, model_name: str, api_key: str | None = Non
         else:
             prefix = runtime.decode_text(ids) if getattr(req, "echo", False) and runtime.codec else ""
             choice = {"index": 0, "text": prefix + text, "finish_reason": finish, "logprobs": None}
-        return {"id": rid, "object": kind, "created": created, "model": model_name, "choices": [choice],
+        return {"id": rid, "object": kind, "created": created, "model": answered_as, "choices": [choice],
                 "usage": usage()}
 
     @app.post("/v1/chat/completions")
@@ -458,8 +471,10 @@ def make_app(runtime, engine: Engine, model_name: str, api_key: str | None = Non
 
 
 def serve(artifact, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
-          api_key: str | None = None, threads: int | None = None, announce: Callable[[str], object] | None = None) -> None:
-    """Load ARTIFACT and serve it until SIGINT/SIGTERM; `announce` gets one line once the model is loaded."""
+          api_key: str | None = None, threads: int | None = None, announce: Callable[[str], object] | None = None,
+          adapters: Sequence[tuple[str, str]] = ()) -> None:
+    """Load ARTIFACT (and run-time adapters: (name, directory) pairs, requested as the
+    "model") and serve it until SIGINT/SIGTERM; `announce` gets one line once the model is loaded."""
     import contextlib
     from pathlib import Path
 
@@ -468,8 +483,13 @@ def serve(artifact, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 
     from glmc.runtime import load
 
     runtime = load(artifact, threads=threads)
+    name = Path(artifact).name.removesuffix(".glmc")
+    for adapter, path in adapters:
+        if adapter == name:
+            raise GlmcError(f"--adapter {adapter}: the name is the base model's; choose another")
+        runtime.add_adapter(adapter, path)
     engine = Engine(runtime, max_batch=max_batch, max_queue=max_queue)
-    app = make_app(runtime, engine, Path(artifact).name.removesuffix(".glmc"), api_key)
+    app = make_app(runtime, engine, name, api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -478,6 +498,8 @@ def serve(artifact, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 
 
     app.router.lifespan_context = lifespan
     mode = f"continuous batching, {engine.max_batch} rows" if engine.batched else "one request at a time"
+    if runtime.adapters:
+        mode += f", adapters {', '.join(runtime.adapters)}"
     if announce is not None:
         announce(f"glmc serve: {artifact} on http://{host}:{port}/v1 ({mode}, queue {max_queue})")
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)

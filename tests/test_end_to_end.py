@@ -134,9 +134,9 @@ def test_steps_run_the_lean_graph_on_one_binding(artifacts, monkeypatch):
     seen, bindings = [], []
     prompt_call, run = ex._step_call, ex.sessions["step"].run_with_iobinding
 
-    def spy_prompt(kv, ids, last_slot, rows):
+    def spy_prompt(kv, ids, last_slot, rows, adapter_slot):
         seen.append(("prompt", ids.shape, list(last_slot), list(rows)))
-        return prompt_call(kv, ids, last_slot, rows)
+        return prompt_call(kv, ids, last_slot, rows, adapter_slot)
 
     def spy_run(binding, *a):
         bindings.append(binding)
@@ -158,7 +158,7 @@ def test_lean_step_graph_matches_the_exported_extend_graph(artifacts, checkpoint
 
     lean = glmc.load(artifacts("tiny-glm"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lower, "build_step", lambda *a: (None, "switched off by the test"))
+        mp.setattr(lower, "build_step", lambda *a: (None, "switched off by the test", []))
         art = glmc.compile("tiny-glm", tmp_path / "extend.glmc", verify=False,
                            max_seq_len=lean.manifest["max_seq_len"])
     exported = glmc.load(art)

@@ -329,3 +329,15 @@ def test_adapter_on_the_lm_head(tmp_path):
     ad = _adapter(make_hf_model(tied), tmp_path / "t", ["q_proj", "lm_head"])
     with pytest.raises(GlmcError, match="ties lm_head to the embedding table"):
         load(tmp_path / "tied", adapters=[read_adapter(ad)])
+
+
+def test_glmc_run_takes_an_adapter(slotted):
+    root, art, merged = slotted
+    code, lines = _cli("run", art, "--ids", "5,9,200", "--max-new-tokens", "6", "--adapter", root / "a")
+    assert code == 0, lines
+    want = glmc.load(merged["a"]).generate([5, 9, 200], max_new_tokens=6)[0]
+    assert lines[0] == "ids: " + " ".join(map(str, want))
+    code, lines = _cli("run", merged["a"], "--ids", "5,9", "--adapter", root / "a")
+    assert code == 2 and len(lines) == 1 and "no run-time adapter slots" in lines[0], lines
+    code, lines = _cli("inspect", art)
+    assert code == 0 and any("run-time adapters: 2 slots of rank <= 8 on 8 decoder linears" in x for x in lines), lines

@@ -218,3 +218,46 @@ def test_artifact_without_the_step_graph_is_served_one_request_at_a_time(artifac
     assert all(d.wait(60) for d in done)
     engine.stop()
     assert outs == [rt.generate([p], max_new_tokens=7)[0] for p in prompts]
+
+
+def test_adapters_are_served_as_models_in_one_batch(tmp_path):
+    """--adapter NAME=DIR on an artifact with run-time slots: concurrent requests for the base
+    and two adapters share the batch, and each gets the tokens Runtime.generate gives it alone."""
+    peft = pytest.importorskip("peft", reason="peft is a test dependency (pip install -e '.[test]')")
+    import torch
+
+    make_hf_model(SPEC).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer.json").write_text(byte_tokenizer_json(259))
+    art = glmc.compile(tmp_path / "ckpt", tmp_path / "bytes.glmc", progress=False, max_seq_len=96, verify=False,
+                       lora_slots=2, lora_rank=8)
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                              init_lora_weights=False)
+        peft.get_peft_model(make_hf_model(SPEC), cfg).save_pretrained(tmp_path / name)
+    rt = glmc.load(art)
+    rt.add_adapter("a", tmp_path / "a")
+    rt.add_adapter("b", tmp_path / "b")
+    prompts = [f"row {i} says" for i in range(6)]
+    models = ["a", "b", "bytes", "a", "b", "bytes"]
+    want = [rt.decode_text(rt.generate(p, max_new_tokens=10, adapter=None if m == "bytes" else m)[0])
+            for p, m in zip(prompts, models)]
+    assert want[0] != rt.decode_text(rt.generate(prompts[0], max_new_tokens=10)[0])      # the adapter matters
+    port = _free_port()
+    proc = _start(art, port, "--max-batch", 4, "--adapter", f"a={tmp_path / 'a'}", "--adapter", f"b={tmp_path / 'b'}")
+    try:
+        c = _client(f"http://127.0.0.1:{port}")
+        assert [m.id for m in c.models.list().data] == ["bytes", "a", "b"]
+
+        def ask(i):
+            r = c.completions.create(model=models[i], prompt=prompts[i], max_tokens=10, temperature=0)
+            return r.model, r.choices[0].text
+
+        with cf.ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(ask, range(6)))
+        assert got == list(zip(models, want))
+        with pytest.raises(openai.NotFoundError, match="the model 'c' does not exist"):
+            c.completions.create(model="c", prompt="hi", max_tokens=2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
