@@ -81,7 +81,7 @@ class Engine:
         self.cond = threading.Condition()
         self.stopping = False
         self.cache = self.ex.new_cache(self.max_batch) if self.batched else None
-        self.views: dict[int, object] = {}      # rows [0, n) of the cache, each with its bound step
+        self.views: dict[int, object] = {}      # rows [0, n) of the cache, with its bound step
         self.steps = 0
         self.outbox: list = []                  # (sink, event) posted once per engine iteration
         self.thread = threading.Thread(target=self._loop, name="glmc-engine", daemon=True)
@@ -183,8 +183,8 @@ class Engine:
 
     def _step(self) -> None:
         B = max(self.active) + 1                 # rows past the last one in use are not computed
-        if B not in self.views:
-            self.views[B] = self.cache.rows(0, B)
+        if B not in self.views:     # one view (and binding) at a time: a view's binding may hold gathered adapters
+            self.views = {B: self.cache.rows(0, B)}
         ids = np.full((B, 1), self.rt.pad_id, np.int64)
         position = np.zeros(B, np.int64)
         for b, job in self.active.items():
