@@ -129,8 +129,8 @@ class _AdapterTables:
     adapter; zeroed pages are not resident until written). Bound for a batch's rows:
       no row with an adapter  W = 0 tables (the nodes do no arithmetic)
       one adapter for all     R = 1: a view of that slot (no copy)
-      rows differ             R = batch: the rows' slots gathered (a copy, kept for the
-                              batch until its rows' adapters change)."""
+      rows differ             R = batch: the rows' slots gathered (a copy, held by the
+                              call or the cache's step binding until the rows' adapters change)."""
 
     def __init__(self, spec: dict):
         self.spec = spec
@@ -141,7 +141,6 @@ class _AdapterTables:
             self.names += [lin["a"], lin["b"]]
             self.full += [np.zeros((self.slots + 1, K, W), np.float32), np.zeros((self.slots + 1, W, N), np.float32)]
             self.empty += [np.zeros((1, K, 0), np.float32), np.zeros((1, 0, N), np.float32)]
-        self._mixed: tuple = (None, None)          # (slots key, gathered tables) of the last mixed batch
 
     def write(self, slot: int, tables: list) -> None:
         """tables: per linear (A (K, W), B (W, N)) as lora.slot_tables gives them; None clears."""
@@ -151,7 +150,6 @@ class _AdapterTables:
                 a[slot], b[slot] = 0.0, 0.0
             else:
                 a[slot], b[slot] = tables[j][0].numpy(), tables[j][1].numpy()
-        self._mixed = (None, None)
 
     def tables(self, adapter_slot: np.ndarray) -> list[np.ndarray]:
         """The arrays to bind for rows with these slots, in input order (self.names)."""
@@ -160,11 +158,8 @@ class _AdapterTables:
             return self.empty
         if (adapter_slot == first).all():
             return [t[first:first + 1] for t in self.full]
-        key = adapter_slot.tobytes()
-        if self._mixed[0] != key:
-            self._mixed = (None, None)              # one gathered set at a time
-            self._mixed = (key, [np.take(t, adapter_slot, axis=0) for t in self.full])
-        return self._mixed[1]
+        # held only by the binding that uses it: it goes with that cache (or its next batch)
+        return [np.take(t, adapter_slot, axis=0) for t in self.full]
 
     def feeds(self, adapter_slot: np.ndarray) -> dict:
         return {name: ort.OrtValue.ortvalue_from_numpy(t) for name, t in zip(self.names, self.tables(adapter_slot))}
