@@ -36,9 +36,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3.5", "hypothesis>=6", "peft>=0.13",
-                 "openai>=1.30", "httpx>=0.27"],
+                 "openai>=1.30", "httpx>=0.27", "gguf>=0.17"],
         "gpu": ["triton>=3.2"],
-        "peers": ["onnxruntime-genai>=0.18"],
+        "peers": ["onnxruntime-genai>=0.18", "llama-cpp-python>=0.3.36", "gguf>=0.17"],
     },
     entry_points={"console_scripts": ["glmc=glmc.cli:main"]},
 )

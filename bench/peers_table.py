@@ -1,13 +1,14 @@
-"""glmc beside ONNX Runtime GenAI on the same weights, one configuration after another in
-one process: the table of issue 14, from `glmc.benchmark.run(..., peers=True)`.
+"""glmc beside ONNX Runtime GenAI and llama.cpp on the same weights, one configuration after
+another in one process: the table of issue 14, from `glmc.benchmark.run(..., peers=True)`.
 
     pip install 'glmc[peers]'
     python bench/peers_table.py small-glm --out bench/results/peers-small-glm.json
 
-Each configuration compiles MODEL, builds the peer at the same precision (int4: the same
-block size, accuracy level 4, lm_head int4 on both sides: the builder quantizes it), checks
-both against transformers and times prefill and decode (min / median / max over repeats).
-Ratios are glmc over the peer, measured in the same run.
+Each configuration compiles MODEL, builds the peers at the matching precision (ORT GenAI:
+int4 with the same block size, accuracy level 4, lm_head int4 on both sides, no int8 build;
+llama.cpp: F32 / Q8_0 / Q4_0, Q4_0 in blocks of 32 whatever glmc's group size), checks each
+against transformers and times prefill and decode (min / median / max over repeats).
+Ratios are glmc over each peer, measured in the same run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ CONFIGS = {
     "fp32": {},
     "int4-g128": dict(quant="int4", group_size=128, lm_head="int4"),
     "int4-g32": dict(quant="int4", group_size=32, lm_head="int4"),
+    "int8": dict(quant="int8"),
 }
 
 
@@ -38,6 +40,8 @@ def _row(r: dict) -> dict:
         "decode_seconds_per_token": {C: d["seconds_per_token"] for C, d in r["decode"].items()},
         "decode_roofline_fraction": {C: round(d["roofline_fraction"], 3) for C, d in r["decode"].items()},
         "check": r.get("check"),
+        "precision": r.get("precision"),
+        "version": r.get("version"),
     }
 
 
@@ -56,16 +60,19 @@ def main(argv=None) -> int:
                       compile_options=CONFIGS[name], peers=True)
         report.setdefault("machine", rep["machine"])
         rows = {k: _row(v) for k, v in rep["results"].items()}
-        peer = rep["results"].get("ort-genai", {})
         glmc = rep["results"]["glmc"]
-        ratios = {} if "error" in peer else {
-            "prefill": {L: round(glmc["prefill"][L]["tokens_per_s"] / peer["prefill"][L]["tokens_per_s"], 3)
-                        for L in glmc["prefill"]},
-            "decode": {C: round(glmc["decode"][C]["tokens_per_s"] / peer["decode"][C]["tokens_per_s"], 3)
-                       for C in glmc["decode"]},
-        }
+        ratios = {}
+        for peer_name, peer in rep["results"].items():
+            if peer_name == "glmc" or "error" in peer:
+                continue
+            ratios[peer_name] = {
+                "prefill": {L: round(glmc["prefill"][L]["tokens_per_s"] / peer["prefill"][L]["tokens_per_s"], 3)
+                            for L in glmc["prefill"]},
+                "decode": {C: round(glmc["decode"][C]["tokens_per_s"] / peer["decode"][C]["tokens_per_s"], 3)
+                           for C in glmc["decode"]},
+            }
         report["configs"][name] = {"compile_options": CONFIGS[name], "results": rows,
-                                   "glmc_over_ort_genai": ratios, "settings": rep["settings"]}
+                                   "glmc_over_peer": ratios, "settings": rep["settings"]}
     emit(report, args.out)
     return 0
 

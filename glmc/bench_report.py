@@ -95,6 +95,8 @@ def _tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     ctx = report["settings"]["contexts"]
     prefill, decode = [], []
     for name, r in res.items():
+        if r.get("precision"):                  # a peer: the format it ran (Q4_0, int4, ...)
+            name = f"{name} ({r['precision']})"
         if "error" in r:
             prefill.append([name, f"failed: {r['error']}"])
             decode.append([name, f"failed: {r['error']}"])

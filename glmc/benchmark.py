@@ -8,6 +8,8 @@ Providers (same checkpoint, same threads, one run):
                cache in a plain export, so decode re-runs the sequence)
   ort-genai    with --peers: ONNX Runtime GenAI on the same weights at the artifact's
                precision, through its own generation API (glmc/peers.py)
+  llama.cpp    with --peers: llama.cpp (llama-cpp-python) on the same weights written as
+               GGUF by glmc, F32 / Q8_0 / Q4_0 for fp32 / int8 / int4 artifacts
 Correctness before timing: every provider's greedy tokens are checked against eager
 (a quantized glmc artifact is checked like `glmc verify`: its logits against its
 source's fp32 model within the artifact's relative-RMS bound). A baseline that fails is
@@ -245,19 +247,23 @@ def _measure_peers(results: dict, loaded, manifest: dict, glmc_provider, pool, s
                    embedding_bytes: int) -> None:
     """Other engines (glmc/peers.py) on the artifact's source weights at its precision: built,
     checked against transformers, measured like glmc; a peer that cannot run says why in its row."""
-    from glmc.peers import OrtGenaiProvider, available, check_logits, write_hf_checkpoint
+    from glmc.peers import LlamaCppProvider, OrtGenaiProvider, available, check_logits, write_hf_checkpoint
 
+    threads = glmc_provider.rt.executor.threads
     for name, why in available().items():
         if why:
             results[name] = {"error": why}
             continue
         say(f"{name}: build, check, measure")
         try:
-            hf = write_hf_checkpoint(loaded.model, loaded.tokenizer_json, work / "hf")
-            p = OrtGenaiProvider(hf, work / name, manifest["quant"], manifest.get("group_size"),
-                                 glmc_provider.rt.executor.threads)
+            if name == "llama.cpp":
+                p = LlamaCppProvider(loaded.model, loaded.config | {"model_type": loaded.model_type}, work / name,
+                                     manifest["quant"], threads, manifest["max_seq_len"])
+            else:
+                hf = write_hf_checkpoint(loaded.model, loaded.tokenizer_json, work / "hf")
+                p = OrtGenaiProvider(hf, work / name, manifest["quant"], manifest.get("group_size"), threads)
             check = check_logits(p, loaded.model, pool[:8], manifest["quant"])
-            results[name] = dict(measure_provider(p, pool, settings), check=check, version=p.version,
+            results[name] = dict(measure_provider(p, pool, settings), check=check, version=p.version, precision=p.precision,
                                  weight_bytes=p.weight_bytes(embedding_bytes))
         except _BASELINE_ERRORS as e:
             results[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}

@@ -11,8 +11,12 @@ as its users run it.
 Before timing, a peer's last-token logits after a prompt are compared with transformers':
 within 1e-3 (fp32) or within verify.RELATIVE_RMS (quantized), the gate glmc's own artifacts pass.
 
-llama.cpp is not wired in: its converter ships only in llama-cpp-python's source
-distribution and needed local patches for these checkpoints (see issue 14's notes).
+llama.cpp (`pip install glmc[peers]`, i.e. llama-cpp-python, and gguf): glmc writes the
+reference model's weights as GGUF itself (glmc/gguf_export.py: no tokenizer, token ids in
+and out) at the precision that matches the artifact: F32 for fp32, Q8_0 for int8, Q4_0
+(blocks of 32, every 2-D tensor) for int4. It runs through llama-cpp-python's Llama:
+eval() of the prompt, then one eval() per generated token, the last token's logits read
+in place; the same Python-driven loop glmc's own provider runs.
 """
 
 from __future__ import annotations
@@ -28,16 +32,21 @@ from glmc.benchmark import Provider
 from glmc.errors import GlmcError
 
 _ARCH = {"glm": "ChatGLMModel", "chatglm": "ChatGLMModel"}
+FP16_CACHE_REL_RMS = 1e-2       # llama.cpp F32 weights with its default F16 KV cache (measured ~5e-4)
 
 
 def available() -> dict[str, str | None]:
     """peer name -> None when it can run here, else why not."""
-    try:
-        import onnxruntime_genai  # noqa: F401
-        why = None
-    except ImportError:
-        why = "onnxruntime-genai is not installed (pip install glmc[peers])"
-    return {"ort-genai": why}
+    out = {}
+    for name, modules, package in (("ort-genai", ("onnxruntime_genai",), "onnxruntime-genai"),
+                                   ("llama.cpp", ("llama_cpp", "gguf"), "llama-cpp-python and gguf")):
+        try:
+            for m in modules:
+                __import__(m)
+            out[name] = None
+        except ImportError:
+            out[name] = f"{package} is not installed (pip install glmc[peers])"
+    return out
 
 
 def write_hf_checkpoint(model, tokenizer_json: str | None, out: Path) -> Path:
@@ -123,6 +132,63 @@ class OrtGenaiProvider(Provider):
         return toks
 
 
+class LlamaCppProvider(Provider):
+    """llama.cpp through llama-cpp-python on a GGUF glmc wrote (see the module docstring)."""
+
+    name = "llama.cpp"
+
+    def __init__(self, model, config: dict, out: Path, quant: str, threads: int, n_ctx: int, kv_f32: bool = False):
+        """kv_f32: an F32 KV cache instead of llama.cpp's default F16 (its users' setting, timed).
+        With F32 its logits equal transformers' to ~2e-6 on a tiny model; with F16 to ~5e-4
+        relative RMS, so the fp32 gate for the default is on relative RMS (FP16_CACHE_REL_RMS)."""
+        import llama_cpp
+
+        from glmc.gguf_export import quant_for, write_gguf
+
+        if quant not in ("none", "int8", "int4"):
+            raise GlmcError(f"llama.cpp: no build to compare with --quant {quant}")
+        self.precision = quant_for(quant)
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = write_gguf(model.state_dict(), config, out / f"model-{self.precision}.gguf", self.precision)
+        cache = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if kv_f32 else {}
+        self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False, **cache)
+        self.fp32_rel_rms = None if kv_f32 else FP16_CACHE_REL_RMS
+        self.version = getattr(llama_cpp, "__version__", "?")
+        self.vocab = self.llm.n_vocab()
+
+    def weight_bytes(self, embedding_bytes: int) -> int:
+        """What a decode step reads of the weights: the file less its embedding table (at its type)."""
+        import gguf
+
+        reader = gguf.GGUFReader(str(self.path))
+        emb = next(int(t.n_bytes) for t in reader.tensors if t.name == "token_embd.weight")
+        return max(1, self.path.stat().st_size - emb)
+
+    def _last(self) -> np.ndarray:
+        """The last evaluated token's logits, read in place (valid until the next eval)."""
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.vocab,))
+
+    def last_logits(self, ids) -> np.ndarray:
+        self.prefill(ids)
+        return self._last().copy()
+
+    def prefill(self, ids) -> None:
+        self.llm.reset()
+        self.llm.eval(list(ids))
+
+    def start(self, ids) -> dict:
+        self.prefill(ids)
+        return {"tok": int(self._last().argmax())}
+
+    def steps(self, state: dict, n: int) -> list[int]:
+        toks = []
+        for _ in range(n):
+            self.llm.eval([state["tok"]])
+            state["tok"] = int(self._last().argmax())
+            toks.append(state["tok"])
+        return toks
+
 
 def check_logits(provider, model, ids, quant: str) -> dict:
     """The peer's last-token logits vs transformers' on the same prompt; raises when off."""
@@ -135,7 +201,10 @@ def check_logits(provider, model, ids, quant: str) -> dict:
     got = provider.last_logits(ids)
     diff = float(np.abs(got - ref).max())
     rel = _rel_rms(got, ref)        # the measure glmc's own quantized artifacts are gated on
-    if quant == "none":
+    if quant == "none" and getattr(provider, "fp32_rel_rms", None):      # fp32 weights, an fp16 KV cache
+        bound = provider.fp32_rel_rms
+        ok = rel <= bound
+    elif quant == "none":
         ok, bound = diff <= 1e-3, 1e-3
     else:
         bound = RELATIVE_RMS[("fp32", quant)]
