@@ -133,3 +133,42 @@ def test_report_html_has_real_tables_and_marks_cache_resident_fractions(quick_re
     rep["results"]["ort-plain"] = {"error": "RuntimeError: boom"}    # as a failed baseline reports
     del rep["speedup_glmc_over"]["ort-plain"]
     assert "colspan=" in html_page(rep, []) and "failed: RuntimeError: boom" in html_page(rep, [])
+
+
+def _chromium():
+    import shutil
+
+    return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+def _drawn(browser, page, shot):
+    """The page as headless Chromium draws it: (pixels with long runs of the tables' #ccc cell
+    borders, pixels of matplotlib's default blue)."""
+    import subprocess
+
+    import matplotlib.image as mpimg
+
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1100,4000", page.as_uri()],
+                   check=True, capture_output=True, timeout=180)
+    img = mpimg.imread(str(shot))[..., :3]
+    grey = np.all(np.abs(img - 0.8) < 0.02, axis=-1)
+    blue = np.all(np.abs(img - np.array([0x1F, 0x77, 0xB4]) / 255) < 0.06, axis=-1)
+    return int((grey.sum(axis=1) > 200).sum()), int(blue.sum())
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium on this machine (apt-get install chromium): "
+                                                "report.html is not drawn")
+def test_report_html_as_headless_chromium_draws_it(quick_report, tmp_path):
+    """report.html in a browser: the screenshot holds the tables' cell borders (real HTML tables,
+    not markdown text) and the plots' bars (the PNGs load). The same report as markdown in
+    <pre>, the page before issue 14, draws neither."""
+    from glmc.bench_report import markdown
+
+    _, out, _ = quick_report
+    borders, bars = _drawn(_chromium(), out / "report.html", tmp_path / "page.png")
+    assert borders >= 10 and bars >= 2000, (borders, bars)
+    rep = json.loads((out / "report.json").read_text())
+    old = out / "old.html"
+    old.write_text("<!doctype html><meta charset='utf-8'><pre>" + markdown(rep) + "</pre>")
+    assert _drawn(_chromium(), old, tmp_path / "old.png") == (0, 0)
