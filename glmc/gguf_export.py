@@ -42,8 +42,10 @@ def quant_for(glmc_quant: str) -> str:
     return {"none": "F32", "int8": "Q8_0", "int4": "Q4_0"}[glmc_quant]
 
 
-def write_gguf(state: dict, config: dict, out: Path, qtype: str = "F32") -> Path:
-    """state: transformers tensor name -> fp32 torch tensor; config: the glm/glm4 config dict."""
+def write_gguf(state, config: dict, out: Path, qtype: str = "F32", spill: bool = False) -> Path:
+    """state: transformers tensor name -> fp32 torch tensor (a dict, or anything with [] / in /
+    get that reads on demand); config: the glm/glm4 config dict. spill: each tensor goes to a
+    temporary file as it is added (a model larger than memory), not kept until the write."""
     import gguf
 
     if qtype not in QTYPES:
@@ -62,7 +64,7 @@ def write_gguf(state: dict, config: dict, out: Path, qtype: str = "F32") -> Path
     if rope.get("rope_type", "default") != "default":
         raise GlmcError(f"gguf: rope_type {rope.get('rope_type')!r} is not written")
     n_rot = int(D * config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)))
-    w = gguf.GGUFWriter(str(out), arch)
+    w = gguf.GGUFWriter(str(out), arch, use_temp_file=spill)
     w.add_name("glmc-export")
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(H)
@@ -88,10 +90,9 @@ def write_gguf(state: dict, config: dict, out: Path, qtype: str = "F32") -> Path
         else:
             w.add_tensor(name, a)
 
-    lm_head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
     add("token_embd.weight", state["model.embed_tokens.weight"])
     add("output_norm.weight", state["model.norm.weight"])
-    add("output.weight", lm_head)
+    add("output.weight", state["lm_head.weight" if "lm_head.weight" in state else "model.embed_tokens.weight"])
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         qkv = [state[f"{p}self_attn.{x}_proj.weight"] for x in "qkv"]
@@ -110,3 +111,26 @@ def write_gguf(state: dict, config: dict, out: Path, qtype: str = "F32") -> Path
 
 def _np(t) -> np.ndarray:
     return t if isinstance(t, np.ndarray) else t.detach().float().numpy()
+
+
+class _Reading:
+    """A checkpoint's tensors (checkpoint.TensorSource) as write_gguf's state: each read, as
+    fp32, when it is asked for."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def __getitem__(self, name):
+        return self.tensors.tensor(name)
+
+
+def write_gguf_from_checkpoint(path, out: Path, qtype: str) -> Path:
+    """A checkpoint directory (any size: one tensor in memory at a time) as GGUF."""
+    from glmc.checkpoint import open_model
+
+    loaded = open_model(path, purpose="exporting")
+    return write_gguf(_Reading(loaded.tensors), dict(loaded.config, model_type=loaded.model_type), out, qtype,
+                      spill=True)
