@@ -58,8 +58,10 @@ def export_ir(traced: Traced, accuracy_level: int = 4):
     """The entry point as an onnx_ir Model, not yet optimised (constants not folded)."""
     import torch
 
+    from glmc.trace import export_settings
+
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), export_settings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             traced.gm,
