@@ -1,7 +1,7 @@
 """What run-time adapter slots cost: decode and prefill with and without --lora-slots.
 
     python bench/lora_slots.py [--preset small-glm] [--quant int4] [--slots 4] [--rank 16]
-                               [--rounds 5] [--steps 64] [--out bench/results/lora-slots-small-glm-int4.json]
+                               [--rounds 5] [--steps 64] [--pairs 60] [--out bench/results/lora-slots-small-glm-int4.json]
 
 The preset is written out as a checkpoint and a PEFT adapter (random A, B scaled to a
 realistic delta; rank R on q/k/v/o and the MLP) is made for it. Three artifacts are
@@ -15,7 +15,9 @@ Then, interleaved over --rounds, batch 1: decode step time at a 32-token context
 --steps steps) and a 128-token prefill (median of 3), for plain, slots without an adapter and slots with
 one. Each case runs in a process of its own (this script with --time), so no other
 session's onnxruntime threads share the cores. Ratios are per round (slots / plain),
-reported min/median/max.
+reported min/median/max. On a noisy host the rounds spread wide, so the no-adapter cost is
+also measured paired (--pairs): plain and slots loaded in one process, blocks of 25 steps
+alternating, one ratio per pair of neighbouring blocks.
 """
 
 from __future__ import annotations
@@ -91,6 +93,46 @@ def _time(argv) -> int:
     return 0
 
 
+def _paired(arts: dict, pairs: int, steps: int, context: int) -> list[float]:
+    """Slots without an adapter against plain in one process: blocks of `steps` decode steps,
+    alternating which goes first, a pause between blocks so the idle session's threads park.
+    One ratio (slots / plain, block medians) per pair: both sides of a ratio ran within
+    milliseconds of each other, so a host's drift cancels."""
+    import numpy as np
+
+    import glmc
+
+    state = {}
+    for name in ("plain", "slots"):
+        rt = glmc.load(arts[name])
+        cache, last = rt.prefill([list(range(5, 5 + context))])
+        state[name] = [rt, cache, np.array([context]), int(last[0].argmax())]
+
+    def block(name: str, n: int) -> float:
+        rt, cache, pos, tok = state[name]
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            tok = int(rt.executor.decode(cache, np.array([[tok]]), pos)[0, 0].argmax())
+            times.append(time.perf_counter() - t0)
+            pos += 1
+            if pos[0] >= rt.max_seq_len - 1:       # the cache's slots are reused
+                pos[:] = context
+        state[name][3] = tok
+        return float(np.median(times))
+
+    block("plain", steps)
+    block("slots", steps)                           # warm-up
+    out = []
+    for i in range(pairs):
+        got = {}
+        for name in (("plain", "slots") if i % 2 == 0 else ("slots", "plain")):
+            time.sleep(0.02)
+            got[name] = block(name, steps)
+        out.append(got["slots"] / got["plain"])
+    return out
+
+
 def main(argv=None) -> int:
     import json
     import subprocess
@@ -106,7 +148,7 @@ def main(argv=None) -> int:
 
     import glmc
     from glmc.checkpoint import load
-    from glmc.measure import summarize
+    from glmc.measure import cpu_name, summarize
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small-glm")
@@ -117,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--context", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=128)
+    ap.add_argument("--pairs", type=int, default=60,
+                    help="paired in-process blocks of 25 decode steps (no adapter vs plain)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="glmc-lora-slots-"))
@@ -159,6 +203,8 @@ def main(argv=None) -> int:
             got_times = json.loads(out.strip().splitlines()[-1])
             step_ms[name].append(got_times["step_ms"])
             prefill_ms[name].append(got_times["prefill_ms"])
+    paired = _paired(arts, args.pairs, 25, args.context)
+
     def ratios(d, name):
         return summarize([x / y for x, y in zip(d[name], d["plain"])])
 
@@ -166,7 +212,7 @@ def main(argv=None) -> int:
     cfg = manifest["model"]["config"]
     report = {
         "what": "run-time adapter slots: decode step and prefill, batch 1, with and without --lora-slots",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {"cpu": cpu_name(), "platform": platform.platform(), "cpus": os.cpu_count()},
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "glmc": glmc.__version__},
         "preset": args.preset, "quant": args.quant, "slots": args.slots, "rank": args.rank, "targets": targets,
         "adapter_linears": len(manifest["backend"]["lora"]["linears"]),
@@ -174,6 +220,8 @@ def main(argv=None) -> int:
         "context": args.context, "steps_per_round": args.steps, "rounds": args.rounds, "prefill_tokens": args.prefill,
         "decode_step_ms": {k: summarize(v) for k, v in step_ms.items()},
         "decode_step_ratio_vs_plain": {k: ratios(step_ms, k) for k in ("slots_no_adapter", "slots_with_adapter")},
+        "decode_step_ratio_paired_no_adapter": dict(
+            summarize(paired), quartiles=[float(np.percentile(paired, q)) for q in (25, 50, 75)], steps_per_block=25),
         "prefill_ms": {k: summarize(v) for k, v in prefill_ms.items()},
         "prefill_ratio_vs_plain": {k: ratios(prefill_ms, k) for k in ("slots_no_adapter", "slots_with_adapter")},
         "checks": {

@@ -1,0 +1,89 @@
+"""How onnxruntime's MatMulNBits cost grows with the rows it multiplies: the bound on what
+batching decode rows (glmc serve) can gain on this CPU.
+
+    python bench/matmul_rows.py [--k 1024] [--n 5632] [--threads 2]
+                                [--out bench/results/matmul-rows-cpu.json]
+
+One MatMulNBits node per session (random packed weights), for int4 group 128 and 32 and
+int8 group 128, at accuracy levels 0, 1 and 4, timed at M = 1, 4 and 16 rows: 7 rounds of
+20 runs each after 5 warm-up runs. Reported per setting: ms per call at M=1 (min/median/max
+over rounds) and the cost at M=4 and M=16 as a multiple of M=1 (medians of the same run).
+A 16-row decode step can be at most 16 / (that multiple) times the throughput of 16 one-row
+steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from report_json import emit  # noqa: E402  (bench/, the script's own directory)
+
+
+def _session(K: int, N: int, bits: int, block: int, accuracy: int, threads: int):
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    blocks = K // block
+    packed = rng.integers(0, 255, (N, blocks, block * bits // 8), dtype=np.uint8)
+    scales = (rng.random(N * blocks) * 0.01).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft", K=K, N=N, bits=bits,
+                            block_size=block, accuracy_level=accuracy)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
+                              [numpy_helper.from_array(packed, "q"), numpy_helper.from_array(scales, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def main(argv=None) -> int:
+    import numpy as np
+    import onnxruntime
+
+    from glmc.measure import cpu_name, summarize
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--n", type=int, default=5632)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    rows = (1, 4, 16)
+    results = {}
+    for bits, block in ((4, 128), (4, 32), (8, 128)):
+        for accuracy in (0, 1, 4):
+            sess = _session(args.k, args.n, bits, block, accuracy, args.threads)
+            per_round = {m: [] for m in rows}
+            inputs = {m: {"x": np.random.rand(m, args.k).astype(np.float32)} for m in rows}
+            for m in rows:
+                for _ in range(5):
+                    sess.run(None, inputs[m])
+            for _ in range(7):
+                for m in rows:
+                    t0 = time.perf_counter()
+                    for _ in range(20):
+                        sess.run(None, inputs[m])
+                    per_round[m].append((time.perf_counter() - t0) / 20 * 1e3)
+            one = float(np.median(per_round[1]))
+            results[f"int{bits} g{block} accuracy_level {accuracy}"] = {
+                "ms_at_1_row": summarize(per_round[1]),
+                "cost_vs_1_row": {str(m): float(np.median(per_round[m])) / one for m in rows[1:]},
+            }
+    emit({"what": "MatMulNBits ms per call by rows (M), and the multiple of the 1-row cost",
+          "machine": {"cpu": cpu_name(), "platform": platform.platform(), "threads": args.threads},
+          "versions": {"onnxruntime": onnxruntime.__version__},
+          "K": args.k, "N": args.n, "results": results}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
