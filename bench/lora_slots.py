@@ -82,15 +82,30 @@ def _time(argv) -> int:
         runs.append((time.perf_counter() - t0) * 1e3)
     prefill_ms = float(np.median(runs))
     cache, last = rt.prefill([prompt], slots)
-    pos, tok, times = np.array([args.context]), int(last[0].argmax()), []
-    for i in range(args.steps + 16):                    # 16 warm-up steps
-        t0 = time.perf_counter()
-        tok = int(rt.executor.decode(cache, np.array([[tok]]), pos)[0, 0].argmax())
-        if i >= 16:
-            times.append(time.perf_counter() - t0)
-        pos += 1
+    state = [cache, np.array([args.context]), int(last[0].argmax())]
+    _greedy_steps(rt, state, 16, args.context)          # warm-up
+    times = _greedy_steps(rt, state, args.steps, args.context)
     print(json.dumps({"prefill_ms": prefill_ms, "step_ms": float(np.median(times)) * 1e3}))
     return 0
+
+
+def _greedy_steps(rt, state: list, n: int, context: int) -> list[float]:
+    """n greedy decode steps of batch 1 from state = [cache, position (1,), last token],
+    updated in place; the seconds of each. Past the capacity the cache's slots are reused
+    from `context` on."""
+    import numpy as np
+
+    cache, pos, tok = state
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        tok = int(rt.executor.decode(cache, np.array([[tok]]), pos)[0, 0].argmax())
+        times.append(time.perf_counter() - t0)
+        pos += 1
+        if pos[0] >= rt.max_seq_len - 1:
+            pos[:] = context
+    state[2] = tok
+    return times
 
 
 def _paired(arts: dict, pairs: int, steps: int, context: int) -> list[float]:
@@ -102,24 +117,14 @@ def _paired(arts: dict, pairs: int, steps: int, context: int) -> list[float]:
 
     import glmc
 
-    state = {}
+    rts, state = {}, {}
     for name in ("plain", "slots"):
-        rt = glmc.load(arts[name])
-        cache, last = rt.prefill([list(range(5, 5 + context))])
-        state[name] = [rt, cache, np.array([context]), int(last[0].argmax())]
+        rts[name] = glmc.load(arts[name])
+        cache, last = rts[name].prefill([list(range(5, 5 + context))])
+        state[name] = [cache, np.array([context]), int(last[0].argmax())]
 
     def block(name: str, n: int) -> float:
-        rt, cache, pos, tok = state[name]
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            tok = int(rt.executor.decode(cache, np.array([[tok]]), pos)[0, 0].argmax())
-            times.append(time.perf_counter() - t0)
-            pos += 1
-            if pos[0] >= rt.max_seq_len - 1:       # the cache's slots are reused
-                pos[:] = context
-        state[name][3] = tok
-        return float(np.median(times))
+        return float(np.median(_greedy_steps(rts[name], state[name], n, context)))
 
     block("plain", steps)
     block("slots", steps)                           # warm-up

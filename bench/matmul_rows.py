@@ -27,8 +27,9 @@ from report_json import emit  # noqa: E402  (bench/, the script's own directory)
 
 def _session(K: int, N: int, bits: int, block: int, accuracy: int, threads: int):
     import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
+
+    from glmc.backends.cpu.tune import matmul_session
 
     rng = np.random.default_rng(0)
     blocks = K // block
@@ -36,13 +37,7 @@ def _session(K: int, N: int, bits: int, block: int, accuracy: int, threads: int)
     scales = (rng.random(N * blocks) * 0.01).astype(np.float32)
     node = helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft", K=K, N=N, bits=bits,
                             block_size=block, accuracy_level=accuracy)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
-                              [numpy_helper.from_array(packed, "q"), numpy_helper.from_array(scales, "s")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return matmul_session(node, K, N, {"q": packed, "s": scales}, threads)
 
 
 def main(argv=None) -> int:

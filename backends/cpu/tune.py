@@ -94,25 +94,32 @@ def tune(artifact: Path, manifest: dict, budget_s: float, db, timer, report: boo
     return result
 
 
-def matmul_throughput(cfg: dict, threads: int, tuner: Tuner, max_m: int = 512) -> dict[tuple[int, int], float]:
-    """GFLOP/s of onnxruntime MatMul over the model's (N, K) pairs and token counts M."""
+def matmul_session(node, K: int, N: int, weights: dict, threads: int):
+    """An onnxruntime session of one matmul-like node: x (M, K) fp32 -> y (M, N), its
+    constant inputs `weights` (name -> array), on `threads` threads."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    graph = helper.make_graph([node], "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
+                              [numpy_helper.from_array(a, name) for name, a in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def matmul_throughput(cfg: dict, threads: int, tuner: Tuner, max_m: int = 512) -> dict[tuple[int, int], float]:
+    """GFLOP/s of onnxruntime MatMul over the model's (N, K) pairs and token counts M."""
     H, I = cfg["hidden_size"], cfg["intermediate_size"]
     D = head_dim(cfg)
     pairs = sorted({(cfg["num_attention_heads"] * D + 2 * cfg["num_key_value_heads"] * D, H), (H, H), (2 * I, H), (H, I)})
+    from onnx import helper
+
     out = {}
     for N, K in pairs:
         w = np.random.default_rng(0).standard_normal((K, N)).astype(np.float32)
-        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
-                                  [numpy_helper.from_array(w, "w")])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-                                    .SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = matmul_session(helper.make_node("MatMul", ["x", "w"], ["y"]), K, N, {"w": w}, threads)
         for m in [1] + token_counts(max_m):
             x = np.ones((m, K), np.float32)
             r = tuner.choose("cpu_matmul", (m, N, K), "fp32", "none", {"onnxruntime": lambda x=x: sess.run(None, {"x": x})})
