@@ -44,8 +44,10 @@ class Backend(Protocol):
     def why_cannot_run_here(self) -> str | None:
         """Why this machine cannot run (verify, tune, profile) the target's artifacts, or None."""
 
-    def lower(self, graphs: list, out_dir: Path, ctx) -> dict:
-        """Write the backend's files for the rewritten graphs; return the manifest's backend section."""
+    def lower(self, graphs: list, out_dir: Path, ctx, late=None) -> dict:
+        """Write the backend's files for the rewritten graphs; return the manifest's backend section.
+        late(name), where given, traces and rewrites one more entry the backend finds it needs
+        (glmc/compiler.py: late_entries)."""
 
     def load(self, artifact_dir: Path, manifest: dict, threads: int | None = None) -> Executor: ...
 

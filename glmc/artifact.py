@@ -18,7 +18,10 @@ from pathlib import Path
 
 from glmc.errors import GlmcError
 
-FORMAT_VERSION = 3     # 3: cpu artifacts generate through the lean step graph (else, declined, extend)
+# 3: cpu artifacts generate through the lean step graph (else, declined, extend)
+# 4: cpu step artifacts score (every position's logits) through the step graph: no score entry
+FORMAT_VERSION = 4
+READS = (3, 4)          # a version-3 artifact runs as before (its score entry is used)
 MANIFEST = "manifest.json"
 
 
@@ -95,10 +98,9 @@ def read_manifest(root: Path, verify: bool = True) -> dict:
     if not isinstance(manifest, dict):
         raise GlmcError(f"{path}: manifest is not a JSON object")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise GlmcError(
-            f"{path}: artifact format version {version!r}; this glmc reads version {FORMAT_VERSION} (recompile it)"
-        )
+    if version not in READS:
+        raise GlmcError(f"{path}: artifact format version {version!r}; this glmc reads versions "
+                        f"{', '.join(map(str, READS))} (recompile it)")
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise GlmcError(f"{path}: manifest has no file list")

@@ -240,7 +240,7 @@ def compile(
             quant_report.update(r.report.get("quantization", {}))
         with staging_dir(out) as tmp:
             with stages.stage(f"lower ({target})"):
-                backend_info = backend.lower(graphs, tmp, ctx)
+                backend_info = backend.lower(graphs, tmp, ctx, late_entries(loaded.model, ctx, pipeline, records))
                 if "lora" in backend_info:
                     backend_info["lora"]["stored"] = stored_rows(loaded, backend_info["lora"]["linears"])
             if loaded.text is not None:         # tokenizer file(s); the rest goes in the manifest
@@ -295,22 +295,48 @@ def compile(
 
 
 def trace_entries(model, ctx, pipeline, extend: bool) -> list:
-    """The entry points a compile traces: cpu: extend; gpu: prefill, decode, [extend]; and
-    score (every position's logits) when last_token_logits leaves prefill with the last token's only."""
+    """The entry points a compile traces: cpu: extend; gpu: prefill, decode, [extend], and
+    score (every position's logits) when last_token_logits leaves prefill with the last
+    token's only. The cpu step graph gives every position's logits itself (it is told which
+    rows to compute): cpu asks for score while lowering (`late_entries`) only when it
+    cannot build that graph."""
     from glmc import trace
 
     cfg, seq = dict(ctx.model_config), ctx.max_seq_len
     if ctx.target.family == "cpu":
         # one entry for prompts, chunks and decode steps: one onnxruntime session, so one
         # pre-packed copy of the weights, and each call reads only the cache slots in use
-        graphs = [trace.trace_extend(model, cfg, seq)]
-    else:
-        graphs = [trace.trace_prefill(model, cfg, seq), trace.trace_decode(model, cfg, seq)]
-        if extend:      # long prompts prefilled chunk by chunk over the cache
-            graphs.append(trace.trace_extend(model, cfg, seq))
-    if any(name == "last_token_logits" for name, _ in pipeline):
+        return [trace.trace_extend(model, cfg, seq)]
+    graphs = [trace.trace_prefill(model, cfg, seq), trace.trace_decode(model, cfg, seq)]
+    if extend:      # long prompts prefilled chunk by chunk over the cache
+        graphs.append(trace.trace_extend(model, cfg, seq))
+    if _last_token_only(pipeline):
         graphs.append(trace.trace_prefill(model, cfg, seq, name="score"))
     return graphs
+
+
+def _last_token_only(pipeline) -> bool:
+    return any(name == "last_token_logits" for name, _ in pipeline)
+
+
+def late_entries(model, ctx, pipeline, records: list):
+    """What a backend calls while lowering for an entry it needs after all: entry(name) ->
+    that entry traced and rewritten (its pass records added to `records`); None when the
+    pipeline leaves every entry with every position's logits (no score entry is needed)."""
+    from glmc import trace
+
+    if not _last_token_only(pipeline):
+        return None
+
+    def entry(name: str):
+        if name != "score":
+            raise ValueError(f"no late entry {name!r}")
+        g = trace.trace_prefill(model, dict(ctx.model_config), ctx.max_seq_len, name=name)
+        g.gm, recs = run_pipeline(g.gm, ctx.for_entry(name), name, pipeline)
+        records.extend(recs)
+        return g
+
+    return entry
 
 
 def run_passes(graphs: list, ctx, pipeline) -> list:

@@ -39,17 +39,27 @@ def test_truncated_file_is_refused(art):
 
 
 def test_missing_file_is_refused(art):
-    (art / "score.onnx").unlink()
-    with pytest.raises(GlmcError, match="score.onnx listed in the manifest is missing"):
+    (art / "step.onnx").unlink()
+    with pytest.raises(GlmcError, match="step.onnx listed in the manifest is missing"):
         glmc.load(art)
 
 
-def test_future_format_version_is_refused(art):
+@pytest.mark.parametrize("version", [99, 2, "4", None])
+def test_other_format_versions_are_refused(art, version):
     m = json.loads((art / "manifest.json").read_text())
-    m["format_version"] = 99
+    m["format_version"] = version
     (art / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(GlmcError, match="format version 99"):
+    with pytest.raises(GlmcError, match=f"format version {version!r}; this glmc reads versions 3, 4"):
         glmc.load(art)
+
+
+def test_format_3_is_still_read(art):
+    """Format 3 differs only in carrying a score entry beside the step graph (used when there)."""
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["format_version"] == 4 and "score" not in m["backend"]["graphs"]
+    m["format_version"] = 3
+    (art / "manifest.json").write_text(json.dumps(m))
+    assert len(glmc.load(art).generate([[5, 6]], max_new_tokens=3)[0]) == 3
 
 
 def test_manifest_path_escape_is_refused(art):

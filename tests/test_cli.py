@@ -38,8 +38,9 @@ def test_compile_run_verify_inspect(cli, tmp_path):
     assert r.exit_code == 0, r.output
     assert "verified" in r.output
     manifest = json.loads((art / "manifest.json").read_text())
-    assert manifest["format_version"] == 3 and manifest["target"] == "cpu"
-    assert {"weights.safetensors", "step.onnx", "score.onnx", "report.json"} <= set(manifest["files"])
+    assert manifest["format_version"] == 4 and manifest["target"] == "cpu"
+    assert {"weights.safetensors", "step.onnx", "report.json"} <= set(manifest["files"])
+    assert "score.onnx" not in manifest["files"]          # the step graph scores too
     assert len(manifest["source"]["sha256"]) == 64
 
     r = cli("run", art, "--ids", "5,6,7", "--max-new-tokens", "8")

@@ -24,10 +24,10 @@ class CpuBackend:
     def why_cannot_run_here(self) -> str | None:
         return None
 
-    def lower(self, graphs, out_dir: Path, ctx) -> dict:
+    def lower(self, graphs, out_dir: Path, ctx, late=None) -> dict:
         from glmc.backends.cpu.lower import lower
 
-        return lower(graphs, out_dir, ctx)
+        return lower(graphs, out_dir, ctx, late)
 
     def load(self, artifact_dir: Path, manifest: dict, threads: int | None = None):
         from glmc.backends.cpu.runtime import CpuExecutor

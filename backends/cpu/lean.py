@@ -13,12 +13,14 @@ node (or a few) per glmc op:
       (split -> view -> transpose -> rotary -> attention -> transpose -> reshape)
       projection in, rotary inside (interleaved, GLM's partial rotary), the KV cache as
       a (B, Hkv, S, D) buffer shared in place by past_* and present_*
-  last-token gather           -> Gather of one row per sequence (`last_rows`), so the
-                                 final matmul runs on B rows, not B x C
+  last-token gather           -> Gather of the flattened (B*C) rows `last_rows`: one per
+                                 sequence when generating, so the final matmul runs on B
+                                 rows, not B x C; all B*C when scoring (every position's
+                                 logits, so no separate score entry is needed)
 
   step(input_ids (B, C) i64, seqlens_k (B,) i32, total_sequence_length () i32,
-       last_rows (B,) i64, past_key_0, past_value_0, ...  each (B, Hkv, S, D))
-    -> logits (B, 1, V), present_key_0, present_value_0, ...  (the same buffers, written)
+       last_rows (R,) i64, past_key_0, past_value_0, ...  each (B, Hkv, S, D))
+    -> logits (R, 1, V), present_key_0, present_value_0, ...  (the same buffers, written)
 
 seqlens_k[b] is the slot of row b's last token after the call (GQA's convention), so a
 row's tokens sit at slots 0.. and its positions equal its slots. The mask and position
@@ -82,7 +84,7 @@ class _Builder:
             "input_ids": self._input("input_ids", INT64, [B, C]),
             "seqlens_k": self._input("seqlens_k", INT32, [B]),
             "total_sequence_length": self._input("total_sequence_length", INT32, []),
-            "last_rows": self._input("last_rows", INT64, [B]),
+            "last_rows": self._input("last_rows", INT64, [ir.SymbolicDim("rows")]),
         }
         self.lora_inputs: list[ir.Value] = []
         S = ir.SymbolicDim("capacity")

@@ -174,13 +174,19 @@ class _Weights:
         return ranges
 
 
-def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) -> dict:
+def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, late=None) -> dict:
+    """The entries as ONNX graphs over one weights file. The step graph, where it can be built,
+    is the only one: it gives every position's logits too (the runtime asks for all rows).
+    Where it is declined and extend keeps the last token's logits only, late("score")
+    (glmc/compiler.py: late_entries) brings the score entry, exported beside extend."""
     out_dir = Path(out_dir)
     level = ctx.quant.accuracy_level
     weights = _Weights(ctx.weights, ctx.model_config.get("num_hidden_layers", 0))
     models, io = {}, {}
     declined = lora = None
-    for t in traced:
+    queue = list(traced)
+    while queue:
+        t = queue.pop(0)
         if t.name == "extend":
             # the generation entry: built straight from the fused graph where it can be
             # (backends/cpu/lean.py), else exported by torch.onnx as it is
@@ -197,6 +203,8 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext) ->
                               "outputs": [v.name for v in step.graph.outputs]}
                 weights.take("step", step)
                 continue
+            if late is not None:        # every position's logits: the step graph cannot give them
+                queue.append(late("score"))
         models[t.name] = model = export_ir(t, level)
         io[t.name] = {"inputs": t.input_names, "outputs": t.output_names}
         if ctx.quant.kv_cache == "fp16":

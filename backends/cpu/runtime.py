@@ -254,6 +254,10 @@ class CpuExecutor:
             lambda model, names: self._make_session(name, model=model, initializers=set(names)),
             lambda batch, dtype: np.zeros((batch, self.kv_heads, self.capacity, self.head_dim), dtype), pairs)
 
+    def _no_adapter(self) -> dict:
+        """The step graph's adapter inputs for the base model (W = 0 tables), if it takes any."""
+        return dict(zip(self.lora.names, self.lora.empty)) if self.lora else {}
+
     def _generation_calls(self, ids: np.ndarray, mask: np.ndarray, steps: list[np.ndarray]) -> list:
         """The generation entry's calls for verification, fed as prefill() and decode() feed
         them: the right-padded prompts (ids, mask), then one token per row per entry of `steps`."""
@@ -263,7 +267,7 @@ class CpuExecutor:
         lengths = mask.sum(1)
         real = [np.arange(n) for n in lengths]
         if self.generation == "step":
-            none = dict(zip(self.lora.names, self.lora.empty)) if self.lora else {}   # the base model
+            none = self._no_adapter()
             calls = [Call({**_step_feeds(ids, np.full(B, T - 1), np.arange(B) * T + lengths - 1), **none},
                           start=0, real=real)]
             for n, tok in enumerate(steps):
@@ -305,8 +309,11 @@ class CpuExecutor:
         fill = gen[0]
         score = Call({"input_ids": ids, "attention_mask": mask}, start=0, real=fill.real)
         workloads = [(self.generation, {"gen": gen})]
-        if "score" in self.sessions:
+        if "score" in self.sessions:            # (format 3 step artifacts, declined ones)
             workloads.append(("score", {"full": [score]}))
+        elif self.generation == "step":         # every row's logits, over a cache of its own
+            workloads[0][1]["full"] = [Call({**_step_feeds(ids, np.full(B, T - 1), np.arange(B * T)),
+                                             **self._no_adapter()}, start=0, real=fill.real)]
         else:           # no score entry: the extend entry gives every position at used=0
             workloads[0][1]["full"] = [fill]
         out = {"stream": {}, "local": {}}
@@ -329,7 +336,7 @@ class CpuExecutor:
             for q, kind in enumerate(kinds):
                 logits = [trace.outputs[q, c]["logits"] for c in range(len(calls[q]))]
                 if kind == "full":
-                    out["full"] = logits[0]
+                    out["full"] = logits[0].reshape(B, T, -1)       # the step graph's are (B*T, 1, V)
                 else:
                     first = logits[0]
                     out["last"] = first[:, 0] if first.shape[1] == 1 else first[np.arange(B), lengths - 1]
@@ -339,7 +346,8 @@ class CpuExecutor:
                 for depth, got in trace.local.items():
                     out["local"].setdefault(depth, {})[kind] = per_row(got, q)
                 if kind == "full" and trace.local_outputs:       # every position's logits
-                    local = {k: v["logits"] for k, v in trace.local_outputs.items()}
+                    local = {(q, c): trace.local_outputs[q, c]["logits"].reshape(B, T, -1)
+                             for c in range(len(calls[q]))}
                     out["local"].setdefault(max(graph.depths), {})[kind] = per_row(local, q)
         return out
 
@@ -494,8 +502,13 @@ class CpuExecutor:
 
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """(B, T) -> (B, T, V) logits for every position (no cache)."""
-        if "score" in self.sessions:
+        if "score" in self.sessions:        # (format 3 step artifacts, declined ones)
             return self.sessions["score"].run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        if self.generation == "step":       # all B*T rows' logits, over a cache just big enough
+            B, T = input_ids.shape
+            cache = StepCache(B, self.n_layers, self.kv_heads, T, self.head_dim)
+            return self._step_call(cache.ort_kv, input_ids, np.full(B, T - 1), np.arange(B * T),
+                                   cache.adapter_slot).reshape(B, T, -1)
         # no score entry: last_token_logits did not run, so extend returns every position
         return self._extend(self.new_cache(len(input_ids)), input_ids, attention_mask,
                             np.zeros(len(input_ids), np.int64), 0)[0]

@@ -36,7 +36,7 @@ class GpuBackend:
         return (f"no GPU on this machine to run the {self.target} kernels; run it where the GPU is "
                 f"(or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)")
 
-    def lower(self, graphs, out_dir: Path, ctx) -> dict:
+    def lower(self, graphs, out_dir: Path, ctx, late=None) -> dict:
         from glmc.backends.gpu.lower import lower
 
         return lower(graphs, out_dir, ctx)
