@@ -22,7 +22,6 @@ recorded beside the numbers (F16C converts, AVX512-FP16 / AVX512-BF16 / AMX comp
 
 from __future__ import annotations
 
-import argparse
 import platform
 import re
 import sys
@@ -31,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from report_json import emit  # noqa: E402  (bench/, the script's own directory)
+from matmul_rows import nbits_session  # noqa: E402  (bench/, the script's own directory)
+from report_json import emit, matmul_args  # noqa: E402
 
 ROWS = (1, 128)
 FLAGS = ("avx2", "f16c", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_bf16")
@@ -56,13 +56,9 @@ def _session(kind: str, w, threads: int):
     if kind == "fp32":
         return matmul_session(helper.make_node("MatMul", ["x", "w"], ["y"]), K, N, {"w": w}, threads), np.float32, w.nbytes
     if kind in ("int8", "int4"):
-        bits, block = (8, 128) if kind == "int8" else (4, 128)
-        rng = np.random.default_rng(1)
-        packed = rng.integers(0, 255, (N, K // block, block * bits // 8), dtype=np.uint8)
-        scales = (rng.random(N * K // block) * 0.01).astype(np.float32)
-        node = helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft", K=K, N=N, bits=bits,
-                                block_size=block, accuracy_level=4)
-        return matmul_session(node, K, N, {"q": packed, "s": scales}, threads), np.float32, packed.nbytes + scales.nbytes
+        bits = 8 if kind == "int8" else 4
+        # the packed bytes and one fp32 scale per 128 weights
+        return nbits_session(K, N, bits, 128, 4, threads), np.float32, K * N * bits // 8 + K * N // 128 * 4
     if kind == "bf16":          # onnx has no numpy bfloat16: the weight as its top 16 bits
         raw = (w.view(np.uint32) >> 16).astype(np.uint16)
         init = helper.make_tensor("w", T.BFLOAT16, [K, N], raw.tobytes(), raw=True)
@@ -102,12 +98,7 @@ def main(argv=None) -> int:
 
     from glmc.measure import cpu_name, read_bandwidth_gbs, summarize
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--k", type=int, default=4096)
-    ap.add_argument("--n", type=int, default=8192)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
+    args = matmul_args(__doc__, 4096, 8192, argv)
     w = _weights(args.k, args.n)
     bandwidth = [read_bandwidth_gbs()]
     results = {}

@@ -14,7 +14,6 @@ steps.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
@@ -22,10 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from report_json import emit  # noqa: E402  (bench/, the script's own directory)
+from report_json import emit, matmul_args  # noqa: E402  (bench/, the script's own directory)
 
 
-def _session(K: int, N: int, bits: int, block: int, accuracy: int, threads: int):
+def nbits_session(K: int, N: int, bits: int, block: int, accuracy: int, threads: int):
+    """One MatMulNBits node over random packed weights (group `block`, `bits` bits)."""
     import numpy as np
     from onnx import helper
 
@@ -46,17 +46,12 @@ def main(argv=None) -> int:
 
     from glmc.measure import cpu_name, summarize
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--n", type=int, default=5632)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
+    args = matmul_args(__doc__, 1024, 5632, argv)
     rows = (1, 4, 16)
     results = {}
     for bits, block in ((4, 128), (4, 32), (8, 128)):
         for accuracy in (0, 1, 4):
-            sess = _session(args.k, args.n, bits, block, accuracy, args.threads)
+            sess = nbits_session(args.k, args.n, bits, block, accuracy, args.threads)
             per_round = {m: [] for m in rows}
             inputs = {m: {"x": np.random.rand(m, args.k).astype(np.float32)} for m in rows}
             for m in rows:
