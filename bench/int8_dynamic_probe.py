@@ -5,8 +5,9 @@
 
 Compiles MODEL at int4 (g128) and int8 (g128), unverified, then copies the int8 artifact and
 rewrites its step graph: every MatMulNBits (bits 8) becomes a com.microsoft.DynamicQuantizeMatMul
-over the same weight dequantized and requantized to int8 with one scale per output column
-(inline initializers; the manifest's hashes rewritten). bench/int8_forms_quality.py measures
+over the same codes laid out (K, N) with one scale per output column (glmc's int8 is per
+column already: requantizing the dequantized weight gives its codes back; inline
+initializers, the manifest's hashes rewritten). bench/int8_forms_quality.py measures
 what that arithmetic costs in quality on the trained fixture; this measures speed, through
 glmc's own runtime:
 
