@@ -27,6 +27,7 @@ CONFIGS = {
     "int4-g128": dict(quant="int4", group_size=128, lm_head="int4"),
     "int4-g32": dict(quant="int4", group_size=32, lm_head="int4"),
     "int8": dict(quant="int8"),
+    "int8-dynamic": dict(quant="int8", int8_matmul="dynamic"),
 }
 
 

@@ -81,6 +81,10 @@ def presets():
               help="cpu KV-cache storage; fp16 halves the cache (long contexts), attention still computes in fp32.")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
               help="cpu int4/int8 matmuls: 4 = int8 activations inside the kernel (fast), 0 = fp32 activations.")
+@click.option("--int8-matmul", default="nbits", show_default=True, type=click.Choice(["nbits", "dynamic"]),
+              help="cpu int8 decoder linears: nbits (MatMulNBits, int8 activations per 128-block) or dynamic "
+                   "(DynamicQuantizeMatMul: one activation scale per call, shared by a batch's rows; integer GEMM, "
+                   "faster prefill and batched decode on CPUs without AVX-512). The lm_head keeps nbits.")
 @click.option("--chunked-prefill/--no-chunked-prefill", default=None,
               help="GPU targets: build the extend entry point so long prompts are prefilled in (tuned) "
                    "chunks (default: on). cpu artifacts always run every step through it.")
@@ -99,8 +103,8 @@ def presets():
 @click.option("--lora-rank", type=int, default=16, show_default=True,
               help="The largest adapter rank the --lora-slots take.")
 def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, tune_budget, verify, fuse, calibrate,
-            asym, lm_head, embedding, kv_cache, accuracy_level, chunked_prefill, allow_pickle, rope_ratio_as,
-            lora, lora_scale, lora_slots, lora_rank):
+            asym, lm_head, embedding, kv_cache, accuracy_level, int8_matmul, chunked_prefill, allow_pickle,
+            rope_ratio_as, lora, lora_scale, lora_slots, lora_rank):
     """Compile MODEL (a checkpoint directory or a preset name) into an artifact."""
     import json
 
@@ -117,7 +121,7 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
                      calibrate=calibrate, symmetric=not asym, lm_head=lm_head, accuracy_level=accuracy_level,
                      embedding=embedding, kv_cache=kv_cache, allow_pickle=allow_pickle, tune=tune, tune_budget=tune_budget,
                      chunked_prefill=chunked_prefill, rope_ratio_as=rope_ratio_as, lora=list(zip(lora, scales)),
-                     lora_slots=lora_slots, lora_rank=lora_rank)
+                     lora_slots=lora_slots, lora_rank=lora_rank, int8_matmul=int8_matmul)
     report = json.loads((out / "report.json").read_text())
     v = report["verify"]
     if not isinstance(v, dict):

@@ -70,6 +70,15 @@ def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
         raise GlmcError(f"--kv-cache {q.kv_cache} is a cpu option; GPU targets keep the cache in the compute dtype")
     if q.accuracy_level not in (0, 1, 2, 3, 4):
         raise GlmcError(f"--accuracy-level must be 0..4, got {q.accuracy_level!r}")
+    if q.int8_matmul not in ("nbits", "dynamic"):
+        raise GlmcError(f"--int8-matmul must be nbits or dynamic, got {q.int8_matmul!r}")
+    if q.int8_matmul == "dynamic":
+        if backend.target.family != "cpu":
+            raise GlmcError("--int8-matmul dynamic is a cpu option (onnxruntime's DynamicQuantizeMatMul)")
+        if q.mode == "none":
+            raise GlmcError("--int8-matmul dynamic needs int8 linears: --quant int8 (or an int8 lm_head)")
+        if q.kv_cache != "fp32":
+            raise GlmcError("--int8-matmul dynamic needs the lean step graph, which --kv-cache fp16 does not use")
     if not isinstance(calibrate, int) or calibrate < 0 or (calibrate and q.mode != "int4"):
         raise GlmcError("--calibrate N takes N >= 1 sequences and applies to --quant int4")
 
@@ -178,6 +187,7 @@ def compile(
     lora: Sequence = (),
     lora_slots: int = 0,
     lora_rank: int = 16,
+    int8_matmul: str = "nbits",
 ) -> Path:
     """Compile MODEL (checkpoint directory or preset name); return the artifact path.
 
@@ -188,6 +198,11 @@ def compile(
     weights as they are read (verification then checks against the merged model).
     lora_slots / lora_rank: the decoder linears take run-time adapters (Runtime.add_adapter)
     of rank <= lora_rank in that many slots, beside the (possibly quantized) base weights.
+    int8_matmul: how the cpu step graph runs int8 decoder linears: "nbits" (MatMulNBits: int8
+    activations per 128-block) or "dynamic" (DynamicQuantizeMatMul over the same per-column
+    codes: one uint8 activation scale per call, shared by a batch's rows; onnxruntime's integer
+    GEMM, faster prefill and batched decode where MatMulNBits' 8-bit kernel is slow, e.g. AVX2
+    CPUs). The lm_head keeps MatMulNBits.
     """
     from glmc import checkpoint
     from glmc.calibrate import calibration_rows
@@ -200,7 +215,7 @@ def compile(
     if embedding is None:       # compact tables by default when quantizing (big vocabularies); the GPU
         # programs' int8 gather returns fp32 rows into an fp16 program, so GPUs keep the table
         embedding = "int8" if quant != "none" and backend.target.family == "cpu" else "fp32"
-    qc = QuantConfig(quant, group_size, symmetric, lm_head, embedding, accuracy_level, kv_cache)
+    qc = QuantConfig(quant, group_size, symmetric, lm_head, embedding, accuracy_level, kv_cache, int8_matmul)
     check_options(backend, dtype, qc, calibrate)
     check_lora_slots(backend, lora_slots, lora_rank, calibrate, kv_cache)
     adapters = read_adapters(lora, allow_pickle)
@@ -360,7 +375,7 @@ def _quant_summary(report: dict, q: QuantConfig, calibrate: int) -> dict | None:
     return {
         "quant": q.mode, "group_size": q.group_size if q.mode == "int4" else None,
         "symmetric": q.symmetric, "lm_head": q.lm_head, "embedding": q.embedding, "accuracy_level": q.accuracy_level,
-        "kv_cache": q.kv_cache,
+        "kv_cache": q.kv_cache, "int8_matmul": q.int8_matmul,
         "calibration_sequences": calibrate,
         "linear_bytes_fp32": fp32, "linear_bytes_fp16": fp32 // 2, "linear_bytes_packed": packed,
         "packed_over_fp16": round(packed / max(1, fp32 // 2), 4),

@@ -43,6 +43,7 @@ class QuantConfig:
     embedding: str = "fp32"         # fp32 | int8
     accuracy_level: int = 4         # onnxruntime MatMulNBits: 4 = int8 activations in the kernel
     kv_cache: str = "fp32"          # cpu KV-cache storage: fp32 | fp16 (attention still computes in fp32)
+    int8_matmul: str = "nbits"      # cpu int8 linears: nbits (MatMulNBits) | dynamic (DynamicQuantizeMatMul)
 
     @property
     def bits(self) -> int:

@@ -158,7 +158,7 @@ def test_lean_step_graph_matches_the_exported_extend_graph(artifacts, checkpoint
 
     lean = glmc.load(artifacts("tiny-glm"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lower, "build_step", lambda *a: (None, "switched off by the test", []))
+        mp.setattr(lower, "build_step", lambda *a, **k: (None, "switched off by the test", []))
         art = glmc.compile("tiny-glm", tmp_path / "extend.glmc", verify=False,
                            max_seq_len=lean.manifest["max_seq_len"])
     exported = glmc.load(art)

@@ -95,7 +95,7 @@ class LayeredGraph:
                 if x in producer:
                     consumers[x].append(i)
         seed = [max((weight_depth[x] for x in n.input if x in weight_depth), default=None) for n in nodes]
-        norm_at = self._stream_norms(nodes, seed, producer)
+        norm_at = self._stream_norms(nodes, seed, producer, self._inits)
         for depth, j in norm_at.items():
             seed[j] = depth if seed[j] is None else seed[j]
         depth_of: list = [None] * len(nodes)
@@ -140,15 +140,26 @@ class LayeredGraph:
         return segments
 
     @staticmethod
-    def _stream_norms(nodes, seed, producer) -> dict[int, int]:
+    def _stream_norms(nodes, seed, producer, inits) -> dict[int, int]:
         """depth -> index of the norm that carries the residual stream into it: the norm
-        feeding the depth's first weighted node (or that node, when it is the norm)."""
+        feeding the depth's first weighted node (or that node, when it is the norm).
+
+        A node computed from initializers alone (a reshape of scales; the int8 codes turned
+        into DynamicQuantizeMatMul's layout, which onnxruntime folds when the session is
+        built) is not on the stream's path; it hands its weight's depth to its consumers."""
+        folded, depth_via = [False] * len(nodes), list(seed)
+        for i, n in enumerate(nodes):
+            ins = [x for x in n.input if x]
+            folded[i] = all(x in inits or (x in producer and folded[producer[x]]) for x in ins)
+            via = [depth_via[producer[x]] for x in ins if x in producer and folded[producer[x]]]
+            via = [d for d in via if d is not None] + ([seed[i]] if seed[i] is not None else [])
+            depth_via[i] = max(via) if via else None
         found = {}
-        for i, depth in enumerate(seed):
-            if depth is None or depth < 0 or depth in found:
+        for i, depth in enumerate(depth_via):
+            if depth is None or depth < 0 or depth in found or folded[i]:
                 continue
-            if not any(x in producer for x in nodes[i].input):
-                continue        # reads weights only (a reshape of scales): not on the stream's path
+            if not any(x in producer and not folded[producer[x]] for x in nodes[i].input):
+                continue
             j, hops = i, 0
             while nodes[j].op_type not in NORMS and hops < 4:
                 src = producer.get(nodes[j].input[0]) if nodes[j].input else None

@@ -191,9 +191,13 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
             # the generation entry: built straight from the fused graph where it can be
             # (backends/cpu/lean.py), else exported by torch.onnx as it is
             step, declined, adapters = (None, "--kv-cache fp16", []) if ctx.quant.kv_cache == "fp16" else \
-                build_step(t, ctx.weights, ctx.model_config, level, ctx.lora_slots)
+                build_step(t, ctx.weights, ctx.model_config, level, ctx.lora_slots,
+                           int8_dynamic=ctx.quant.int8_matmul == "dynamic")
             if ctx.lora_slots and step is None:
                 raise GlmcError(f"--lora-slots needs the lean step graph, which this model cannot use: {declined}")
+            if ctx.quant.int8_matmul == "dynamic" and step is None:
+                raise GlmcError(f"--int8-matmul dynamic needs the lean step graph, which this model cannot use: "
+                                f"{declined}")
             if ctx.lora_slots:
                 slots, rank = ctx.lora_slots
                 lora = {"slots": slots, "rank": rank, "linears": adapters}
