@@ -107,19 +107,19 @@ class _Builder:
         self.nodes.append(node)
         return node.outputs[0] if outputs == 1 else tuple(node.outputs)
 
-    def const_ints(self, *values):
-        name = "ints_" + "_".join(str(v).replace("-", "m") for v in values)
+    def _const(self, name: str, value: np.ndarray, dtype) -> ir.Value:
+        """A small constant initializer, one per name."""
+        name = name.replace("-", "m")
         if name not in self.inits:
-            self.inits[name] = ir.Value(name=name, type=ir.TensorType(INT64), shape=ir.Shape([len(values)]),
-                                        const_value=ir.tensor(np.array(values, np.int64), name=name))
+            self.inits[name] = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(list(value.shape)),
+                                        const_value=ir.tensor(value, name=name))
         return self.inits[name]
 
+    def const_ints(self, *values):
+        return self._const("ints_" + "_".join(map(str, values)), np.array(values, np.int64), INT64)
+
     def const_i32(self, value: int):
-        name = f"i32_{value}".replace("-", "m")
-        if name not in self.inits:
-            self.inits[name] = ir.Value(name=name, type=ir.TensorType(INT32), shape=ir.Shape([]),
-                                        const_value=ir.tensor(np.array(value, np.int32), name=name))
-        return self.inits[name]
+        return self._const(f"i32_{value}", np.array(value, np.int32), INT32)
 
     def tensor(self, fx_node) -> torch.Tensor:
         return operator.attrgetter(fx_node.target)(self.gm)
@@ -232,8 +232,9 @@ def _int8_dynamic(b: _Builder, x, qweight, scales, bias, K: int, N: int):
     initializers only, so onnxruntime folds them once when the session is built and the
     artifact keeps one copy of the weights whichever kernel runs them."""
     UINT8, INT8 = ir.DataType.UINT8, ir.DataType.INT8
+    _, blocks, block = b.tensor(qweight).shape
     q = b.op("Reshape", [b.weight(qweight), b.const_ints(N, -1)], dtype=UINT8)
-    if b.tensor(qweight).shape[1] * b.tensor(qweight).shape[2] != K:       # padded to whole blocks
+    if blocks * block != K:         # padded to whole blocks
         q = b.op("Slice", [q, b.const_ints(0), b.const_ints(K), b.const_ints(1)], dtype=UINT8)
     q = b.op("Cast", [q], {"to": INT32}, dtype=INT32)
     q = b.op("Sub", [q, b.const_i32(128)], dtype=INT32)

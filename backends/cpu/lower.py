@@ -193,11 +193,10 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
             step, declined, adapters = (None, "--kv-cache fp16", []) if ctx.quant.kv_cache == "fp16" else \
                 build_step(t, ctx.weights, ctx.model_config, level, ctx.lora_slots,
                            int8_dynamic=ctx.quant.int8_matmul == "dynamic")
-            if ctx.lora_slots and step is None:
-                raise GlmcError(f"--lora-slots needs the lean step graph, which this model cannot use: {declined}")
-            if ctx.quant.int8_matmul == "dynamic" and step is None:
-                raise GlmcError(f"--int8-matmul dynamic needs the lean step graph, which this model cannot use: "
-                                f"{declined}")
+            for option, wanted in (("--lora-slots", ctx.lora_slots), ("--int8-matmul dynamic",
+                                                                      ctx.quant.int8_matmul == "dynamic")):
+                if wanted and step is None:
+                    raise GlmcError(f"{option} needs the lean step graph, which this model cannot use: {declined}")
             if ctx.lora_slots:
                 slots, rank = ctx.lora_slots
                 lora = {"slots": slots, "rank": rank, "linears": adapters}
