@@ -7,6 +7,8 @@ lands in site-packages.
 
 from setuptools import setup
 
+CPU16 = ["apache-tvm==0.27.0", "apache-tvm-ffi==0.1.14.post1"]
+
 setup(
     name="glmc",
     version="0.1.0",
@@ -36,8 +38,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3.5", "hypothesis>=6", "peft>=0.13",
-                 "openai>=1.30", "httpx>=0.27", "gguf>=0.17"],
+                 "openai>=1.30", "httpx>=0.27", "gguf>=0.17", *CPU16],
         "gpu": ["triton>=3.2"],
+        # --dtype bf16 / fp16 on the cpu target: TVM kernels for the 16-bit linears
+        # (apache-tvm-ffi 0.1.15.x segfaults in save_json: pinned)
+        "cpu16": CPU16,
         "peers": ["onnxruntime-genai>=0.18", "llama-cpp-python>=0.3.36", "gguf>=0.17"],
     },
     entry_points={"console_scripts": ["glmc=glmc.cli:main"]},

@@ -57,6 +57,15 @@ def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
                         f"(it compiles {', '.join(backend.dtypes)})")
     if q.mode not in QUANTS:
         raise GlmcError(f"unknown quant {q.mode!r} (choose from {', '.join(QUANTS)})")
+    if backend.target.family == "cpu" and dtype != "fp32":
+        if q.mode != "none":
+            raise GlmcError(f"--dtype {dtype} on the cpu target stores unquantized linears in 16 bits; "
+                            f"--quant {q.mode} builds run with --dtype fp32")
+        from glmc.backends.cpu.linear16 import available
+
+        why = available()
+        if why:
+            raise GlmcError(f"--dtype {dtype} on the cpu target {why}")
     gs = q.group_size
     if not isinstance(gs, int) or isinstance(gs, bool) or gs < 16 or gs & (gs - 1):
         raise GlmcError(f"--group-size must be a power of two >= 16 (e.g. 32, 64, 128), got {gs!r}")

@@ -5,6 +5,8 @@
   GLMC_MEMORY_LIMIT_GB=N   memory the up-front size check assumes (default: MemAvailable)
   XDG_CACHE_HOME           where the tuning database lives ($XDG_CACHE_HOME/glmc)
   GLMC_BENCH_MODEL         model of the pytest-benchmark suite in bench/ (default tiny-glm)
+  TVM_NUM_THREADS          TVM's thread pool (16-bit cpu linears): set here to the
+                           executor's threads unless the user set it
 
 Functions, not module constants: a test or a parent process may change the
 environment after import.
@@ -34,6 +36,12 @@ def memory_limit_bytes() -> int | None:
         return int(float(limit) * 2**30)
     except ValueError:
         raise GlmcError(f"GLMC_MEMORY_LIMIT_GB={limit!r} is not a number") from None
+
+
+def tvm_thread_pool(threads: int) -> None:
+    """TVM's thread pool for the 16-bit cpu linears, before TVM first runs a parallel loop:
+    `threads` workers. A value the user set wins."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
 
 
 def cache_dir() -> Path:

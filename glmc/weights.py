@@ -2,7 +2,8 @@
 
 A compile traces a model whose parameters are uninitialised (never-touched) memory and
 records, per constant, a recipe over the checkpoint's tensors: `Source` (a tensor of the
-checkpoint, or a row range of one), `Cat` (qkv / gate-up packing), `Transpose`, `Cast`,
+checkpoint, or a row range of one), `Cat` (qkv / gate-up packing), `Transpose`, `Blocks`,
+`Cast`,
 and multi-output `Quantized` / `EmbeddingInt8` (a `Part` picks one output). Passes ask
 the context's `WeightBook` for derived weights; in a lazy book they get a placeholder
 tensor of the right shape and dtype, in an eager book (tests, --calibrate) the value.
@@ -142,6 +143,31 @@ class Transpose(Lazy):
 
     def rows(self, r0, r1):
         return self.x.full().T[r0:r1].contiguous()
+
+
+@dataclass(eq=False)
+class Blocks(Lazy):
+    """x (N, K) as (N / width, K, width): block i holds rows i*width .. i*width+width-1 of x as
+    columns (backends/cpu/linear16.py's weight layout); written a run of blocks at a time."""
+
+    x: Lazy
+    width: int
+
+    def __post_init__(self):
+        N, K = self.x.shape
+        self.shape, self.dtype = (N // self.width, K, self.width), self.x.dtype
+
+    @property
+    def key(self):
+        return ("blocks", self.x.key, self.width)
+
+    @property
+    def chunkable(self):
+        return self.x.chunkable
+
+    def rows(self, r0, r1):
+        w = self.width
+        return self.x.rows(r0 * w, r1 * w).reshape(r1 - r0, w, -1).transpose(1, 2).contiguous()
 
 
 @dataclass(eq=False)
@@ -345,14 +371,15 @@ def release_pages(mm: np.memmap) -> None:
     mm._mmap.madvise(mmap.MADV_DONTNEED)
 
 
-def mapped_arrays(path: Path) -> tuple[np.memmap, dict[str, np.ndarray]]:
+def mapped_arrays(path: Path, private: bool = False) -> tuple[np.memmap, dict[str, np.ndarray]]:
     """The file's memory map and every tensor in it as a read-only numpy view of that map
-    (bf16 as uint16)."""
+    (bf16 as uint16); `private`: a copy-on-write map, writable views (what DLPack exports:
+    TVM takes no read-only array), where nothing is ever written."""
     from glmc.safetensors_check import data_start, read_header
 
     header = read_header(path)
     base = data_start(path)
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    mm = np.memmap(path, dtype=np.uint8, mode="c" if private else "r")
     out = {}
     for name, h in header.items():
         if name == "__metadata__":

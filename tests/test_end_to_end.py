@@ -20,25 +20,29 @@ PROMPTS = [[5, 17, 42, 99, 3, 250, 8, 61, 7], [300, 4], [11, 12, 13, 14, 15]]
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_prefill_and_every_decode_step_match_transformers(variant, artifacts, checkpoints, reference):
-    model = glmc.load(artifacts(variant))
-    ref = reference(checkpoints(variant))
-    prompts = PROMPTS
+    assert_matches_transformers(glmc.load(artifacts(variant)), reference(checkpoints(variant)),
+                                lambda got, want: np.testing.assert_allclose(got, want, rtol=0, atol=ATOL))
+
+
+def assert_matches_transformers(model, ref, close, prompts=PROMPTS, steps: int = 12) -> None:
+    """close(got, want) on every position of a ragged batch, generation's prefill and `steps`
+    decode steps (each fed transformers' greedy token) against transformers' logits."""
     full = model.logits(prompts)                    # every position, ragged batch
     cache, last = model.prefill(prompts)           # generation's prefill: last token per row
     seqs = [list(p) for p in prompts]
     with torch.no_grad():
         for b, p in enumerate(prompts):
             want = ref(input_ids=torch.tensor([p])).logits[0].numpy()
-            np.testing.assert_allclose(full[b], want, rtol=0, atol=ATOL)
-            np.testing.assert_allclose(last[b], want[-1], rtol=0, atol=ATOL)
+            close(full[b], want)
+            close(last[b], want[-1])
             seqs[b].append(int(want[-1].argmax()))
         position = np.array([len(p) for p in prompts])
-        for _ in range(12):
+        for _ in range(steps):
             step = model.executor.decode(cache, np.array([[s[-1]] for s in seqs]), position)[:, 0]
             position += 1
             for b, s in enumerate(seqs):
                 want = ref(input_ids=torch.tensor([s])).logits[0, -1].numpy()
-                np.testing.assert_allclose(step[b], want, rtol=0, atol=ATOL)
+                close(step[b], want)
                 s.append(int(want.argmax()))
 
 

@@ -13,7 +13,8 @@ from glmc.target import Target
 
 class CpuBackend:
     default_dtype = "fp32"
-    dtypes = ("fp32",)
+    # bf16 / fp16: 16-bit linear weights run by TVM kernels (backends/cpu/linear16.py)
+    dtypes = ("fp32", "bf16", "fp16")
     # cpu artifacts always carry the extend entry (it is their one generation entry);
     # chunking itself stays opt-in at run time (prefill_chunk / glmc tune)
     chunked_prefill_default = False

@@ -54,11 +54,12 @@ import glmc.ops  # noqa: F401  (registers the glmc:: ops the handlers are keyed 
 from glmc.backends.cpu.ops import MS, OPSET
 from glmc.modelcfg import head_dim
 from glmc.trace import Traced
-from glmc.weights import Cast, Cat, Part, Source, Transpose
+from glmc.weights import Blocks, Cast, Cat, Part, Source, Transpose
 
 FLOAT, INT64, INT32 = ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.INT32
 _aten = torch.ops.aten
 _glmc = torch.ops.glmc
+GLMC = "glmc.cpu"               # the domain of nodes the runtime runs itself (Linear16)
 
 
 class Declined(Exception):
@@ -67,8 +68,9 @@ class Declined(Exception):
 
 class _Builder:
     def __init__(self, traced: Traced, book, config: dict, accuracy_level: int, lora_slots=None,
-                 int8_dynamic: bool = False):
+                 int8_dynamic: bool = False, linear16: str | None = None):
         self.gm, self.book, self.config = traced.gm, book, config
+        self.linear16 = linear16                # "bf16" / "fp16": linears as glmc Linear16 nodes
         self.accuracy_level = accuracy_level
         self.lora_slots = lora_slots            # (slots, rank) or None
         self.lora_linears: list[dict] = []
@@ -171,7 +173,8 @@ class _Builder:
             k.name, v.name = f"present_key_{i}", f"present_value_{i}"
             outputs += [k, v]
         graph = ir.Graph([*self.inputs.values(), *self.lora_inputs, *self.past], outputs, nodes=self.nodes,
-                         initializers=list(self.inits.values()), opset_imports={"": OPSET, MS: 1}, name="step")
+                         initializers=list(self.inits.values()), name="step",
+                         opset_imports={"": OPSET, MS: 1, **({GLMC: 1} if self.linear16 else {})})
         return ir.Model(graph, ir_version=10)
 
 
@@ -248,10 +251,35 @@ def _int8_dynamic(b: _Builder, x, qweight, scales, bias, K: int, N: int):
 def _linear(b: _Builder, n):
     x, w = n.args[0], n.args[1]
     bias = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-    y = b.op("MatMul", [b.emit(x), b.weight(w, transpose=True)])
+    if b.linear16:
+        y = _linear16(b, b.emit(x), w)
+    else:
+        y = b.op("MatMul", [b.emit(x), b.weight(w, transpose=True)])
     y = b.op("Add", [y, b.weight(bias)]) if bias is not None else y
     N, K = b.tensor(w).shape
     return _with_adapters(b, x, w, y, int(K), int(N))
+
+
+def _linear16(b: _Builder, x, w):
+    """y = x W^T as a glmc Linear16 node over W in linear16's block layout and 16-bit dtype: not
+    an onnxruntime op; the runtime cuts the graph at these nodes and runs TVM kernels there
+    (backends/cpu/runtime16.py). Declined for an output width the kernels cannot take."""
+    from glmc.backends.cpu.linear16 import block_width
+
+    if w.op != "get_attr":
+        raise Declined(f"a weight computed in the graph ({w.name})")
+    N, K = b.tensor(w).shape
+    width = block_width(int(N))
+    if width is None:
+        raise Declined(f"a linear of output width {N}, not a multiple of 8 ({w.name})")
+    name = w.target.replace(".", "_") + f"_{b.linear16}"
+    if name not in b.inits:
+        dtype = torch.bfloat16 if b.linear16 == "bf16" else torch.float16
+        t = b.book.value(Cast(Blocks(b.book.recipe(b.tensor(w)), width), dtype, w.target))
+        tensor = TorchTensor(t, name=name)
+        b.inits[name] = ir.Value(name=name, shape=ir.Shape(list(t.shape)), type=ir.TensorType(tensor.dtype),
+                                 const_value=tensor)
+    return b.op("Linear16", [x, b.inits[name]], {"n": int(N), "k": int(K)}, domain=GLMC)
 
 
 def row_sources(lazy) -> list[tuple[str, int, int]] | None:
@@ -393,18 +421,19 @@ _HANDLERS = {
 
 
 def build_step(traced: Traced, book, config: dict, accuracy_level: int,
-               lora_slots: tuple[int, int] | None = None,
-               int8_dynamic: bool = False) -> tuple[ir.Model | None, str | None, list]:
+               lora_slots: tuple[int, int] | None = None, int8_dynamic: bool = False,
+               linear16: str | None = None) -> tuple[ir.Model | None, str | None, list]:
     """The lean step graph of a fused extend graph, or (None, why it was declined), and with
     lora_slots (slots, rank) the adapter linears it takes (`_with_adapters`); int8_dynamic:
     int8 decoder linears as DynamicQuantizeMatMul (`_int8_dynamic`; the lm_head keeps
     MatMulNBits: on the trained fixture it is where one activation scale per call cost the
-    most, held-out perplexity +0.53% with it, within int8's 0.5% without)."""
+    most, held-out perplexity +0.53% with it, within int8's 0.5% without); linear16 ("bf16" /
+    "fp16"): every linear a glmc Linear16 node over 16-bit weights (`_linear16`)."""
     # emission recurses from the logits back along the residual stream: a few frames per
     # node of the longest chain (~10 per layer), more than Python's default allows at 100+ layers
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 4 * len(traced.gm.graph.nodes) + 1000))
-    builder = _Builder(traced, book, config, accuracy_level, lora_slots, int8_dynamic)
+    builder = _Builder(traced, book, config, accuracy_level, lora_slots, int8_dynamic, linear16)
     try:
         return builder.build(), None, builder.lora_linears
     except Declined as e:

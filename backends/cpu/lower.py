@@ -138,8 +138,10 @@ class _Weights:
         for init_name, value in list(model.graph.initializers.items()):
             lazy = self._recipe(value.const_value)
             layers = {tensor_layer(n, self.n_layers) for n in source_names(lazy)} if lazy is not None else set()
-            if lazy is not None and not isinstance(lazy, Const) and math.prod(lazy.shape) <= SMALL_ELEMENTS:
-                # small enough for the optimizer to read (fold, deduplicate): computed now
+            if lazy is not None and not isinstance(lazy, Const) and math.prod(lazy.shape) <= SMALL_ELEMENTS \
+                    and lazy.dtype not in (torch.bfloat16, torch.float16):
+                # small enough for the optimizer to read (fold, deduplicate): computed now (a
+                # 16-bit linear's weight stays in the file: the runtime reads it there, in place)
                 arr = np.ascontiguousarray(lazy.full().numpy()) if lazy.shape else lazy.rows(0, 1).numpy()
                 value.const_value = ir.tensor(arr, name=init_name)
                 lazy = Const(torch.from_numpy(arr)) if arr.nbytes > INLINE_BYTES else None
@@ -160,8 +162,15 @@ class _Weights:
         return {e: next(iter(ls)) for e, ls in self._layers.items() if len(ls) == 1 and None not in ls}
 
     def write(self, models: dict, out_dir: Path) -> dict:
-        """weights.safetensors, computed a chunk at a time; point each graph's initializers at it."""
-        ranges = write_safetensors(self.entries, out_dir / WEIGHTS_FILE)
+        """weights.safetensors, computed a chunk at a time; point each graph's initializers at it.
+        Entries whose size is a multiple of 64 bytes go first, so each of them starts 64-byte
+        aligned (the 16-bit linears' kernels read them in place)."""
+        def unaligned(entry):
+            lazy = self.entries[entry]
+            return math.prod(lazy.shape) * torch.empty((), dtype=lazy.dtype).element_size() % 64 != 0
+
+        ranges = write_safetensors({e: self.entries[e] for e in sorted(self.entries, key=unaligned)},
+                                   out_dir / WEIGHTS_FILE)
         for name, model in models.items():
             for init_name, entry in self.mapping[name].items():
                 value = model.graph.initializers.get(init_name)
@@ -184,6 +193,10 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
     weights = _Weights(ctx.weights, ctx.model_config.get("num_hidden_layers", 0))
     models, io = {}, {}
     declined = lora = None
+    # 16-bit weights: every linear a Linear16 node, run by TVM kernels (backends/cpu/linear16.py)
+    linear16 = ctx.dtype if ctx.dtype in ("bf16", "fp16") else None
+    if linear16 and ctx.lora_slots:
+        raise GlmcError(f"--lora-slots is not built for --dtype {linear16} on the cpu target yet (use fp32)")
     queue = list(traced)
     while queue:
         t = queue.pop(0)
@@ -192,9 +205,10 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
             # (backends/cpu/lean.py), else exported by torch.onnx as it is
             step, declined, adapters = (None, "--kv-cache fp16", []) if ctx.quant.kv_cache == "fp16" else \
                 build_step(t, ctx.weights, ctx.model_config, level, ctx.lora_slots,
-                           int8_dynamic=ctx.quant.int8_matmul == "dynamic")
+                           int8_dynamic=ctx.quant.int8_matmul == "dynamic", linear16=linear16)
             for option, wanted in (("--lora-slots", ctx.lora_slots), ("--int8-matmul dynamic",
-                                                                      ctx.quant.int8_matmul == "dynamic")):
+                                                                      ctx.quant.int8_matmul == "dynamic"),
+                                   (f"--dtype {ctx.dtype}", linear16)):
                 if wanted and step is None:
                     raise GlmcError(f"{option} needs the lean step graph, which this model cannot use: {declined}")
             if ctx.lora_slots:
@@ -241,6 +255,8 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
     }
     if declined:
         info["step_declined"] = declined
+    if linear16:
+        info["linear16"] = {"dtype": linear16}
     if lora:
         info["lora"] = lora
     return info

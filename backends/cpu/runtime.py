@@ -194,8 +194,10 @@ class CpuExecutor:
         self.capacity = manifest["max_seq_len"]
         self.kv_dtype = np.float16 if backend.get("kv_cache") == "fp16" else np.float32
         self.threads = threads or _tuned_threads(artifact_dir) or default_threads()
+        # 16-bit linears: TVM kernels between onnxruntime pieces of the step graph (runtime16.py)
+        self._linear16 = backend.get("linear16")
         # the weights file mapped once (read-only, paged in on use), shared by every session
-        self._map, self._weights = mapped_arrays(artifact_dir / backend["weights"])
+        self._map, self._weights = mapped_arrays(artifact_dir / backend["weights"], private=bool(self._linear16))
         self._ort_weights = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in self._weights.items()}
         self._dir = artifact_dir
         self._backend = backend
@@ -216,7 +218,14 @@ class CpuExecutor:
     def _make_session(self, name: str, profile_prefix: str | None = None, model: bytes | None = None,
                       initializers=None):
         """A session of entry `name` (or of `model`, a part of it, reading only `initializers`)
-        over the mapped weights."""
+        over the mapped weights; for a 16-bit artifact's entry, its SplitStep."""
+        if self._linear16 and model is None:
+            from glmc.backends.cpu.runtime16 import SplitStep
+
+            inits = self._backend["initializers"][name]
+            return SplitStep(self._dir / self._backend["graphs"][name],
+                             lambda part, names: self._make_session(name, model=part, initializers=set(names)),
+                             {i: self._weights[k] for i, k in inits.items()}, self._linear16["dtype"], self.threads)
         opts = ort.SessionOptions()
         if profile_prefix is not None:
             opts.enable_profiling = True
@@ -225,6 +234,10 @@ class CpuExecutor:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        if self._linear16:
+            # the pieces take turns with TVM's kernels, whose workers spin between them (without
+            # that, waking them costs more than a small-glm linear): onnxruntime's must not spin too
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         for init_name, key in self._backend["initializers"][name].items():
             if initializers is None or init_name in initializers:
                 opts.add_initializer(init_name, self._ort_weights[key])
@@ -243,7 +256,7 @@ class CpuExecutor:
         from glmc.backends.cpu.layerwise import LayeredGraph
 
         depths = self._backend.get("weight_layers")
-        if not depths:
+        if not depths or self._linear16:        # (its Linear16 nodes are not onnxruntime's)
             return None
         inits = self._backend["initializers"][name]
         io = self.io[name]

@@ -1,0 +1,191 @@
+"""16-bit weight linears on the CPU: y = x W^T with W stored bf16 or fp16 and computed in
+fp32, as TVM kernels built for this machine's CPU when an artifact is loaded.
+
+onnxruntime has no fast 16-bit matmul on CPUs without AVX-512 BF16 / FP16 (measured with
+bench/cpu_16bit.py: its fp16 MatMul runs at 0.85x fp32, bf16 has no CPU kernel), and a
+custom op inside its graph needs its C API headers, which the wheel does not ship. So a
+16-bit artifact's step graph is cut at its linears (backends/cpu/runtime16.py) and these
+kernels run between the pieces.
+
+Layout: W (N, K) is stored as (N / V, K, V): block `no` holds output columns
+no*V .. no*V+V-1, one row of V per k (V = 32; 16 or 8 for an output width that is not a
+multiple of 32, e.g. a vocabulary of 1000). A kernel streams each block once per call, converts
+its V values per k to fp32 (bf16: a 16-bit shift; fp16: F16C's vcvtph2ps) and keeps the
+(rows x V) sums in registers (V = 32 is four 8-wide fp32 vectors). Two schedules per
+shape, both parallel over the column blocks:
+  gemv  any M, one row at a time: each block read once per row (decode, M <= GEMV_MAX_M)
+  gemm  M a multiple of ROWS: each converted weight vector feeds ROWS rows (prefill,
+        batched decode); sums held for ROWS x TILE outputs, so the register file holds them
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+
+from glmc.errors import GlmcError
+from glmc.settings import tvm_thread_pool
+
+V = 32                 # output columns per block: the vector lanes one k step fills (fewer
+                       # where the output width is not a multiple of 32: `block_width`)
+ROWS = 6               # gemm register tile: ROWS x TILE sums (12 ymm registers at TILE 16) ...
+TILE = 16              # ... over TILE of a block's V columns at a time
+GEMV_MAX_M = 2         # up to this many rows run the gemv (each row streams the weight once)
+UNROLL = 4             # gemv: k steps unrolled in the inner loop
+ALIGN = 64             # byte alignment TVM's kernels assume for every buffer
+DTYPES = {"bf16": "uint16", "fp16": "float16"}     # stored element type (bf16 travels as its bits)
+
+def available() -> str | None:
+    """Why 16-bit CPU linears cannot be built here, or None."""
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        return "needs Apache TVM: pip install 'glmc[cpu16]' (apache-tvm)"
+    return None
+
+
+def block_width(N: int) -> int | None:
+    """The block width for an output width N: V, or 16 / 8 where N is not a multiple of V;
+    None where N is not a multiple of 8."""
+    return next((w for w in (V, 16, 8) if N % w == 0), None)
+
+
+def pack(w, dtype: str):
+    """(N, K) fp32 weight -> (N / width, K, width) in the stored dtype (torch tensors: bf16
+    rounds to nearest even), width = block_width(N)."""
+    import torch
+
+    rows, K = w.shape
+    width = block_width(rows)
+    blocks = w.reshape(rows // width, width, K).transpose(1, 2).contiguous()
+    return blocks.to(torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on an ALIGN-byte boundary."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(n + ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % ALIGN
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
+def _weight(W, dtype: str):
+    from tvm import tirx
+
+    def at(no, k, ni):
+        w = W[no, k, ni]
+        if dtype == "bf16":
+            return tirx.reinterpret("float32", w.astype("uint32") << tirx.const(16, "uint32"))
+        return w.astype("float32")
+
+    return at
+
+
+def _gemv(K: int, N: int, dtype: str, name: str):
+    from tvm import s_tir, te
+
+    width = block_width(N)
+    M = te.var("m")
+    X = te.placeholder((M, K), "float32", name="X")
+    W = te.placeholder((N // width, K, width), DTYPES[dtype], name="W")
+    w = _weight(W, dtype)
+    k = te.reduce_axis((0, K), "k")
+    Y = te.compute((M, N), lambda m, n: te.sum(X[m, k] * w(n // width, k, n % width), axis=k), name="Y")
+    s = s_tir.Schedule(te.create_prim_func([X, W, Y]).with_attr("global_symbol", name))
+    block = s.get_sblock("Y")
+    m, n, kk = s.get_loops(block)
+    no, ni = s.split(n, [N // width, width])
+    s.reorder(no, m, kk, ni)
+    s.parallel(no)
+    acc = s.cache_write(block, 0, "local")
+    s.reverse_compute_at(acc, m)
+    ko, ki = s.split(kk, [None, UNROLL])
+    s.unroll(ki)
+    s.vectorize(ni)
+    s.decompose_reduction(block, ko)
+    s.vectorize(s.get_loops(acc)[-1])
+    return s.mod["main"].with_attr("global_symbol", name)
+
+
+def _gemm(K: int, N: int, dtype: str, name: str):
+    from tvm import s_tir, te
+
+    width = block_width(N)
+    tile = min(TILE, width)
+    Mq = te.var("mq")
+    X = te.placeholder((Mq, ROWS, K), "float32", name="X")         # rows grouped ROWS at a time
+    W = te.placeholder((N // width, K, width), DTYPES[dtype], name="W")
+    w = _weight(W, dtype)
+    k = te.reduce_axis((0, K), "k")
+    Y = te.compute((Mq, ROWS, N), lambda mo, mi, n: te.sum(X[mo, mi, k] * w(n // width, k, n % width), axis=k),
+                   name="Y")
+    s = s_tir.Schedule(te.create_prim_func([X, W, Y]).with_attr("global_symbol", name))
+    block = s.get_sblock("Y")
+    mo, mi, n, kk = s.get_loops(block)
+    no, ni = s.split(n, [N // width, width])
+    nio, nii = s.split(ni, [width // tile, tile])
+    s.reorder(no, mo, nio, kk, mi, nii)
+    s.parallel(no)
+    acc = s.cache_write(block, 0, "local")
+    s.reverse_compute_at(acc, nio)
+    s.unroll(mi)
+    s.vectorize(nii)
+    s.decompose_reduction(block, kk)
+    mi_w, ni_w = s.get_loops(acc)[-2:]
+    s.unroll(mi_w)
+    s.vectorize(ni_w)
+    return s.mod["main"].with_attr("global_symbol", name)
+
+
+def _name(kind: str, K: int, N: int, dtype: str) -> str:
+    return f"{kind}_{dtype}_{K}x{N}"
+
+
+class Kernels:
+    """The compiled kernels for a set of (K, N) shapes in one 16-bit dtype; `linear(x, w, y)`."""
+
+    def __init__(self, shapes, dtype: str, threads: int):
+        why = available()
+        if why:
+            raise GlmcError(f"this artifact has {dtype} weights on the cpu target, which {why}")
+        import tvm
+        import tvm_ffi
+
+        for K, N in shapes:
+            if block_width(N) is None:
+                raise GlmcError(f"a {dtype} cpu linear needs its output width to be a multiple of 8, got {N}")
+        funcs = {}
+        for K, N in sorted(set(shapes)):
+            funcs[_name("gemv", K, N, dtype)] = _gemv(K, N, dtype, _name("gemv", K, N, dtype))
+            funcs[_name("gemm", K, N, dtype)] = _gemm(K, N, dtype, _name("gemm", K, N, dtype))
+        cpu = tvm_ffi.get_global_func("target.llvm_get_system_cpu")()
+        target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": threads})
+        tvm_thread_pool(threads)
+        self._lib = tvm.compile(tvm.IRModule(funcs), target=target)
+        self._fn = {name: self._lib[name] for name in funcs}
+        self.dtype = dtype
+        self._wrap = tvm.runtime.from_dlpack
+
+    def tensor(self, a: np.ndarray):
+        """A TVM view of an ALIGN-aligned C-contiguous array (no copy)."""
+        return self._wrap(a)
+
+    def bound(self, x: np.ndarray, w, y: np.ndarray, M: int):
+        """The call y[:M] = x[:M] @ W^T as a function of no arguments, its views made once. x (>= M',
+        K) and y (>= M', N): ALIGN-aligned fp32 buffers; w a `tensor` view of the packed weight
+        (N / width, K, width). M' is M up to GEMV_MAX_M (gemv), else M rounded up to ROWS (gemm: the
+        padding rows are computed and ignored)."""
+        K, N = x.shape[1], y.shape[1]
+        if M <= GEMV_MAX_M:
+            fn, xt, yt = self._fn[_name("gemv", K, N, self.dtype)], self._wrap(x[:M]), self._wrap(y[:M])
+        else:
+            Mp = -(-M // ROWS) * ROWS
+            fn = self._fn[_name("gemm", K, N, self.dtype)]
+            xt = self._wrap(x[:Mp].reshape(Mp // ROWS, ROWS, K))
+            yt = self._wrap(y[:Mp].reshape(Mp // ROWS, ROWS, N))
+        return lambda: fn(xt, w, yt)
+
+    def linear(self, x: np.ndarray, w, y: np.ndarray, M: int) -> None:
+        """y[:M] = x[:M] @ W^T (see `bound`)."""
+        self.bound(x, w, y, M)()

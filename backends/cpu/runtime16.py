@@ -1,0 +1,289 @@
+"""A 16-bit cpu artifact's step graph: onnxruntime between the linears, TVM kernels for them.
+
+The step graph of a `--dtype bf16|fp16` cpu artifact (backends/cpu/lean.py) holds every
+linear as a glmc Linear16 node over a 16-bit weight in backends/cpu/linear16.py's block
+layout. Nothing in onnxruntime runs such a node, so `SplitStep` cuts the graph there: the
+nodes between two linears (norms, attention with its in-place KV cache, activations)
+make one onnxruntime session each, and the linears run as TVM kernels on the mapped
+weights. To the executor it looks like one onnxruntime session: `io_binding()` and
+`run_with_iobinding(binding)`, the KV buffers bound as past and present at once.
+
+Per piece and linear, a call costs a binding and a copy of the linear's input rows (the
+kernels read 64-byte-aligned rows; onnxruntime hands out its own buffers).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from glmc.backends.cpu.lean import GLMC
+from glmc.backends.cpu.linear16 import ALIGN, GEMV_MAX_M, ROWS, Kernels, aligned_empty
+
+
+@dataclass(eq=False)
+class _Piece:
+    nodes: list
+    inputs: list            # read from the graph's inputs or earlier pieces
+    outputs: list           # needed by later pieces or the graph's outputs
+    initializers: list
+    session: object = None
+
+
+@dataclass(eq=False)
+class _Linear:
+    x: str
+    y: str
+    weight: str
+    K: int
+    N: int
+    w: object = None        # the weight as a TVM view
+
+
+class _Binding:
+    """What onnxruntime's IOBinding offers the executor, for a SplitStep. A binding run again
+    with nothing rebound (a decode step's) runs its `plan`: buffers and bindings made once."""
+
+    def __init__(self):
+        self.inputs: dict[str, ort.OrtValue] = {}
+        self.outputs: dict[str, ort.OrtValue | None] = {}
+        self._keep: list = []
+        self.results: list = []
+        self.held: list = []        # the last run's piece bindings: they own what the results point at
+        self.plan = None
+        self.shapes: dict | None = None     # of every value the last run passed between steps
+
+    def _changed(self) -> None:
+        self.plan = self.shapes = None
+
+    def bind_cpu_input(self, name: str, value: np.ndarray) -> None:
+        value = np.ascontiguousarray(value)
+        self._keep.append(value)
+        self.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
+
+    def bind_ortvalue_input(self, name: str, value: ort.OrtValue) -> None:
+        self.inputs[name] = value
+        self._changed()
+
+    def bind_output(self, name: str) -> None:
+        self.outputs[name] = None
+        self._changed()
+
+    def bind_ortvalue_output(self, name: str, value: ort.OrtValue) -> None:
+        self.outputs[name] = value
+        self._changed()
+
+    def get_outputs(self) -> list:
+        return self.results
+
+
+class SplitStep:
+    """The step graph at `path` as onnxruntime pieces and TVM linears, run in order.
+
+    make_session(model_bytes, initializer names) -> an onnxruntime session over the
+    artifact's mapped weights; weights: Linear16 weight name -> its mapped array."""
+
+    def __init__(self, path: Path, make_session, weights: dict, dtype: str, threads: int):
+        model = onnx.load(str(path), load_external_data=False)
+        graph = model.graph
+        self._opsets = [o for o in model.opset_import if o.domain != GLMC]
+        self._ir_version = model.ir_version
+        self._value_info = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
+        inits = {t.name: t for t in graph.initializer}
+        self.steps: list = []
+        run: list = []
+        for node in graph.node:
+            if node.domain == GLMC and node.op_type == "Linear16":
+                if run:
+                    self.steps.append(_Piece(run, [], [], []))
+                    run = []
+                attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+                self.steps.append(_Linear(node.input[0], node.output[0], node.input[1], int(attrs["k"]), int(attrs["n"])))
+            else:
+                run.append(node)
+        if run:
+            self.steps.append(_Piece(run, [], [], []))
+        graph_outputs = {v.name for v in graph.output}
+        read_at: dict[str, int] = {}
+        for i, step in enumerate(self.steps):
+            for x in (step.x,) if isinstance(step, _Linear) else (x for n in step.nodes for x in n.input):
+                if x:
+                    read_at[x] = i
+        for i, step in enumerate(self.steps):
+            if isinstance(step, _Linear):
+                continue
+            made = {out for n in step.nodes for out in n.output if out}
+            read = list(dict.fromkeys(x for n in step.nodes for x in n.input if x and x not in made))
+            step.inputs = [x for x in read if x not in inits]
+            step.initializers = [x for x in read if x in inits]
+            step.outputs = [x for x in sorted(made) if x in graph_outputs or read_at.get(x, -1) > i]
+            sub = helper.make_graph(step.nodes, f"piece_{i}", [self._info(x) for x in step.inputs],
+                                    [self._info(x) for x in step.outputs],
+                                    initializer=[inits[x] for x in step.initializers])
+            proto = helper.make_model(sub, opset_imports=self._opsets, ir_version=self._ir_version)
+            step.session = make_session(proto.SerializeToString(), step.initializers)
+        linears = [s for s in self.steps if isinstance(s, _Linear)]
+        self.kernels = Kernels([(s.K, s.N) for s in linears], dtype, threads)
+        self._kept = []
+        for s in linears:
+            w = weights[s.weight]
+            if w.ctypes.data % ALIGN:          # an artifact written before weights were laid out aligned
+                w = aligned_empty(w.shape, w.dtype)
+                w[...] = weights[s.weight]
+                self._kept.append(w)
+            s.w = self.kernels.tensor(w)
+        self._scratch: dict[int, np.ndarray] = {}
+
+    def _info(self, name: str) -> onnx.ValueInfoProto:
+        info = self._value_info.get(name)
+        if info is None or not info.type.tensor_type.elem_type:
+            return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        return info
+
+    def io_binding(self) -> _Binding:
+        return _Binding()
+
+    def _rows(self, K: int, rows: int) -> np.ndarray:
+        """An aligned (>= rows, K) input buffer, reused: a kernel's input is dead once it ran."""
+        buf = self._scratch.get(K)
+        if buf is None or buf.shape[0] < rows:
+            buf = self._scratch[K] = aligned_empty((max(rows, ROWS), K), np.float32)
+        return buf
+
+    def run_with_iobinding(self, binding: _Binding) -> None:
+        if binding.plan is not None:
+            binding.plan()
+            return
+        values = dict(binding.inputs)
+        held = binding.held = []     # the pieces' bindings own the outputs they allocated
+        arrays = {}                  # a linear's output -> its array
+        for step in self.steps:
+            if isinstance(step, _Linear):
+                values[step.y], arrays[step.y] = self._linear(step, values[step.x], binding.outputs.get(step.y))
+                continue
+            b = step.session.io_binding()
+            for x in step.inputs:
+                b.bind_ortvalue_input(x, values[x])
+            for y in step.outputs:
+                given = binding.outputs.get(y)
+                if given is not None:
+                    b.bind_ortvalue_output(y, given)
+                else:
+                    b.bind_output(y)
+            step.session.run_with_iobinding(b)
+            values.update(zip(step.outputs, b.get_outputs()))
+            held.append(b)
+        # a linear's unbound output is returned as its array: numpy() of an OrtValue made from an
+        # array is a view that does not keep the array alive
+        binding.results = [binding.outputs[y] if binding.outputs[y] is not None else
+                           _Array(arrays[y]) if y in arrays else values[y]
+                           for y in binding.outputs]
+        if binding.shapes is None:      # the first run: what a plan needs, made on the second
+            binding.shapes = {k: (tuple(v.shape()), v.numpy().dtype) for k, v in values.items()
+                              if k not in binding.inputs}
+        else:
+            binding.plan = self._plan(binding)
+
+    def _plan(self, binding: _Binding):
+        """The run of a binding whose inputs, outputs and shapes stay as they are: every value
+        between two steps in a buffer of its own (a linear's input with its padding rows, so a
+        piece writes it where the kernel reads it), each piece's binding made once, each kernel
+        call's views made once."""
+        shapes, given = binding.shapes, {k: v for k, v in binding.outputs.items() if v is not None}
+        arrays: dict[str, np.ndarray] = {}          # value -> its buffer (rows padded for a kernel)
+        ort_values: dict[str, ort.OrtValue] = dict(binding.inputs)
+
+        def buffer(name: str, rows: int | None = None) -> np.ndarray:
+            if name not in arrays:
+                shape, dtype = shapes[name]
+                M = int(np.prod(shape[:-1]))
+                full = aligned_empty((max(M, rows or M), shape[-1] if shape else 1), dtype)
+                arrays[name] = full
+                ort_values[name] = ort.OrtValue.ortvalue_from_numpy(full[:M].reshape(shape))
+            return arrays[name]
+
+        padded = {}
+        for step in self.steps:         # a kernel's input first: its buffer has the padding rows
+            if isinstance(step, _Linear):
+                if step.x in binding.inputs or step.x in given:
+                    return None         # (no such graph: a linear reads what a piece made)
+                M = int(np.prod(shapes[step.x][0][:-1]))
+                padded[step] = M if M <= GEMV_MAX_M else -(-M // ROWS) * ROWS
+                buffer(step.x, padded[step])
+        calls = []
+        for step in self.steps:
+            if isinstance(step, _Linear):
+                M, x = int(np.prod(shapes[step.x][0][:-1])), arrays[step.x]
+                out = given.get(step.y)
+                if out is not None and padded[step] == M and out.data_ptr() % ALIGN == 0:
+                    y = _view(out, (M, step.N))
+                    ort_values[step.y] = out
+                    calls.append(self.kernels.bound(x, step.w, y, M))
+                    continue
+                y = buffer(step.y, padded[step])
+                calls.append(self.kernels.bound(x, step.w, y, M))
+                if out is not None:     # a bound output the kernel cannot write itself: copied there
+                    ort_values[step.y] = out
+                    calls.append(lambda src=y[:M], dst=_view(out, (M, step.N)): np.copyto(dst, src))
+                continue
+            b = step.session.io_binding()
+            for x in step.inputs:
+                b.bind_ortvalue_input(x, ort_values[x])
+            for y in step.outputs:
+                if y in given:
+                    b.bind_ortvalue_output(y, given[y])
+                else:
+                    buffer(y)
+                    b.bind_ortvalue_output(y, ort_values[y])
+            calls.append(lambda b=b, sess=step.session: sess.run_with_iobinding(b))
+        binding.results = [given[y] if y in given else _Array(arrays[y][:int(np.prod(shapes[y][0][:-1]))]
+                                                               .reshape(shapes[y][0]))
+                           for y in binding.outputs]
+        keep = (arrays, ort_values)
+
+        def run(calls=calls, keep=keep):
+            for call in calls:
+                call()
+        return run
+
+    def _linear(self, step: _Linear, x: ort.OrtValue, given: ort.OrtValue | None):
+        """y = x W^T -> (y as an OrtValue: `given` where bound, its array)."""
+        shape = x.shape()
+        M = int(np.prod(shape[:-1]))
+        padded = M if M <= GEMV_MAX_M else -(-M // ROWS) * ROWS
+        xs = self._rows(step.K, padded)
+        xs[:M] = x.numpy().reshape(M, step.K)
+        if given is not None and padded == M and given.data_ptr() % ALIGN == 0:
+            y = _view(given, (M, step.N))       # a bound output (the logits): written in place
+            self.kernels.linear(xs, step.w, y, M)
+            return given, y
+        y = aligned_empty((padded, step.N), np.float32)
+        self.kernels.linear(xs, step.w, y, M)
+        y = y[:M].reshape(*shape[:-1], step.N)
+        if given is not None:
+            _view(given, y.shape)[...] = y
+            return given, y
+        return ort.OrtValue.ortvalue_from_numpy(y), y
+
+
+class _Array:
+    """An output the way the executor reads one (`.numpy()`), over an array of its own."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def numpy(self) -> np.ndarray:
+        return self.array
+
+
+def _view(value: ort.OrtValue, shape) -> np.ndarray:
+    """A numpy view of an fp32 OrtValue's memory (onnxruntime's numpy() copies)."""
+    n = int(np.prod(shape))
+    buf = (ctypes.c_float * n).from_address(value.data_ptr())
+    return np.frombuffer(buf, np.float32, n).reshape(shape)
