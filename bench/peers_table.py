@@ -6,7 +6,8 @@ another in one process: the table of issue 14, from `glmc.benchmark.run(..., pee
 
 Each configuration compiles MODEL, builds the peers at the matching precision (ORT GenAI:
 int4 with the same block size, accuracy level 4, lm_head int4 on both sides, no int8 build;
-llama.cpp: F32 / Q8_0 / Q4_0, Q4_0 in blocks of 32 whatever glmc's group size), checks each
+llama.cpp: F32 / F16 / BF16 / Q8_0 / Q4_0, Q4_0 in blocks of 32 whatever glmc's group size;
+ORT GenAI also fp16, no bf16), checks each
 against transformers and times prefill and decode (min / median / max over repeats).
 Ratios are glmc over each peer, measured in the same run.
 """
@@ -28,6 +29,9 @@ CONFIGS = {
     "int4-g32": dict(quant="int4", group_size=32, lm_head="int4"),
     "int8": dict(quant="int8"),
     "int8-dynamic": dict(quant="int8", int8_matmul="dynamic"),
+    # 16-bit linears on TVM kernels (glmc[cpu16]) beside llama.cpp's F16 / BF16 and ORT GenAI's fp16
+    "fp16": dict(dtype="fp16"),
+    "bf16": dict(dtype="bf16"),
 }
 
 

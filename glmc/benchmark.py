@@ -256,13 +256,14 @@ def _measure_peers(results: dict, loaded, manifest: dict, glmc_provider, pool, s
             continue
         say(f"{name}: build, check, measure")
         try:
+            dtype = manifest.get("dtype", "fp32") if manifest["quant"] == "none" else "fp32"
             if name == "llama.cpp":
                 p = LlamaCppProvider(loaded.model, loaded.config | {"model_type": loaded.model_type}, work / name,
-                                     manifest["quant"], threads, manifest["max_seq_len"])
+                                     manifest["quant"], threads, manifest["max_seq_len"], dtype=dtype)
             else:
                 hf = write_hf_checkpoint(loaded.model, loaded.tokenizer_json, work / "hf")
-                p = OrtGenaiProvider(hf, work / name, manifest["quant"], manifest.get("group_size"), threads)
-            check = check_logits(p, loaded.model, pool[:8], manifest["quant"])
+                p = OrtGenaiProvider(hf, work / name, manifest["quant"], manifest.get("group_size"), threads, dtype)
+            check = check_logits(p, loaded.model, pool[:8], manifest["quant"], dtype)
             results[name] = dict(measure_provider(p, pool, settings), check=check, version=p.version, precision=p.precision,
                                  weight_bytes=p.weight_bytes(embedding_bytes))
         except _BASELINE_ERRORS as e:

@@ -24,7 +24,7 @@ import numpy as np
 from glmc.errors import GlmcError
 from glmc.modelcfg import head_dim
 
-QTYPES = ("F32", "Q8_0", "Q4_0")
+QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 _ARCH = {"glm": "chatglm", "glm4": "glm4"}
 _LAYER = {          # transformers suffix inside model.layers.N. -> llama.cpp tensor
     "input_layernorm.weight": "attn_norm.weight",
@@ -37,9 +37,11 @@ _LAYER = {          # transformers suffix inside model.layers.N. -> llama.cpp te
 }
 
 
-def quant_for(glmc_quant: str) -> str:
-    """The llama.cpp type timed beside a glmc artifact of this --quant."""
-    return {"none": "F32", "int8": "Q8_0", "int4": "Q4_0"}[glmc_quant]
+def quant_for(glmc_quant: str, dtype: str = "fp32") -> str:
+    """The llama.cpp type timed beside a glmc artifact of this --quant (and, unquantized, --dtype)."""
+    if glmc_quant == "none":
+        return {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}[dtype]
+    return {"int8": "Q8_0", "int4": "Q4_0"}[glmc_quant]
 
 
 def write_gguf(state, config: dict, out: Path, qtype: str = "F32", spill: bool = False) -> Path:
@@ -79,13 +81,16 @@ def write_gguf(state, config: dict, out: Path, qtype: str = "F32", spill: bool =
     w.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
     w.add_vocab_size(config["vocab_size"])
     w.add_tokenizer_model("none")
-    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                     "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                      "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
     kind = getattr(gguf.GGMLQuantizationType, qtype)
 
     def add(name: str, t) -> None:
         a = np.ascontiguousarray(_np(t))
-        if a.ndim == 2 and qtype != "F32":
+        if a.ndim == 2 and qtype == "F16":
+            w.add_tensor(name, a.astype(np.float16))
+        elif a.ndim == 2 and qtype != "F32":
             w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)      # uint8: bytes per row
         else:
             w.add_tensor(name, a)

@@ -70,12 +70,14 @@ class OrtGenaiProvider(Provider):
 
     name = "ort-genai"
 
-    def __init__(self, hf_dir: Path, out: Path, quant: str, group_size: int | None, threads: int):
+    def __init__(self, hf_dir: Path, out: Path, quant: str, group_size: int | None, threads: int,
+                 dtype: str = "fp32"):
         import onnxruntime_genai as og
 
-        precision = {"none": "fp32", "int4": "int4"}.get(quant)
+        precision = {("none", "fp32"): "fp32", ("none", "fp16"): "fp16", ("int4", "fp32"): "int4"}.get((quant, dtype))
         if precision is None:
-            raise GlmcError(f"ort-genai: no {quant} build to compare with (its builder makes fp32, fp16, int4)")
+            raise GlmcError(f"ort-genai: no {quant if quant != 'none' else dtype} build to compare with "
+                            f"(its builder makes fp32, fp16, int4)")
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
                "-p", precision, "-e", "cpu", "-c", str(out / "cache")]
         if precision == "int4":
@@ -137,7 +139,8 @@ class LlamaCppProvider(Provider):
 
     name = "llama.cpp"
 
-    def __init__(self, model, config: dict, out: Path, quant: str, threads: int, n_ctx: int, kv_f32: bool = False):
+    def __init__(self, model, config: dict, out: Path, quant: str, threads: int, n_ctx: int, kv_f32: bool = False,
+                 dtype: str = "fp32"):
         """kv_f32: an F32 KV cache instead of llama.cpp's default F16 (its users' setting, timed).
         With F32 its logits equal transformers' to ~2e-6 on a tiny model; with F16 to ~5e-4
         relative RMS, so the fp32 gate for the default is on relative RMS (FP16_CACHE_REL_RMS)."""
@@ -147,7 +150,7 @@ class LlamaCppProvider(Provider):
 
         if quant not in ("none", "int8", "int4"):
             raise GlmcError(f"llama.cpp: no build to compare with --quant {quant}")
-        self.precision = quant_for(quant)
+        self.precision = quant_for(quant, dtype)
         out.mkdir(parents=True, exist_ok=True)
         self.path = write_gguf(model.state_dict(), config, out / f"model-{self.precision}.gguf", self.precision)
         cache = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if kv_f32 else {}
@@ -190,18 +193,23 @@ class LlamaCppProvider(Provider):
         return toks
 
 
-def check_logits(provider, model, ids, quant: str) -> dict:
-    """The peer's last-token logits vs transformers' on the same prompt; raises when off."""
+def check_logits(provider, model, ids, quant: str, dtype: str = "fp32") -> dict:
+    """The peer's last-token logits vs transformers' on the same prompt; raises when off. 16-bit
+    weights (dtype bf16 / fp16): the bound glmc's own artifacts of that dtype are verified at."""
     import torch
 
-    from glmc.verify import RELATIVE_RMS, _rel_rms
+    from glmc.verify import RELATIVE_RMS, TOLERANCES, _rel_rms
 
     with torch.no_grad():
         ref = model(torch.tensor([list(ids)])).logits[0, -1].float().numpy()
     got = provider.last_logits(ids)
     diff = float(np.abs(got - ref).max())
     rel = _rel_rms(got, ref)        # the measure glmc's own quantized artifacts are gated on
-    if quant == "none" and getattr(provider, "fp32_rel_rms", None):      # fp32 weights, an fp16 KV cache
+    if quant == "none" and dtype != "fp32":
+        atol, rtol = TOLERANCES[(dtype, "none")]
+        bound = atol + rtol * float(np.abs(ref).max())
+        ok = diff <= bound
+    elif quant == "none" and getattr(provider, "fp32_rel_rms", None):      # fp32 weights, an fp16 KV cache
         bound = provider.fp32_rel_rms
         ok = rel <= bound
     elif quant == "none":

@@ -15,6 +15,7 @@ kernels read 64-byte-aligned rows; onnxruntime hands out its own buffers).
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from onnx import helper
 
 from glmc.backends.cpu.lean import GLMC
 from glmc.backends.cpu.linear16 import ALIGN, GEMV_MAX_M, ROWS, Kernels, aligned_empty
+
+
+LINEAR, PIECES = "glmc.cpu::Linear16 (TVM)", "onnxruntime pieces"      # profile_decode's kinds
 
 
 @dataclass(eq=False)
@@ -139,6 +143,7 @@ class SplitStep:
                 self._kept.append(w)
             s.w = self.kernels.tensor(w)
         self._scratch: dict[int, np.ndarray] = {}
+        self.timings: dict[str, float] | None = None     # set to {} to profile: seconds by kind of step
 
     def _info(self, name: str) -> onnx.ValueInfoProto:
         info = self._value_info.get(name)
@@ -216,7 +221,7 @@ class SplitStep:
                 M = int(np.prod(shapes[step.x][0][:-1]))
                 padded[step] = M if M <= GEMV_MAX_M else -(-M // ROWS) * ROWS
                 buffer(step.x, padded[step])
-        calls = []
+        calls = []              # (kind, call): what a run calls, in order
         for step in self.steps:
             if isinstance(step, _Linear):
                 M, x = int(np.prod(shapes[step.x][0][:-1])), arrays[step.x]
@@ -224,13 +229,13 @@ class SplitStep:
                 if out is not None and padded[step] == M and out.data_ptr() % ALIGN == 0:
                     y = _view(out, (M, step.N))
                     ort_values[step.y] = out
-                    calls.append(self.kernels.bound(x, step.w, y, M))
+                    calls.append((LINEAR, self.kernels.bound(x, step.w, y, M)))
                     continue
                 y = buffer(step.y, padded[step])
-                calls.append(self.kernels.bound(x, step.w, y, M))
+                calls.append((LINEAR, self.kernels.bound(x, step.w, y, M)))
                 if out is not None:     # a bound output the kernel cannot write itself: copied there
                     ort_values[step.y] = out
-                    calls.append(lambda src=y[:M], dst=_view(out, (M, step.N)): np.copyto(dst, src))
+                    calls.append(("copies", lambda src=y[:M], dst=_view(out, (M, step.N)): np.copyto(dst, src)))
                 continue
             b = step.session.io_binding()
             for x in step.inputs:
@@ -241,11 +246,15 @@ class SplitStep:
                 else:
                     buffer(y)
                     b.bind_ortvalue_output(y, ort_values[y])
-            calls.append(lambda b=b, sess=step.session: sess.run_with_iobinding(b))
+            calls.append((PIECES, lambda b=b, sess=step.session: sess.run_with_iobinding(b)))
         binding.results = [given[y] if y in given else _Array(arrays[y][:int(np.prod(shapes[y][0][:-1]))]
                                                                .reshape(shapes[y][0]))
                            for y in binding.outputs]
         keep = (arrays, ort_values)
+        if self.timings is not None:
+            calls = [_timed(self.timings, kind, call) for kind, call in calls]
+        else:
+            calls = [call for _, call in calls]
 
         def run(calls=calls, keep=keep):
             for call in calls:
@@ -270,6 +279,14 @@ class SplitStep:
             _view(given, y.shape)[...] = y
             return given, y
         return ort.OrtValue.ortvalue_from_numpy(y), y
+
+
+def _timed(timings: dict, kind: str, call):
+    def run():
+        t0 = time.perf_counter()
+        call()
+        timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - t0
+    return run
 
 
 class _Array:
