@@ -59,7 +59,8 @@ def presets():
               help="cpu | cuda[:sm_80,sm_90] | rocm[:gfx906,gfx90a,gfx942]")
 @click.option("--quant", default="none", show_default=True, help="none | int8 | int4")
 @click.option("--group-size", default=128, show_default=True, type=int, help="int4 group size.")
-@click.option("--dtype", default=None, help="fp32 | fp16 | bf16 (default: fp32 on cpu, fp16 on cuda/rocm)")
+@click.option("--dtype", default=None, help="fp32 | fp16 | bf16 (default: fp32 on cpu, fp16 on cuda/rocm; cpu 16-bit: "
+              "unquantized linears in 16 bits on TVM kernels, glmc[cpu16])")
 @click.option("--max-seq-len", type=int, default=None,
               help="KV-cache capacity (prompt + generated). Default: min(max_position_embeddings, 2048).")
 @click.option("--tune/--no-tune", default=False, show_default=True,

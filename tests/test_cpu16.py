@@ -121,9 +121,16 @@ def test_decode_plan_gives_what_the_step_gives_without_one(artifacts):
     assert planned >= 4         # the plan ran (and was checked) from the third step on
 
 
-def test_16_bit_cpu_refusals(tmp_path):
+def test_16_bit_cpu_refusals(tmp_path, monkeypatch):
     with pytest.raises(GlmcError, match="--dtype bf16 on the cpu target stores unquantized linears"):
         glmc.compile("tiny-glm", tmp_path / "a.glmc", dtype="bf16", quant="int4")
     with pytest.raises(GlmcError, match="--lora-slots is not built for --dtype fp16"):
         glmc.compile("tiny-glm", tmp_path / "b.glmc", dtype="fp16", lora_slots=2, verify=False)
     assert not (tmp_path / "a.glmc").exists() and not (tmp_path / "b.glmc").exists()
+    # without Apache TVM installed: one line naming the extra that brings it
+    import glmc.backends.cpu.linear16 as linear16
+
+    monkeypatch.setattr(linear16, "available", lambda: "needs Apache TVM: pip install 'glmc[cpu16]' (apache-tvm)")
+    with pytest.raises(GlmcError, match=r"--dtype bf16 on the cpu target needs Apache TVM: pip install 'glmc\[cpu16\]'"):
+        glmc.compile("tiny-glm", tmp_path / "c.glmc", dtype="bf16")
+    assert not (tmp_path / "c.glmc").exists()
