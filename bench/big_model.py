@@ -1,4 +1,4 @@
-"""A real-size model on this machine: compile (int4, int8, cuda fp16 cross-compile), load,
+"""A real-size model on this machine: compile (int4, int8, bf16, cuda fp16 cross-compile), load,
 prefill and decode, with wall time and peak RSS of each step.
 
     python tools/make_checkpoint.py glm4-9b /data/glm4-9b           # 18.8 GB bf16, ~2-3 min
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--work", type=Path, required=True, help="where the artifacts are written")
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--quants", default="int4,int8")
+    ap.add_argument("--quants", default="int4,int8", help="int4, int8, and bf16 / fp16 (cpu --dtype, glmc[cpu16])")
     ap.add_argument("--cuda", default="cuda:sm_80,sm_90", help="cross-compile target ('' to skip)")
     ap.add_argument("--no-verify", dest="verify", action="store_false",
                     help="compile without verification (it runs one layer at a time, as the reference does)")
@@ -137,7 +137,8 @@ def main(argv=None) -> int:
               "compiles": {}, "runtime": {}, "cpu_count": os.cpu_count()}
     for quant in [q for q in args.quants.split(",") if q]:
         out = args.work / f"cpu-{quant}.glmc"
-        report["compiles"][f"cpu-{quant}"] = _compile(args.checkpoint, out, ["--quant", quant, *verify], args.reuse)
+        flags = ["--dtype", quant] if quant in ("bf16", "fp16") else ["--quant", quant]     # 16-bit: unquantized
+        report["compiles"][f"cpu-{quant}"] = _compile(args.checkpoint, out, [*flags, *verify], args.reuse)
         r = subprocess.run([sys.executable, "-c", _RUNTIME, str(out), args.prompts, str(args.steps)],
                            capture_output=True, text=True)
         if r.returncode != 0 or "RESULT" not in r.stdout:
