@@ -114,7 +114,8 @@ class SplitStep:
         if run:
             self.steps.append(_Piece(run, [], [], []))
         graph_outputs = {v.name for v in graph.output}
-        read_at: dict[str, int] = {}
+        read_at: dict[str, int] = {}            # value -> the last step that reads it
+        self._last_read = read_at
         for i, step in enumerate(self.steps):
             for x in (step.x,) if isinstance(step, _Linear) else (x for n in step.nodes for x in n.input):
                 if x:
@@ -166,32 +167,42 @@ class SplitStep:
             binding.plan()
             return
         values = dict(binding.inputs)
-        held = binding.held = []     # the pieces' bindings own the outputs they allocated
+        held = binding.held = []     # the bindings of pieces that made an output of the call
         arrays = {}                  # a linear's output -> its array
-        for step in self.steps:
+        shapes = {} if binding.shapes is None else None
+        wanted = set(binding.outputs)
+        for i, step in enumerate(self.steps):
             if isinstance(step, _Linear):
                 values[step.y], arrays[step.y] = self._linear(step, values[step.x], binding.outputs.get(step.y))
-                continue
-            b = step.session.io_binding()
-            for x in step.inputs:
-                b.bind_ortvalue_input(x, values[x])
-            for y in step.outputs:
-                given = binding.outputs.get(y)
-                if given is not None:
-                    b.bind_ortvalue_output(y, given)
-                else:
-                    b.bind_output(y)
-            step.session.run_with_iobinding(b)
-            values.update(zip(step.outputs, b.get_outputs()))
-            held.append(b)
+                read, made = (step.x,), (step.y,)
+            else:
+                b = step.session.io_binding()
+                for x in step.inputs:
+                    b.bind_ortvalue_input(x, values[x])
+                for y in step.outputs:
+                    given = binding.outputs.get(y)
+                    if given is not None:
+                        b.bind_ortvalue_output(y, given)
+                    else:
+                        b.bind_output(y)
+                step.session.run_with_iobinding(b)
+                values.update(zip(step.outputs, b.get_outputs()))
+                if wanted.intersection(step.outputs):
+                    held.append(b)
+                read, made = step.inputs, step.outputs
+            if shapes is not None:
+                shapes.update((y, (tuple(values[y].shape()), _dtype(values[y]))) for y in made)
+            for x in read:          # a value no later step reads is let go (a long prompt's are large)
+                if self._last_read.get(x) == i and x not in wanted and x not in binding.inputs:
+                    values.pop(x, None)
+                    arrays.pop(x, None)
         # a linear's unbound output is returned as its array: numpy() of an OrtValue made from an
         # array is a view that does not keep the array alive
         binding.results = [binding.outputs[y] if binding.outputs[y] is not None else
                            _Array(arrays[y]) if y in arrays else values[y]
                            for y in binding.outputs]
         if binding.shapes is None:      # the first run: what a plan needs, made on the second
-            binding.shapes = {k: (tuple(v.shape()), v.numpy().dtype) for k, v in values.items()
-                              if k not in binding.inputs}
+            binding.shapes = shapes
         else:
             binding.plan = self._plan(binding)
 
@@ -279,6 +290,14 @@ class SplitStep:
             _view(given, y.shape)[...] = y
             return given, y
         return ort.OrtValue.ortvalue_from_numpy(y), y
+
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+           "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def _dtype(value: ort.OrtValue):
+    return np.dtype(_DTYPES[value.data_type()])
 
 
 def _timed(timings: dict, kind: str, call):
