@@ -238,6 +238,9 @@ class CpuExecutor:
             # the pieces take turns with TVM's kernels, whose workers spin between them (without
             # that, waking them costs more than a small-glm linear): onnxruntime's must not spin too
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            # no arena: each piece's would keep its largest call's activations (a 9B model's 160
+            # pieces after a 1024-token prompt: ~3.5 GB, which pushed its weights out of memory)
+            opts.enable_cpu_mem_arena = False
         for init_name, key in self._backend["initializers"][name].items():
             if initializers is None or init_name in initializers:
                 opts.add_initializer(init_name, self._ort_weights[key])
