@@ -138,7 +138,7 @@ class SplitStep:
         self._kept = []
         for s in linears:
             w = weights[s.weight]
-            if w.ctypes.data % ALIGN:          # an artifact written before weights were laid out aligned
+            if w.ctypes.data % ALIGN:      # an entry the file could not place aligned (size not a multiple of 64 B)
                 w = aligned_empty(w.shape, w.dtype)
                 w[...] = weights[s.weight]
                 self._kept.append(w)
