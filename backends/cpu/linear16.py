@@ -50,6 +50,11 @@ def block_width(N: int) -> int | None:
     return next((w for w in (V, 16, 8) if N % w == 0), None)
 
 
+def padded_rows(M: int) -> int:
+    """The rows a call of M rows computes: M for the gemv, M rounded up to ROWS for the gemm."""
+    return M if M <= GEMV_MAX_M else -(-M // ROWS) * ROWS
+
+
 def pack(w, dtype: str):
     """(N, K) fp32 weight -> (N / width, K, width) in the stored dtype (torch tensors: bf16
     rounds to nearest even), width = block_width(N)."""
@@ -180,7 +185,7 @@ class Kernels:
         if M <= GEMV_MAX_M:
             fn, xt, yt = self._fn[_name("gemv", K, N, self.dtype)], self._wrap(x[:M]), self._wrap(y[:M])
         else:
-            Mp = -(-M // ROWS) * ROWS
+            Mp = padded_rows(M)
             fn = self._fn[_name("gemm", K, N, self.dtype)]
             xt = self._wrap(x[:Mp].reshape(Mp // ROWS, ROWS, K))
             yt = self._wrap(y[:Mp].reshape(Mp // ROWS, ROWS, N))

@@ -25,7 +25,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from glmc.backends.cpu.lean import GLMC
-from glmc.backends.cpu.linear16 import ALIGN, GEMV_MAX_M, ROWS, Kernels, aligned_empty
+from glmc.backends.cpu.linear16 import ALIGN, ROWS, Kernels, aligned_empty, padded_rows
 
 
 LINEAR, PIECES = "glmc.cpu::Linear16 (TVM)", "onnxruntime pieces"      # profile_decode's kinds
@@ -230,7 +230,7 @@ class SplitStep:
                 if step.x in binding.inputs or step.x in given:
                     return None         # (no such graph: a linear reads what a piece made)
                 M = int(np.prod(shapes[step.x][0][:-1]))
-                padded[step] = M if M <= GEMV_MAX_M else -(-M // ROWS) * ROWS
+                padded[step] = padded_rows(M)
                 buffer(step.x, padded[step])
         calls = []              # (kind, call): what a run calls, in order
         for step in self.steps:
@@ -276,7 +276,7 @@ class SplitStep:
         """y = x W^T -> (y as an OrtValue: `given` where bound, its array)."""
         shape = x.shape()
         M = int(np.prod(shape[:-1]))
-        padded = M if M <= GEMV_MAX_M else -(-M // ROWS) * ROWS
+        padded = padded_rows(M)
         xs = self._rows(step.K, padded)
         xs[:M] = x.numpy().reshape(M, step.K)
         if given is not None and padded == M and given.data_ptr() % ALIGN == 0:
