@@ -86,6 +86,9 @@ def presets():
               help="cpu int8 decoder linears: nbits (MatMulNBits, int8 activations per 128-block) or dynamic "
                    "(DynamicQuantizeMatMul: one activation scale per call, shared by a batch's rows; integer GEMM, "
                    "faster prefill and batched decode on CPUs without AVX-512). The lm_head keeps nbits.")
+@click.option("--int4-matmul", default="nbits", show_default=True, type=click.Choice(["nbits", "glmc"]),
+              help="cpu int4 linears: nbits (onnxruntime's MatMulNBits) or glmc (glmc's TVM kernels, the same "
+                   "int8-activation arithmetic; symmetric int4, group a multiple of 32; glmc[cpu16]).")
 @click.option("--chunked-prefill/--no-chunked-prefill", default=None,
               help="GPU targets: build the extend entry point so long prompts are prefilled in (tuned) "
                    "chunks (default: on). cpu artifacts always run every step through it.")
@@ -104,7 +107,7 @@ def presets():
 @click.option("--lora-rank", type=int, default=16, show_default=True,
               help="The largest adapter rank the --lora-slots take.")
 def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, tune_budget, verify, fuse, calibrate,
-            asym, lm_head, embedding, kv_cache, accuracy_level, int8_matmul, chunked_prefill, allow_pickle,
+            asym, lm_head, embedding, kv_cache, accuracy_level, int8_matmul, int4_matmul, chunked_prefill, allow_pickle,
             rope_ratio_as, lora, lora_scale, lora_slots, lora_rank):
     """Compile MODEL (a checkpoint directory or a preset name) into an artifact."""
     import json
@@ -122,7 +125,7 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
                      calibrate=calibrate, symmetric=not asym, lm_head=lm_head, accuracy_level=accuracy_level,
                      embedding=embedding, kv_cache=kv_cache, allow_pickle=allow_pickle, tune=tune, tune_budget=tune_budget,
                      chunked_prefill=chunked_prefill, rope_ratio_as=rope_ratio_as, lora=list(zip(lora, scales)),
-                     lora_slots=lora_slots, lora_rank=lora_rank, int8_matmul=int8_matmul)
+                     lora_slots=lora_slots, lora_rank=lora_rank, int8_matmul=int8_matmul, int4_matmul=int4_matmul)
     report = json.loads((out / "report.json").read_text())
     v = report["verify"]
     if not isinstance(v, dict):

@@ -88,6 +88,24 @@ def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
             raise GlmcError("--int8-matmul dynamic needs int8 linears: --quant int8 (or an int8 lm_head)")
         if q.kv_cache != "fp32":
             raise GlmcError("--int8-matmul dynamic needs the lean step graph, which --kv-cache fp16 does not use")
+    if q.int4_matmul not in ("nbits", "glmc"):
+        raise GlmcError(f"--int4-matmul must be nbits or glmc, got {q.int4_matmul!r}")
+    if q.int4_matmul == "glmc":
+        if backend.target.family != "cpu":
+            raise GlmcError("--int4-matmul glmc is a cpu option (glmc's int4 kernels for the CPU)")
+        if q.mode != "int4":
+            raise GlmcError("--int4-matmul glmc needs --quant int4")
+        if not q.symmetric:
+            raise GlmcError("--int4-matmul glmc runs symmetric int4; drop --asym (or use --int4-matmul nbits)")
+        if q.group_size % 32:
+            raise GlmcError(f"--int4-matmul glmc needs a group size that is a multiple of 32, got {q.group_size}")
+        if q.kv_cache != "fp32":
+            raise GlmcError("--int4-matmul glmc needs the lean step graph, which --kv-cache fp16 does not use")
+        from glmc.backends.cpu.linear16 import available
+
+        why = available()
+        if why:
+            raise GlmcError(f"--int4-matmul glmc {why}")
     if not isinstance(calibrate, int) or calibrate < 0 or (calibrate and q.mode != "int4"):
         raise GlmcError("--calibrate N takes N >= 1 sequences and applies to --quant int4")
 
@@ -197,6 +215,7 @@ def compile(
     lora_slots: int = 0,
     lora_rank: int = 16,
     int8_matmul: str = "nbits",
+    int4_matmul: str = "nbits",
 ) -> Path:
     """Compile MODEL (checkpoint directory or preset name); return the artifact path.
 
@@ -212,6 +231,9 @@ def compile(
     codes: one uint8 activation scale per call, shared by a batch's rows; onnxruntime's integer
     GEMM, faster prefill and batched decode where MatMulNBits' 8-bit kernel is slow, e.g. AVX2
     CPUs). The lm_head keeps MatMulNBits.
+    int4_matmul: how the cpu step graph runs symmetric int4 linears: "nbits" (MatMulNBits) or
+    "glmc" (glmc's TVM kernels, backends/cpu/linear4.py: the same int8-activation arithmetic,
+    run between onnxruntime pieces of the step graph; needs glmc[cpu16]).
     """
     from glmc import checkpoint
     from glmc.calibrate import calibration_rows
@@ -224,7 +246,8 @@ def compile(
     if embedding is None:       # compact tables by default when quantizing (big vocabularies); the GPU
         # programs' int8 gather returns fp32 rows into an fp16 program, so GPUs keep the table
         embedding = "int8" if quant != "none" and backend.target.family == "cpu" else "fp32"
-    qc = QuantConfig(quant, group_size, symmetric, lm_head, embedding, accuracy_level, kv_cache, int8_matmul)
+    qc = QuantConfig(quant, group_size, symmetric, lm_head, embedding, accuracy_level, kv_cache, int8_matmul,
+                     int4_matmul)
     check_options(backend, dtype, qc, calibrate)
     check_lora_slots(backend, lora_slots, lora_rank, calibrate, kv_cache)
     adapters = read_adapters(lora, allow_pickle)
@@ -384,7 +407,7 @@ def _quant_summary(report: dict, q: QuantConfig, calibrate: int) -> dict | None:
     return {
         "quant": q.mode, "group_size": q.group_size if q.mode == "int4" else None,
         "symmetric": q.symmetric, "lm_head": q.lm_head, "embedding": q.embedding, "accuracy_level": q.accuracy_level,
-        "kv_cache": q.kv_cache, "int8_matmul": q.int8_matmul,
+        "kv_cache": q.kv_cache, "int8_matmul": q.int8_matmul, "int4_matmul": q.int4_matmul,
         "calibration_sequences": calibrate,
         "linear_bytes_fp32": fp32, "linear_bytes_fp16": fp32 // 2, "linear_bytes_packed": packed,
         "packed_over_fp16": round(packed / max(1, fp32 // 2), 4),

@@ -59,7 +59,7 @@ from glmc.weights import Blocks, Cast, Cat, Part, Source, Transpose
 FLOAT, INT64, INT32 = ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.INT32
 _aten = torch.ops.aten
 _glmc = torch.ops.glmc
-GLMC = "glmc.cpu"               # the domain of nodes the runtime runs itself (Linear16)
+GLMC = "glmc.cpu"               # the domain of nodes the runtime runs itself (Linear16, Linear4)
 
 
 class Declined(Exception):
@@ -68,9 +68,10 @@ class Declined(Exception):
 
 class _Builder:
     def __init__(self, traced: Traced, book, config: dict, accuracy_level: int, lora_slots=None,
-                 int8_dynamic: bool = False, linear16: str | None = None):
+                 int8_dynamic: bool = False, linear16: str | None = None, linear4: bool = False):
         self.gm, self.book, self.config = traced.gm, book, config
         self.linear16 = linear16                # "bf16" / "fp16": linears as glmc Linear16 nodes
+        self.linear4 = linear4                  # symmetric int4 linears as glmc Linear4 nodes
         self.accuracy_level = accuracy_level
         self.lora_slots = lora_slots            # (slots, rank) or None
         self.lora_linears: list[dict] = []
@@ -142,6 +143,19 @@ class _Builder:
         self.inits[name] = value
         return value
 
+    def derived(self, fx_node, suffix: str, make) -> ir.Value:
+        """An initializer for the recipe make(recipe of get_attr node fx_node), one per node and
+        suffix: a weight in a glmc kernel's layout."""
+        if fx_node.op != "get_attr":
+            raise Declined(f"a weight computed in the graph ({fx_node.name})")
+        name = fx_node.target.replace(".", "_") + f"_{suffix}"
+        if name not in self.inits:
+            t = self.book.value(make(self.book.recipe(self.tensor(fx_node))))
+            tensor = TorchTensor(t, name=name)
+            self.inits[name] = ir.Value(name=name, shape=ir.Shape(list(t.shape)), type=ir.TensorType(tensor.dtype),
+                                        const_value=tensor)
+        return self.inits[name]
+
     # -------------------------------------------------------------- emission
     def emit(self, n):
         """The ir.Value(s) of fx node n, emitting what it needs first (only what is used)."""
@@ -174,7 +188,7 @@ class _Builder:
             outputs += [k, v]
         graph = ir.Graph([*self.inputs.values(), *self.lora_inputs, *self.past], outputs, nodes=self.nodes,
                          initializers=list(self.inits.values()), name="step",
-                         opset_imports={"": OPSET, MS: 1, **({GLMC: 1} if self.linear16 else {})})
+                         opset_imports={"": OPSET, MS: 1, **({GLMC: 1} if self.linear16 or self.linear4 else {})})
         return ir.Model(graph, ir_version=10)
 
 
@@ -213,6 +227,10 @@ def _linear_nbits(b: _Builder, n):
     if bits == 8 and b.int8_dynamic and n is not b.lm_head:
         y = _int8_dynamic(b, b.emit(x), qweight, scales, bias, int(K), int(N))
         return _with_adapters(b, x, qweight, y, int(K), int(N))
+    if bits == 4 and b.linear4 and zeros is None:
+        y = _linear4(b, b.emit(x), qweight, scales, int(K), int(N), int(block))
+        if y is not None:
+            return b.op("Add", [y, b.weight(bias)]) if bias is not None else y
 
     def flat(v):        # (N, K / block) -> (N * K / block,), as MatMulNBits takes them
         if v is None:
@@ -225,6 +243,20 @@ def _linear_nbits(b: _Builder, n):
              {"K": int(K), "N": int(N), "bits": int(bits), "block_size": int(block),
               "accuracy_level": b.accuracy_level}, domain=MS)
     return _with_adapters(b, x, qweight, y, int(K), int(N))
+
+
+def _linear4(b: _Builder, x, qweight, scales, K: int, N: int, block: int):
+    """y = x W^T as a glmc Linear4 node over symmetric int4 W in linear4's layout (codes and
+    blocked scales): run by TVM kernels between onnxruntime pieces (backends/cpu/runtime16.py).
+    None for a shape the kernels do not take (it stays MatMulNBits)."""
+    from glmc.backends.cpu.linear4 import Codes4, block_width, supported
+
+    if supported(K, N, block):
+        return None
+    width = block_width(N)
+    codes = b.derived(qweight, "q4", lambda r: Codes4(r, K, width))
+    blocked = b.derived(scales, "q4", lambda r: Blocks(r, width))
+    return b.op("Linear4", [x, codes, blocked], {"n": N, "k": K, "block": block}, domain=GLMC)
 
 
 def _int8_dynamic(b: _Builder, x, qweight, scales, bias, K: int, N: int):
@@ -272,14 +304,9 @@ def _linear16(b: _Builder, x, w):
     width = block_width(int(N))
     if width is None:
         raise Declined(f"a linear of output width {N}, not a multiple of 8 ({w.name})")
-    name = w.target.replace(".", "_") + f"_{b.linear16}"
-    if name not in b.inits:
-        dtype = torch.bfloat16 if b.linear16 == "bf16" else torch.float16
-        t = b.book.value(Cast(Blocks(b.book.recipe(b.tensor(w)), width), dtype, w.target))
-        tensor = TorchTensor(t, name=name)
-        b.inits[name] = ir.Value(name=name, shape=ir.Shape(list(t.shape)), type=ir.TensorType(tensor.dtype),
-                                 const_value=tensor)
-    return b.op("Linear16", [x, b.inits[name]], {"n": int(N), "k": int(K)}, domain=GLMC)
+    dtype = torch.bfloat16 if b.linear16 == "bf16" else torch.float16
+    weight = b.derived(w, b.linear16, lambda r: Cast(Blocks(r, width), dtype, w.target))
+    return b.op("Linear16", [x, weight], {"n": int(N), "k": int(K)}, domain=GLMC)
 
 
 def row_sources(lazy) -> list[tuple[str, int, int]] | None:
@@ -422,18 +449,19 @@ _HANDLERS = {
 
 def build_step(traced: Traced, book, config: dict, accuracy_level: int,
                lora_slots: tuple[int, int] | None = None, int8_dynamic: bool = False,
-               linear16: str | None = None) -> tuple[ir.Model | None, str | None, list]:
+               linear16: str | None = None, linear4: bool = False) -> tuple[ir.Model | None, str | None, list]:
     """The lean step graph of a fused extend graph, or (None, why it was declined), and with
     lora_slots (slots, rank) the adapter linears it takes (`_with_adapters`); int8_dynamic:
     int8 decoder linears as DynamicQuantizeMatMul (`_int8_dynamic`; the lm_head keeps
     MatMulNBits: on the trained fixture it is where one activation scale per call cost the
     most, held-out perplexity +0.53% with it, within int8's 0.5% without); linear16 ("bf16" /
-    "fp16"): every linear a glmc Linear16 node over 16-bit weights (`_linear16`)."""
+    "fp16"): every linear a glmc Linear16 node over 16-bit weights (`_linear16`); linear4: every
+    symmetric int4 linear whose shape the kernels take a glmc Linear4 node (`_linear4`)."""
     # emission recurses from the logits back along the residual stream: a few frames per
     # node of the longest chain (~10 per layer), more than Python's default allows at 100+ layers
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 4 * len(traced.gm.graph.nodes) + 1000))
-    builder = _Builder(traced, book, config, accuracy_level, lora_slots, int8_dynamic, linear16)
+    builder = _Builder(traced, book, config, accuracy_level, lora_slots, int8_dynamic, linear16, linear4)
     try:
         return builder.build(), None, builder.lora_linears
     except Declined as e:

@@ -26,13 +26,13 @@ import torch
 from onnxscript._framework_apis.torch_2_8 import optimize
 from torch.onnx._internal.exporter._core import TorchTensor
 
-from glmc.backends.cpu.lean import build_step
+from glmc.backends.cpu.lean import GLMC, build_step
 from glmc.backends.cpu.ops import OPSET, translation_table
 from glmc.errors import GlmcError
 from glmc.ir import PassContext
 from glmc.modelcfg import tensor_layer
 from glmc.trace import Traced
-from glmc.weights import Const, Lazy, Transpose, WeightBook, source_names, write_safetensors
+from glmc.weights import Blocks, Const, Lazy, Transpose, WeightBook, source_names, write_safetensors
 
 INLINE_BYTES = 1024
 SMALL_ELEMENTS = 8192      # onnxscript's optimizer reads (folds, deduplicates) initializers up to this size
@@ -139,9 +139,9 @@ class _Weights:
             lazy = self._recipe(value.const_value)
             layers = {tensor_layer(n, self.n_layers) for n in source_names(lazy)} if lazy is not None else set()
             if lazy is not None and not isinstance(lazy, Const) and math.prod(lazy.shape) <= SMALL_ELEMENTS \
-                    and lazy.dtype not in (torch.bfloat16, torch.float16):
+                    and not _kernel_layout(lazy):
                 # small enough for the optimizer to read (fold, deduplicate): computed now (a
-                # 16-bit linear's weight stays in the file: the runtime reads it there, in place)
+                # glmc kernel's weight stays in the file: the runtime reads it there, in place)
                 arr = np.ascontiguousarray(lazy.full().numpy()) if lazy.shape else lazy.rows(0, 1).numpy()
                 value.const_value = ir.tensor(arr, name=init_name)
                 lazy = Const(torch.from_numpy(arr)) if arr.nbytes > INLINE_BYTES else None
@@ -197,6 +197,10 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
     linear16 = ctx.dtype if ctx.dtype in ("bf16", "fp16") else None
     if linear16 and ctx.lora_slots:
         raise GlmcError(f"--lora-slots is not built for --dtype {linear16} on the cpu target yet (use fp32)")
+    # int4 linears on glmc's TVM kernels (backends/cpu/linear4.py)
+    linear4 = ctx.quant.mode == "int4" and ctx.quant.int4_matmul == "glmc"
+    if linear4 and ctx.lora_slots:
+        raise GlmcError("--lora-slots is not built for --int4-matmul glmc yet (use --int4-matmul nbits)")
     queue = list(traced)
     while queue:
         t = queue.pop(0)
@@ -205,10 +209,10 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
             # (backends/cpu/lean.py), else exported by torch.onnx as it is
             step, declined, adapters = (None, "--kv-cache fp16", []) if ctx.quant.kv_cache == "fp16" else \
                 build_step(t, ctx.weights, ctx.model_config, level, ctx.lora_slots,
-                           int8_dynamic=ctx.quant.int8_matmul == "dynamic", linear16=linear16)
+                           int8_dynamic=ctx.quant.int8_matmul == "dynamic", linear16=linear16, linear4=linear4)
             for option, wanted in (("--lora-slots", ctx.lora_slots), ("--int8-matmul dynamic",
                                                                       ctx.quant.int8_matmul == "dynamic"),
-                                   (f"--dtype {ctx.dtype}", linear16)):
+                                   (f"--dtype {ctx.dtype}", linear16), ("--int4-matmul glmc", linear4)):
                 if wanted and step is None:
                     raise GlmcError(f"{option} needs the lean step graph, which this model cannot use: {declined}")
             if ctx.lora_slots:
@@ -257,9 +261,20 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
         info["step_declined"] = declined
     if linear16:
         info["linear16"] = {"dtype": linear16}
+    if linear4:
+        count = info["op_histogram"].get("step", {}).get(f"{GLMC}::Linear4", 0)
+        info["linear4"] = {"linears": count}
     if lora:
         info["lora"] = lora
     return info
+
+
+def _kernel_layout(lazy) -> bool:
+    """A weight in a glmc kernel's layout (a 16-bit linear's, an int4 linear's codes or
+    blocked scales): read by the runtime in place, never inlined into a graph."""
+    from glmc.backends.cpu.linear4 import Codes4
+
+    return isinstance(lazy, (Blocks, Codes4)) or lazy.dtype in (torch.bfloat16, torch.float16)
 
 
 def store_cache_fp16(model) -> None:

@@ -194,10 +194,12 @@ class CpuExecutor:
         self.capacity = manifest["max_seq_len"]
         self.kv_dtype = np.float16 if backend.get("kv_cache") == "fp16" else np.float32
         self.threads = threads or _tuned_threads(artifact_dir) or default_threads()
-        # 16-bit linears: TVM kernels between onnxruntime pieces of the step graph (runtime16.py)
+        # 16-bit linears (or int4 ones on glmc's kernels): TVM kernels between onnxruntime pieces
+        # of the step graph (runtime16.py)
         self._linear16 = backend.get("linear16")
+        self._split = bool(self._linear16 or backend.get("linear4"))
         # the weights file mapped once (read-only, paged in on use), shared by every session
-        self._map, self._weights = mapped_arrays(artifact_dir / backend["weights"], private=bool(self._linear16))
+        self._map, self._weights = mapped_arrays(artifact_dir / backend["weights"], private=self._split)
         self._ort_weights = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in self._weights.items()}
         self._dir = artifact_dir
         self._backend = backend
@@ -218,14 +220,15 @@ class CpuExecutor:
     def _make_session(self, name: str, profile_prefix: str | None = None, model: bytes | None = None,
                       initializers=None):
         """A session of entry `name` (or of `model`, a part of it, reading only `initializers`)
-        over the mapped weights; for a 16-bit artifact's entry, its SplitStep."""
-        if self._linear16 and model is None:
+        over the mapped weights; for an entry with glmc kernels' linears, its SplitStep."""
+        if self._split and model is None:
             from glmc.backends.cpu.runtime16 import SplitStep
 
             inits = self._backend["initializers"][name]
             return SplitStep(self._dir / self._backend["graphs"][name],
                              lambda part, names: self._make_session(name, model=part, initializers=set(names)),
-                             {i: self._weights[k] for i, k in inits.items()}, self._linear16["dtype"], self.threads)
+                             {i: self._weights[k] for i, k in inits.items()},
+                             self._linear16["dtype"] if self._linear16 else None, self.threads)
         opts = ort.SessionOptions()
         if profile_prefix is not None:
             opts.enable_profiling = True
@@ -234,7 +237,7 @@ class CpuExecutor:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        if self._linear16:
+        if self._split:
             # the pieces take turns with TVM's kernels, whose workers spin between them (without
             # that, waking them costs more than a small-glm linear): onnxruntime's must not spin too
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -259,7 +262,7 @@ class CpuExecutor:
         from glmc.backends.cpu.layerwise import LayeredGraph
 
         depths = self._backend.get("weight_layers")
-        if not depths or self._linear16:        # (its Linear16 nodes are not onnxruntime's)
+        if not depths or self._split:        # (its Linear16 / Linear4 nodes are not onnxruntime's)
             return None
         inits = self._backend["initializers"][name]
         io = self.io[name]

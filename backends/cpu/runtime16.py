@@ -1,8 +1,10 @@
-"""A 16-bit cpu artifact's step graph: onnxruntime between the linears, TVM kernels for them.
+"""A cpu step graph with glmc kernels' linears: onnxruntime between them, TVM kernels for them.
 
 The step graph of a `--dtype bf16|fp16` cpu artifact (backends/cpu/lean.py) holds every
 linear as a glmc Linear16 node over a 16-bit weight in backends/cpu/linear16.py's block
-layout. Nothing in onnxruntime runs such a node, so `SplitStep` cuts the graph there: the
+layout; an `--int4-matmul glmc` one holds its int4 linears as glmc Linear4 nodes over codes
+and scales in backends/cpu/linear4.py's layout. Nothing in onnxruntime runs such a node, so
+`SplitStep` cuts the graph there: the
 nodes between two linears (norms, attention with its in-place KV cache, activations)
 make one onnxruntime session each, and the linears run as TVM kernels on the mapped
 weights. To the executor it looks like one onnxruntime session: `io_binding()` and
@@ -24,11 +26,13 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from glmc.backends.cpu import linear4, linear16
 from glmc.backends.cpu.lean import GLMC
-from glmc.backends.cpu.linear16 import ALIGN, ROWS, Kernels, aligned_empty, padded_rows
+from glmc.backends.cpu.linear16 import ALIGN, aligned_empty
 
 
-LINEAR, PIECES = "glmc.cpu::Linear16 (TVM)", "onnxruntime pieces"      # profile_decode's kinds
+LINEAR, PIECES = "glmc.cpu linears (TVM)", "onnxruntime pieces"      # profile_decode's kinds
+KERNELS = {"Linear16": linear16, "Linear4": linear4}                 # node type -> its kernels' module
 
 
 @dataclass(eq=False)
@@ -44,10 +48,16 @@ class _Piece:
 class _Linear:
     x: str
     y: str
-    weight: str
+    weights: list           # the node's weight inputs (Linear16: the weight; Linear4: codes, scales)
     K: int
     N: int
-    w: object = None        # the weight as a TVM view
+    kind: str               # the node type
+    block: int | None       # Linear4: the group size
+    w: object = None        # the weight as its kernels' view
+    kernels: object = None  # the Kernels that run it
+
+    def padded_rows(self, M: int) -> int:
+        return KERNELS[self.kind].padded_rows(M)
 
 
 class _Binding:
@@ -91,9 +101,10 @@ class SplitStep:
     """The step graph at `path` as onnxruntime pieces and TVM linears, run in order.
 
     make_session(model_bytes, initializer names) -> an onnxruntime session over the
-    artifact's mapped weights; weights: Linear16 weight name -> its mapped array."""
+    artifact's mapped weights; weights: initializer name -> its mapped array; dtype: the
+    16-bit linears' (None without them)."""
 
-    def __init__(self, path: Path, make_session, weights: dict, dtype: str, threads: int):
+    def __init__(self, path: Path, make_session, weights: dict, dtype: str | None, threads: int):
         model = onnx.load(str(path), load_external_data=False)
         graph = model.graph
         self._opsets = [o for o in model.opset_import if o.domain != GLMC]
@@ -103,12 +114,13 @@ class SplitStep:
         self.steps: list = []
         run: list = []
         for node in graph.node:
-            if node.domain == GLMC and node.op_type == "Linear16":
+            if node.domain == GLMC and node.op_type in KERNELS:
                 if run:
                     self.steps.append(_Piece(run, [], [], []))
                     run = []
                 attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-                self.steps.append(_Linear(node.input[0], node.output[0], node.input[1], int(attrs["k"]), int(attrs["n"])))
+                self.steps.append(_Linear(node.input[0], node.output[0], list(node.input[1:]), int(attrs["k"]),
+                                          int(attrs["n"]), node.op_type, attrs.get("block")))
             else:
                 run.append(node)
         if run:
@@ -134,15 +146,23 @@ class SplitStep:
             proto = helper.make_model(sub, opset_imports=self._opsets, ir_version=self._ir_version)
             step.session = make_session(proto.SerializeToString(), step.initializers)
         linears = [s for s in self.steps if isinstance(s, _Linear)]
-        self.kernels = Kernels([(s.K, s.N) for s in linears], dtype, threads)
+        kernels = {}
+        if any(s.kind == "Linear16" for s in linears):
+            kernels["Linear16"] = linear16.Kernels([(s.K, s.N) for s in linears if s.kind == "Linear16"], dtype, threads)
+        if any(s.kind == "Linear4" for s in linears):
+            kernels["Linear4"] = linear4.Kernels([(s.K, s.N, s.block) for s in linears if s.kind == "Linear4"], threads)
         self._kept = []
         for s in linears:
-            w = weights[s.weight]
-            if w.ctypes.data % ALIGN:      # an entry the file could not place aligned (size not a multiple of 64 B)
-                w = aligned_empty(w.shape, w.dtype)
-                w[...] = weights[s.weight]
-                self._kept.append(w)
-            s.w = self.kernels.tensor(w)
+            arrays = []
+            for name in s.weights:
+                w = weights[name]
+                if w.ctypes.data % ALIGN:      # an entry the file could not place aligned (size not a multiple of 64 B)
+                    w = aligned_empty(w.shape, w.dtype)
+                    w[...] = weights[name]
+                    self._kept.append(w)
+                arrays.append(w)
+            s.kernels = kernels[s.kind]
+            s.w = s.kernels.tensor(arrays[0] if s.kind == "Linear16" else tuple(arrays))
         self._scratch: dict[int, np.ndarray] = {}
         self.timings: dict[str, float] | None = None     # set to {} to profile: seconds by kind of step
 
@@ -159,7 +179,7 @@ class SplitStep:
         """An aligned (>= rows, K) input buffer, reused: a kernel's input is dead once it ran."""
         buf = self._scratch.get(K)
         if buf is None or buf.shape[0] < rows:
-            buf = self._scratch[K] = aligned_empty((max(rows, ROWS), K), np.float32)
+            buf = self._scratch[K] = aligned_empty((max(rows, linear16.ROWS), K), np.float32)
         return buf
 
     def run_with_iobinding(self, binding: _Binding) -> None:
@@ -224,14 +244,15 @@ class SplitStep:
                 ort_values[name] = ort.OrtValue.ortvalue_from_numpy(full[:M].reshape(shape))
             return arrays[name]
 
-        padded = {}
-        for step in self.steps:         # a kernel's input first: its buffer has the padding rows
+        padded, rows = {}, {}   # linear -> the rows its kernel computes; its input -> the most any reader needs
+        for step in self.steps:
             if isinstance(step, _Linear):
                 if step.x in binding.inputs or step.x in given:
                     return None         # (no such graph: a linear reads what a piece made)
-                M = int(np.prod(shapes[step.x][0][:-1]))
-                padded[step] = padded_rows(M)
-                buffer(step.x, padded[step])
+                padded[step] = step.padded_rows(int(np.prod(shapes[step.x][0][:-1])))
+                rows[step.x] = max(rows.get(step.x, 0), padded[step])
+        for x, n in rows.items():       # a kernel's input first: its buffer has the padding rows
+            buffer(x, n)
         calls = []              # (kind, call): what a run calls, in order
         for step in self.steps:
             if isinstance(step, _Linear):
@@ -240,10 +261,10 @@ class SplitStep:
                 if out is not None and padded[step] == M and out.data_ptr() % ALIGN == 0:
                     y = _view(out, (M, step.N))
                     ort_values[step.y] = out
-                    calls.append((LINEAR, self.kernels.bound(x, step.w, y, M)))
+                    calls.append((LINEAR, step.kernels.bound(x, step.w, y, M)))
                     continue
                 y = buffer(step.y, padded[step])
-                calls.append((LINEAR, self.kernels.bound(x, step.w, y, M)))
+                calls.append((LINEAR, step.kernels.bound(x, step.w, y, M)))
                 if out is not None:     # a bound output the kernel cannot write itself: copied there
                     ort_values[step.y] = out
                     calls.append(("copies", lambda src=y[:M], dst=_view(out, (M, step.N)): np.copyto(dst, src)))
@@ -276,15 +297,15 @@ class SplitStep:
         """y = x W^T -> (y as an OrtValue: `given` where bound, its array)."""
         shape = x.shape()
         M = int(np.prod(shape[:-1]))
-        padded = padded_rows(M)
+        padded = step.padded_rows(M)
         xs = self._rows(step.K, padded)
         xs[:M] = x.numpy().reshape(M, step.K)
         if given is not None and padded == M and given.data_ptr() % ALIGN == 0:
             y = _view(given, (M, step.N))       # a bound output (the logits): written in place
-            self.kernels.linear(xs, step.w, y, M)
+            step.kernels.linear(xs, step.w, y, M)
             return given, y
         y = aligned_empty((padded, step.N), np.float32)
-        self.kernels.linear(xs, step.w, y, M)
+        step.kernels.linear(xs, step.w, y, M)
         y = y[:M].reshape(*shape[:-1], step.N)
         if given is not None:
             _view(given, y.shape)[...] = y

@@ -1,0 +1,337 @@
+"""int4 weight linears on the CPU as TVM kernels: y = x W^T with W in 4-bit codes and a
+scale per group of `block` inputs (glmc's symmetric int4: value = (code - 8) * scale),
+computed in integers the way onnxruntime's MatMulNBits does at accuracy level 4: each row of
+x is quantized to int8 per group (scale = max|x| / 127), the products of codes and int8
+inputs are summed with AVX2's vpmaddubsw (u8 x s8 pairs into 16 bits) and vpmaddwd (into 32
+bits), and each group's integer sum is scaled in fp32:
+
+    y[n] = sum_g  s_w[n, g] * ( sx[g] * sum_k code[n, k] xq[k]  -  8 * sx[g] * sum_k xq[k] )
+
+Why glmc has its own: on the GLM-4-9B shapes, 2 threads, these stream the weights at
+80-87% of the machine's measured read bandwidth against MatMulNBits' 69-81% in the same
+runs (bench/linear4.py). They run where 16-bit linears run: as glmc.cpu::Linear4 nodes of
+the step graph, cut out of it by backends/cpu/runtime16.py.
+
+Layout. Output columns go in blocks of V (32; 16 or 8 where the output width needs it),
+each block as V / 8 sub-blocks of 8 columns. For each 8 inputs k = 8p .. 8p+7, a sub-block is
+32 bytes: byte 4c + i holds column c's code of input 8p + i in its low nibble and of input
+8p + 4 + i in its high nibble. So one 32-byte load, masked and shifted, gives two vectors of
+8 columns x 4 inputs, each the operand of one vpmaddubsw against 4 inputs of x broadcast.
+    codes   uint8 (N / V, K / 8, V / 8, 32)
+    scales  fp32  (N / V, K / block, V)
+The 16-bit partial sums hold 8 vpmaddubsw results (|sum| <= 8 * 2 * 15 * 128 < 2^15) and
+are widened every 32 inputs.
+
+Kernels per (K, N, block):
+  quantize  x (M, K) fp32 -> xq int8 (M, K), sx and sx * sum(xq) per (row, group)
+  gemv      1..GEMV_MAX_M rows, parallel over column blocks, all V columns at once
+  gemm      rows in tiles of ROWS, one sub-block at a time, its sums for ROWS rows held in
+            registers over all of K (prefill, batched decode)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from glmc.backends.cpu.linear16 import ALIGN, aligned_empty, available, block_width  # noqa: F401
+from glmc.errors import GlmcError
+from glmc.settings import tvm_thread_pool
+from glmc.weights import Lazy
+
+GEMV_MAX_M = 2
+ROWS = 4              # gemm row tile
+ZERO = 8              # the implicit zero point of symmetric int4 codes
+
+
+def supported(K: int, N: int, block: int) -> str | None:
+    """Why a (K, N, block) int4 linear cannot run as these kernels, or None."""
+    if block % 32:
+        return f"group size {block} is not a multiple of 32"
+    if K % block:
+        return f"the input width {K} is not a multiple of the group size {block}"
+    if block_width(N) is None:
+        return f"the output width {N} is not a multiple of 8"
+    return None
+
+
+def padded_rows(M: int) -> int:
+    """The rows a call of M rows computes: M for the gemv, M rounded up to ROWS for the gemm."""
+    return M if M <= GEMV_MAX_M else -(-M // ROWS) * ROWS
+
+
+def pack_codes(codes, width: int | None = None):
+    """(N, K) codes in [0, 15] -> (N / V, K / 8, V / 8, 32) bytes in the layout above (numpy
+    or torch, whichever it is given); V = width, by default block_width(N)."""
+    N, K = codes.shape
+    V = width or block_width(N)
+    c = codes.reshape(N // V, V // 8, 8, K // 8, 2, 4)              # block, sub, column, p, half, i
+    c = c.permute(0, 3, 1, 4, 2, 5) if hasattr(c, "permute") else c.transpose(0, 3, 1, 4, 2, 5)
+    return (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).reshape(N // V, K // 8, V // 8, 32)
+
+
+def pack_scales(scales):
+    """(N, K / block) -> (N / V, K / block, V)."""
+    N, G = scales.shape
+    V = block_width(N)
+    s = scales.reshape(N // V, V, G)
+    return (s.permute(0, 2, 1) if hasattr(s, "permute") else s.transpose(0, 2, 1)).reshape(N // V, G, V)
+
+
+def _quantize(K: int, block: int, name: str):
+    from tvm.script import tirx as T
+
+    NG = K // block
+
+    @T.prim_func
+    def quantize(x_handle: T.handle, q_handle: T.handle, sx_handle: T.handle, ss_handle: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        M = T.int32()
+        X = T.match_buffer(x_handle, (M, K), "float32")
+        Q = T.match_buffer(q_handle, (M, K), "int8")
+        SX = T.match_buffer(sx_handle, (M, NG), "float32")
+        SS = T.match_buffer(ss_handle, (M, NG), "float32")
+        for mg in T.parallel(M * NG):
+            amax = T.alloc_buffer((8,), "float32", scope="local")
+            acc = T.alloc_buffer((8,), "int32", scope="local")
+            m = mg // NG
+            k0 = mg % NG * block
+            amax[T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
+            acc[T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
+            for v in range(block // 8):
+                amax[T.ramp(0, 1, 8)] = T.max(amax[T.ramp(0, 1, 8)], T.abs(X[m, T.ramp(k0 + v * 8, 1, 8)]))
+            for i in range(1, 8):
+                amax[0] = T.max(amax[0], amax[i])
+            inv = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+            for v in range(block // 8):
+                q = T.Cast("int32x8", T.round(X[m, T.ramp(k0 + v * 8, 1, 8)] * T.broadcast(inv, 8)))
+                Q[m, T.ramp(k0 + v * 8, 1, 8)] = T.Cast("int8x8", q)
+                acc[T.ramp(0, 1, 8)] = acc[T.ramp(0, 1, 8)] + q
+            for i in range(1, 8):
+                acc[0] = acc[0] + acc[i]
+            SX[m, mg % NG] = amax[0] / T.float32(127)
+            SS[m, mg % NG] = amax[0] / T.float32(127) * T.Cast("float32", acc[0])
+
+    return quantize
+
+
+def _madd(T, w, x):
+    """16 sums of two u8 x s8 products (vpmaddubsw)."""
+    return T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", w, x)
+
+
+def _widen(T, a):
+    """8 sums of two int16 (vpmaddwd against ones)."""
+    return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", a, T.broadcast(T.int16(1), 16))
+
+
+def _gemv(K: int, N: int, block: int, name: str):
+    from tvm.script import tirx as T
+
+    V = block_width(N)
+    SB, NB, NG, SUB = V // 8, N // V, K // block, block // 32
+
+    @T.prim_func
+    def gemv(q_handle: T.handle, sx_handle: T.handle, ss_handle: T.handle,
+             W: T.Buffer((NB, K // 8, SB, 32), "uint8"), S: T.Buffer((NB, NG, V), "float32"), y_handle: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        M = T.int32()
+        X = T.match_buffer(q_handle, (M, K // 4), "int32")       # 4 int8 inputs per element
+        SX = T.match_buffer(sx_handle, (M, NG), "float32")
+        SS = T.match_buffer(ss_handle, (M, NG), "float32")
+        Y = T.match_buffer(y_handle, (M, N), "float32")
+        for nb in T.parallel(NB):
+            accf = T.alloc_buffer((V,), "float32", scope="local")
+            acc32 = T.alloc_buffer((V,), "int32", scope="local")
+            acc16 = T.alloc_buffer((SB * 16,), "int16", scope="local")
+            for m in range(M):
+                for j in T.unroll(SB):
+                    accf[T.ramp(j * 8, 1, 8)] = T.broadcast(T.float32(0), 8)
+                for g in range(NG):
+                    for j in T.unroll(SB):
+                        acc32[T.ramp(j * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
+                    for s in range(SUB):
+                        for j in T.unroll(SB):
+                            acc16[T.ramp(j * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
+                        for p in T.unroll(4):
+                            k8 = g * (block // 8) + s * 4 + p
+                            xa = T.reinterpret("int8x32", T.broadcast(X[m, k8 * 2], 8))
+                            xb = T.reinterpret("int8x32", T.broadcast(X[m, k8 * 2 + 1], 8))
+                            for j in T.unroll(SB):
+                                w = W[nb, k8, j, T.ramp(0, 1, 32)]
+                                acc16[T.ramp(j * 16, 1, 16)] = acc16[T.ramp(j * 16, 1, 16)] \
+                                    + _madd(T, w & T.broadcast(T.uint8(15), 32), xa) \
+                                    + _madd(T, w >> T.broadcast(T.uint8(4), 32), xb)
+                        for j in T.unroll(SB):
+                            acc32[T.ramp(j * 8, 1, 8)] = acc32[T.ramp(j * 8, 1, 8)] + _widen(T, acc16[T.ramp(j * 16, 1, 16)])
+                    for j in T.unroll(SB):
+                        accf[T.ramp(j * 8, 1, 8)] = accf[T.ramp(j * 8, 1, 8)] + S[nb, g, T.ramp(j * 8, 1, 8)] * (
+                            T.Cast("float32x8", acc32[T.ramp(j * 8, 1, 8)]) * T.broadcast(SX[m, g], 8)
+                            - T.broadcast(SS[m, g] * T.float32(ZERO), 8))
+                for j in T.unroll(SB):
+                    Y[m, T.ramp(nb * V + j * 8, 1, 8)] = accf[T.ramp(j * 8, 1, 8)]
+
+    return gemv
+
+
+def _gemm(K: int, N: int, block: int, name: str):
+    from tvm.script import tirx as T
+
+    V = block_width(N)
+    SB, NB, NG, SUB = V // 8, N // V, K // block, block // 32
+    R = ROWS
+
+    @T.prim_func
+    def gemm(q_handle: T.handle, sx_handle: T.handle, ss_handle: T.handle,
+             W: T.Buffer((NB, K // 8, SB, 32), "uint8"), S: T.Buffer((NB, NG, V), "float32"), y_handle: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        MQ = T.int32()
+        X = T.match_buffer(q_handle, (MQ, R, K // 4), "int32")
+        SX = T.match_buffer(sx_handle, (MQ, R, NG), "float32")
+        SS = T.match_buffer(ss_handle, (MQ, R, NG), "float32")
+        Y = T.match_buffer(y_handle, (MQ, R, N), "float32")
+        for task in T.parallel(NB * MQ):
+            accf = T.alloc_buffer((R * 8,), "float32", scope="local")
+            accg = T.alloc_buffer((R * 8,), "int32", scope="local")
+            acc16 = T.alloc_buffer((R * 16,), "int16", scope="local")
+            nb = task // MQ
+            mq = task % MQ
+            for j in range(SB):
+                for r in T.unroll(R):
+                    accf[T.ramp(r * 8, 1, 8)] = T.broadcast(T.float32(0), 8)
+                for g in range(NG):
+                    for r in T.unroll(R):
+                        accg[T.ramp(r * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
+                    for s in range(SUB):
+                        for r in T.unroll(R):
+                            acc16[T.ramp(r * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
+                        for p in T.unroll(4):
+                            k8 = g * (block // 8) + s * 4 + p
+                            w = W[nb, k8, j, T.ramp(0, 1, 32)]
+                            for r in T.unroll(R):
+                                acc16[T.ramp(r * 16, 1, 16)] = acc16[T.ramp(r * 16, 1, 16)] \
+                                    + _madd(T, w & T.broadcast(T.uint8(15), 32),
+                                            T.reinterpret("int8x32", T.broadcast(X[mq, r, k8 * 2], 8))) \
+                                    + _madd(T, w >> T.broadcast(T.uint8(4), 32),
+                                            T.reinterpret("int8x32", T.broadcast(X[mq, r, k8 * 2 + 1], 8)))
+                        for r in T.unroll(R):
+                            accg[T.ramp(r * 8, 1, 8)] = accg[T.ramp(r * 8, 1, 8)] + _widen(T, acc16[T.ramp(r * 16, 1, 16)])
+                    for r in T.unroll(R):
+                        accf[T.ramp(r * 8, 1, 8)] = accf[T.ramp(r * 8, 1, 8)] + S[nb, g, T.ramp(j * 8, 1, 8)] * (
+                            T.Cast("float32x8", accg[T.ramp(r * 8, 1, 8)]) * T.broadcast(SX[mq, r, g], 8)
+                            - T.broadcast(SS[mq, r, g] * T.float32(ZERO), 8))
+                for r in T.unroll(R):
+                    Y[mq, r, T.ramp(nb * V + j * 8, 1, 8)] = accf[T.ramp(r * 8, 1, 8)]
+
+    return gemm
+
+
+def _name(kind: str, K: int, N: int, block: int) -> str:
+    return f"{kind}_q4_{K}x{N}_g{block}"
+
+
+class Kernels:
+    """The compiled int4 kernels for a set of (K, N, block) shapes; the same calls as
+    linear16.Kernels, a weight being the pair (codes, scales) in the layout above."""
+
+    def __init__(self, shapes, threads: int):
+        why = available()
+        if why:
+            raise GlmcError(f"this artifact has int4 linears run by glmc's kernels, which {why}")
+        import tvm
+        import tvm_ffi
+
+        funcs = {}
+        for K, N, block in sorted(set(shapes)):
+            why = supported(K, N, block)
+            if why:
+                raise GlmcError(f"an int4 linear of {K} x {N}, group {block}, cannot run as glmc's kernel: {why}")
+            for kind, make in (("quantize", None), ("gemv", _gemv), ("gemm", _gemm)):
+                if kind == "quantize":
+                    name = f"quantize_{K}_g{block}"
+                    funcs.setdefault(name, _quantize(K, block, name))
+                else:
+                    funcs[_name(kind, K, N, block)] = make(K, N, block, _name(kind, K, N, block))
+        cpu = tvm_ffi.get_global_func("target.llvm_get_system_cpu")()
+        if "avx2" not in tvm_ffi.get_global_func("target.llvm_get_cpu_features")(
+                tvm.target.Target({"kind": "llvm", "mcpu": cpu})):
+            raise GlmcError(f"glmc's int4 cpu kernels need AVX2; this CPU ({cpu}) has none")
+        target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": threads})
+        tvm_thread_pool(threads)
+        self._lib = tvm.compile(tvm.IRModule(funcs), target=target)
+        self._fn = {name: self._lib[name] for name in funcs}
+        self._wrap = tvm.runtime.from_dlpack
+
+    def tensor(self, weight):
+        """TVM views of a weight's (codes, scales), ALIGN-aligned C-contiguous arrays (no copy)."""
+        codes, scales = weight
+        return self._wrap(codes), self._wrap(scales), int(codes.shape[1]) * 8 // int(scales.shape[1])
+
+    def bound(self, x: np.ndarray, w, y: np.ndarray, M: int):
+        """The call y[:M] = x[:M] @ W^T as a function of no arguments, its views and the
+        quantized rows' buffers made once. x (>= M', K), y (>= M', N): ALIGN-aligned fp32;
+        w a `tensor` view; M' = padded_rows(M) (the padding rows are computed and ignored)."""
+        codes, scales, block = w
+        K, N = x.shape[1], y.shape[1]
+        Mp = padded_rows(M)
+        NG = K // block
+        q = aligned_empty((Mp, K), np.int8)
+        sx, ss = aligned_empty((Mp, NG), np.float32), aligned_empty((Mp, NG), np.float32)
+        wrap = self._wrap
+        quantize = self._fn[f"quantize_{K}_g{block}"]
+        qargs = (wrap(x[:Mp]), wrap(q), wrap(sx), wrap(ss))
+        if M <= GEMV_MAX_M:
+            fn = self._fn[_name("gemv", K, N, block)]
+            args = (wrap(q.view(np.int32)), wrap(sx), wrap(ss), codes, scales, wrap(y[:M]))
+        else:
+            fn = self._fn[_name("gemm", K, N, block)]
+            R = ROWS
+            args = (wrap(q.view(np.int32).reshape(Mp // R, R, K // 4)), wrap(sx.reshape(Mp // R, R, NG)),
+                    wrap(ss.reshape(Mp // R, R, NG)), codes, scales, wrap(y[:Mp].reshape(Mp // R, R, N)))
+
+        def call(keep=(q, sx, ss)):
+            quantize(*qargs)
+            fn(*args)
+        return call
+
+    def linear(self, x: np.ndarray, w, y: np.ndarray, M: int) -> None:
+        """y[:M] = x[:M] @ W^T (see `bound`)."""
+        self.bound(x, w, y, M)()
+
+
+
+def codes_layout(qweight_rows: torch.Tensor, K: int, width: int) -> torch.Tensor:
+    """glmc.quant's int4 codes, rows (n, blocks, block / 2) packed low nibble first, as this
+    module's (n / width, K / 8, width / 8, 32) layout (n a multiple of width)."""
+    low, high = qweight_rows & 0x0F, qweight_rows >> 4
+    codes = torch.stack((low, high), dim=-1).reshape(qweight_rows.shape[0], -1)[:, :K]
+    return pack_codes(codes, width)
+
+
+
+@dataclass(eq=False)
+class Codes4(Lazy):
+    """Recipe: int4 codes (N, blocks, block / 2) as (N / width, K / 8, width / 8, 32)
+    (`codes_layout`), written a run of column blocks at a time."""
+
+    x: Lazy
+    K: int
+    width: int
+
+    def __post_init__(self):
+        N = self.x.shape[0]
+        self.shape, self.dtype = (N // self.width, self.K // 8, self.width // 8, 32), torch.uint8
+
+    @property
+    def key(self):
+        return ("codes4", self.x.key, self.K, self.width)
+
+    @property
+    def chunkable(self):
+        return self.x.chunkable
+
+    def rows(self, r0, r1):
+        w = self.width
+        return codes_layout(self.x.rows(r0 * w, r1 * w), self.K, w)

@@ -1,0 +1,141 @@
+"""--int4-matmul glmc on the cpu target: symmetric int4 linears run by glmc's TVM kernels
+(backends/cpu/linear4.py) between onnxruntime pieces of the step graph (runtime16.py).
+
+Tolerances:
+- the kernels against numpy doing the same arithmetic (x quantized to int8 per group, round
+  half to even, integer sums, fp32 scaling): 1e-5 relative to the largest output (fp32
+  rounding in another order);
+- the same kernels against the unquantized x: 2% of the largest output (int8 activations);
+- an artifact against the MatMulNBits artifact of the same weights (both quantize the
+  activations to int8 per group): logits within 2% of the largest |logit|, every position
+  of a ragged batch and 12 greedy decode steps; and compile's own verification against
+  transformers (the int4 gate) passes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import glmc
+from glmc.backends.cpu import linear4
+from glmc.backends.cpu.linear16 import aligned_empty
+from glmc.errors import GlmcError
+from glmc.quant import dequantize, quantize
+from glmc.weights import Const, write_safetensors
+from tests.test_end_to_end import PROMPTS
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def _codes(p) -> torch.Tensor:
+    return torch.stack((p.qweight & 15, p.qweight >> 4), -1).reshape(p.N, -1)[:, :p.K]
+
+
+def _reference(x: np.ndarray, p) -> np.ndarray:
+    """What the kernels compute, in numpy: x quantized per group, integer dot products, scaled."""
+    G = p.block_size
+    xg = x.reshape(len(x), -1, G).astype(np.float64)
+    sx = np.abs(xg).max(-1) / 127
+    xq = np.round(np.divide(xg, sx[..., None], out=np.zeros_like(xg), where=sx[..., None] > 0))
+    codes = _codes(p).numpy().reshape(p.N, -1, G).astype(np.float64) - 8
+    dots = np.einsum("mgk,ngk->mng", xq, codes)
+    return np.einsum("mng,mg,ng->mn", dots, sx, p.scales.double().numpy())
+
+
+@pytest.mark.parametrize("K,N,block", [(256, 64, 32), (512, 96, 128), (384, 1000, 64)])
+def test_kernels_match_the_int8_activation_arithmetic(K, N, block):
+    """gemv (1, 2 rows) and gemm (its padding rows), block widths 32 / 16 / 8, groups 32 to 128."""
+    kernels = linear4.Kernels([(K, N, block)], 2)
+    g = torch.Generator().manual_seed(K + N)
+    p = quantize(torch.randn(N, K, generator=g), 4, block, True)
+    w = kernels.tensor((_aligned(linear4.pack_codes(_codes(p)).numpy()),
+                        _aligned(linear4.pack_scales(p.scales).numpy())))
+    dense = dequantize(p).numpy()
+    for M in (1, 2, 3, linear4.ROWS, linear4.ROWS + 1, 2 * linear4.ROWS + 3):
+        x = aligned_empty((linear4.padded_rows(M), K), np.float32)
+        x[...] = torch.randn(x.shape, generator=g).numpy()
+        y = aligned_empty((linear4.padded_rows(M), N), np.float32)
+        y[...] = np.nan
+        kernels.linear(x, w, y, M)
+        want = _reference(x[:M], p)
+        np.testing.assert_allclose(y[:M], want, rtol=0, atol=1e-5 * np.abs(want).max())
+        exact = x[:M] @ dense.T
+        assert np.abs(y[:M] - exact).max() <= 0.02 * np.abs(exact).max()
+
+
+def test_codes_layout_and_its_recipe(tmp_path):
+    """The layout byte by byte, from glmc.quant's packed codes; the recipe written chunk by
+    chunk equals the whole."""
+    from safetensors.numpy import load_file
+
+    K, N, block = 64, 48, 32                    # block width 16: two sub-blocks of 8 columns
+    p = quantize(torch.randn(N, K), 4, block, True)
+    codes = _codes(p)
+    laid = linear4.codes_layout(p.qweight, K, 16)
+    assert laid.shape == (N // 16, K // 8, 2, 32)
+    for nb, k8, j, byte in ((0, 0, 0, 0), (1, 3, 1, 13), (2, 7, 1, 31)):
+        col, i = nb * 16 + j * 8 + byte // 4, byte % 4
+        assert int(laid[nb, k8, j, byte]) == int(codes[col, 8 * k8 + i]) | int(codes[col, 8 * k8 + 4 + i]) << 4
+    lazy = linear4.Codes4(Const(p.qweight), K, 16)
+    assert lazy.shape == tuple(laid.shape) and lazy.chunkable
+    np.testing.assert_array_equal(torch.cat([lazy.rows(0, 1), lazy.rows(1, 3)]).numpy(), laid.numpy())
+    write_safetensors({"c": lazy}, tmp_path / "w.safetensors")
+    np.testing.assert_array_equal(load_file(str(tmp_path / "w.safetensors"))["c"], laid.numpy())
+
+
+def _all_logits(model):
+    """Every position of a ragged batch, then 12 greedy decode steps' logits."""
+    full = model.logits(PROMPTS)
+    cache, last = model.prefill(PROMPTS)
+    tokens, position, steps = last.argmax(-1), np.array([len(p) for p in PROMPTS]), []
+    for _ in range(12):
+        step = model.executor.decode(cache, tokens[:, None], position)[:, 0].copy()
+        steps.append(step)
+        tokens, position = step.argmax(-1), position + 1
+    return full, steps
+
+
+def test_int4_glmc_artifact_matches_the_matmulnbits_one(artifacts):
+    opts = dict(quant="int4", group_size=32, lm_head="int4")
+    path = artifacts("glm-gqa", int4_matmul="glmc", verify=True, **opts)
+    model = glmc.load(path)
+    backend = model.manifest["backend"]
+    hist = backend["op_histogram"]["step"]
+    # every linear, the lm_head too, is a Linear4 node: no MatMulNBits left
+    assert hist.get("glmc.cpu::Linear4") == 2 * 4 + 1 and "com.microsoft::MatMulNBits" not in hist, hist
+    assert backend["linear4"] == {"linears": 9}
+    assert json.loads((path / "report.json").read_text())["quantization"]["int4_matmul"] == "glmc"
+    full, steps = _all_logits(model)
+    want_full, want_steps = _all_logits(glmc.load(artifacts("glm-gqa", **opts)))
+    for b in range(len(PROMPTS)):
+        assert np.abs(full[b] - want_full[b]).max() <= 0.02 * np.abs(want_full[b]).max()
+    for got, want in zip(steps, want_steps):
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
+def test_int4_glmc_refusals(tmp_path, monkeypatch):
+    for options, message in (
+            (dict(quant="int8"), "--int4-matmul glmc needs --quant int4"),
+            (dict(quant="int4", symmetric=False), "--int4-matmul glmc runs symmetric int4; drop --asym"),
+            (dict(quant="int4", group_size=16), "needs a group size that is a multiple of 32, got 16"),
+            (dict(quant="int4", kv_cache="fp16"), "--int4-matmul glmc needs the lean step graph"),
+            (dict(quant="int4", lora_slots=2), "--lora-slots is not built for --int4-matmul glmc"),
+            (dict(quant="int4", int4_matmul="fast"), "--int4-matmul must be nbits or glmc, got 'fast'")):
+        options = dict(dict(int4_matmul="glmc", verify=False), **options)
+        with pytest.raises(GlmcError, match=message):
+            glmc.compile("tiny-glm", tmp_path / "a.glmc", **options)
+        assert not (tmp_path / "a.glmc").exists()
+    import glmc.backends.cpu.linear16 as linear16
+
+    monkeypatch.setattr(linear16, "available", lambda: "needs Apache TVM: pip install 'glmc[cpu16]' (apache-tvm)")
+    with pytest.raises(GlmcError, match=r"--int4-matmul glmc needs Apache TVM: pip install 'glmc\[cpu16\]'"):
+        glmc.compile("tiny-glm", tmp_path / "c.glmc", quant="int4", int4_matmul="glmc")
+    assert not (tmp_path / "c.glmc").exists()
