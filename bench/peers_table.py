@@ -27,6 +27,9 @@ CONFIGS = {
     "fp32": {},
     "int4-g128": dict(quant="int4", group_size=128, lm_head="int4"),
     "int4-g32": dict(quant="int4", group_size=32, lm_head="int4"),
+    # the same int4 weights on glmc's TVM int4 kernels instead of MatMulNBits (glmc[cpu16])
+    "int4-g128-glmc": dict(quant="int4", group_size=128, lm_head="int4", int4_matmul="glmc"),
+    "int4-g32-glmc": dict(quant="int4", group_size=32, lm_head="int4", int4_matmul="glmc"),
     "int8": dict(quant="int8"),
     "int8-dynamic": dict(quant="int8", int8_matmul="dynamic"),
     # 16-bit linears on TVM kernels (glmc[cpu16]) beside llama.cpp's F16 / BF16 and ORT GenAI's fp16

@@ -82,10 +82,11 @@ def presets():
               help="cpu KV-cache storage; fp16 halves the cache (long contexts), attention still computes in fp32.")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
               help="cpu int4/int8 matmuls: 4 = int8 activations inside the kernel (fast), 0 = fp32 activations.")
-@click.option("--int8-matmul", default="nbits", show_default=True, type=click.Choice(["nbits", "dynamic"]),
-              help="cpu int8 decoder linears: nbits (MatMulNBits, int8 activations per 128-block) or dynamic "
-                   "(DynamicQuantizeMatMul: one activation scale per call, shared by a batch's rows; integer GEMM, "
-                   "faster prefill and batched decode on CPUs without AVX-512). The lm_head keeps nbits.")
+@click.option("--int8-matmul", default="nbits", show_default=True, type=click.Choice(["nbits", "dynamic", "glmc"]),
+              help="cpu int8 linears: nbits (MatMulNBits, int8 activations per 128-block), dynamic "
+                   "(DynamicQuantizeMatMul for the decoder linears: one activation scale per call, shared by a batch's "
+                   "rows; integer GEMM; the lm_head keeps nbits) or glmc (glmc's TVM kernels, every int8 linear, the "
+                   "lm_head too; glmc[cpu16]).")
 @click.option("--int4-matmul", default="nbits", show_default=True, type=click.Choice(["nbits", "glmc"]),
               help="cpu int4 linears: nbits (onnxruntime's MatMulNBits) or glmc (glmc's TVM kernels, the same "
                    "int8-activation arithmetic; symmetric int4, group a multiple of 32; glmc[cpu16]).")

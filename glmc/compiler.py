@@ -79,8 +79,8 @@ def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
         raise GlmcError(f"--kv-cache {q.kv_cache} is a cpu option; GPU targets keep the cache in the compute dtype")
     if q.accuracy_level not in (0, 1, 2, 3, 4):
         raise GlmcError(f"--accuracy-level must be 0..4, got {q.accuracy_level!r}")
-    if q.int8_matmul not in ("nbits", "dynamic"):
-        raise GlmcError(f"--int8-matmul must be nbits or dynamic, got {q.int8_matmul!r}")
+    if q.int8_matmul not in ("nbits", "dynamic", "glmc"):
+        raise GlmcError(f"--int8-matmul must be nbits, dynamic or glmc, got {q.int8_matmul!r}")
     if q.int8_matmul == "dynamic":
         if backend.target.family != "cpu":
             raise GlmcError("--int8-matmul dynamic is a cpu option (onnxruntime's DynamicQuantizeMatMul)")
@@ -90,22 +90,26 @@ def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
             raise GlmcError("--int8-matmul dynamic needs the lean step graph, which --kv-cache fp16 does not use")
     if q.int4_matmul not in ("nbits", "glmc"):
         raise GlmcError(f"--int4-matmul must be nbits or glmc, got {q.int4_matmul!r}")
-    if q.int4_matmul == "glmc":
+    for option, value, bits in (("--int4-matmul", q.int4_matmul, 4), ("--int8-matmul", q.int8_matmul, 8)):
+        if value != "glmc":
+            continue
         if backend.target.family != "cpu":
-            raise GlmcError("--int4-matmul glmc is a cpu option (glmc's int4 kernels for the CPU)")
-        if q.mode != "int4":
+            raise GlmcError(f"{option} glmc is a cpu option (glmc's quantized kernels for the CPU)")
+        if bits == 4 and q.mode != "int4":
             raise GlmcError("--int4-matmul glmc needs --quant int4")
-        if not q.symmetric:
+        if bits == 8 and q.mode == "none":
+            raise GlmcError("--int8-matmul glmc needs int8 linears: --quant int8 (or an int8 lm_head)")
+        if bits == 4 and not q.symmetric:
             raise GlmcError("--int4-matmul glmc runs symmetric int4; drop --asym (or use --int4-matmul nbits)")
-        if q.group_size % 32:
+        if bits == 4 and q.group_size % 32:
             raise GlmcError(f"--int4-matmul glmc needs a group size that is a multiple of 32, got {q.group_size}")
         if q.kv_cache != "fp32":
-            raise GlmcError("--int4-matmul glmc needs the lean step graph, which --kv-cache fp16 does not use")
+            raise GlmcError(f"{option} glmc needs the lean step graph, which --kv-cache fp16 does not use")
         from glmc.backends.cpu.linear16 import available
 
         why = available()
         if why:
-            raise GlmcError(f"--int4-matmul glmc {why}")
+            raise GlmcError(f"{option} glmc {why}")
     if not isinstance(calibrate, int) or calibrate < 0 or (calibrate and q.mode != "int4"):
         raise GlmcError("--calibrate N takes N >= 1 sequences and applies to --quant int4")
 
@@ -230,10 +234,10 @@ def compile(
     activations per 128-block) or "dynamic" (DynamicQuantizeMatMul over the same per-column
     codes: one uint8 activation scale per call, shared by a batch's rows; onnxruntime's integer
     GEMM, faster prefill and batched decode where MatMulNBits' 8-bit kernel is slow, e.g. AVX2
-    CPUs). The lm_head keeps MatMulNBits.
-    int4_matmul: how the cpu step graph runs symmetric int4 linears: "nbits" (MatMulNBits) or
-    "glmc" (glmc's TVM kernels, backends/cpu/linear4.py: the same int8-activation arithmetic,
-    run between onnxruntime pieces of the step graph; needs glmc[cpu16]).
+    CPUs). The lm_head keeps MatMulNBits. The third choice, "glmc", runs every int8 linear
+    (the lm_head too) on glmc's TVM kernels (backends/cpu/linearq.py), as int4_matmul="glmc"
+    does symmetric int4 linears (else "nbits", MatMulNBits): the same int8-activation
+    arithmetic, run between onnxruntime pieces of the step graph; needs glmc[cpu16].
     """
     from glmc import checkpoint
     from glmc.calibrate import calibration_rows

@@ -44,6 +44,7 @@ class QuantConfig:
     accuracy_level: int = 4         # onnxruntime MatMulNBits: 4 = int8 activations in the kernel
     kv_cache: str = "fp32"          # cpu KV-cache storage: fp32 | fp16 (attention still computes in fp32)
     int8_matmul: str = "nbits"      # cpu int8 linears: nbits (MatMulNBits) | dynamic (DynamicQuantizeMatMul)
+                                    # | glmc (glmc's TVM kernels)
     int4_matmul: str = "nbits"      # cpu int4 linears: nbits (MatMulNBits) | glmc (glmc's TVM kernels)
 
     @property

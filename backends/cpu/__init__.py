@@ -59,7 +59,7 @@ class CpuBackend:
 
         rt = Runtime(artifact, verify=False)
         ex = rt.executor
-        if manifest["backend"].get("linear16") or manifest["backend"].get("linear4"):   # pieces and TVM kernels
+        if manifest["backend"].get("linear16") or manifest["backend"].get("linearq"):   # pieces and TVM kernels
             return _profile_split(rt, context, steps)
         with tempfile.TemporaryDirectory() as d:
             ids = list(range(5, 5 + context))

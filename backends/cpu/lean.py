@@ -68,10 +68,12 @@ class Declined(Exception):
 
 class _Builder:
     def __init__(self, traced: Traced, book, config: dict, accuracy_level: int, lora_slots=None,
-                 int8_dynamic: bool = False, linear16: str | None = None, linear4: bool = False):
+                 int8_dynamic: bool = False, linear16: str | None = None, linear4: bool = False,
+                 linear8: bool = False):
         self.gm, self.book, self.config = traced.gm, book, config
         self.linear16 = linear16                # "bf16" / "fp16": linears as glmc Linear16 nodes
         self.linear4 = linear4                  # symmetric int4 linears as glmc Linear4 nodes
+        self.linear8 = linear8                  # int8 linears as glmc Linear8 nodes
         self.accuracy_level = accuracy_level
         self.lora_slots = lora_slots            # (slots, rank) or None
         self.lora_linears: list[dict] = []
@@ -188,7 +190,7 @@ class _Builder:
             outputs += [k, v]
         graph = ir.Graph([*self.inputs.values(), *self.lora_inputs, *self.past], outputs, nodes=self.nodes,
                          initializers=list(self.inits.values()), name="step",
-                         opset_imports={"": OPSET, MS: 1, **({GLMC: 1} if self.linear16 or self.linear4 else {})})
+                         opset_imports={"": OPSET, MS: 1, **({GLMC: 1} if self.linear16 or self.linear4 or self.linear8 else {})})
         return ir.Model(graph, ir_version=10)
 
 
@@ -227,8 +229,8 @@ def _linear_nbits(b: _Builder, n):
     if bits == 8 and b.int8_dynamic and n is not b.lm_head:
         y = _int8_dynamic(b, b.emit(x), qweight, scales, bias, int(K), int(N))
         return _with_adapters(b, x, qweight, y, int(K), int(N))
-    if bits == 4 and b.linear4 and zeros is None:
-        y = _linear4(b, b.emit(x), qweight, scales, int(K), int(N), int(block))
+    if (bits == 4 and b.linear4 and zeros is None) or (bits == 8 and b.linear8):
+        y = _linearq(b, b.emit(x), qweight, scales, int(K), int(N), int(block), int(bits))
         if y is not None:
             return b.op("Add", [y, b.weight(bias)]) if bias is not None else y
 
@@ -245,18 +247,19 @@ def _linear_nbits(b: _Builder, n):
     return _with_adapters(b, x, qweight, y, int(K), int(N))
 
 
-def _linear4(b: _Builder, x, qweight, scales, K: int, N: int, block: int):
-    """y = x W^T as a glmc Linear4 node over symmetric int4 W in linear4's layout (codes and
-    blocked scales): run by TVM kernels between onnxruntime pieces (backends/cpu/runtime16.py).
-    None for a shape the kernels do not take (it stays MatMulNBits)."""
-    from glmc.backends.cpu.linear4 import Codes4, block_width, supported
+def _linearq(b: _Builder, x, qweight, scales, K: int, N: int, block: int, bits: int):
+    """y = x W^T as a glmc Linear4 / Linear8 node over int4 (symmetric) / int8 W in linearq's
+    layout (codes and blocked scales): run by TVM kernels between onnxruntime pieces
+    (backends/cpu/runtime16.py). None for a shape the kernels do not take (it stays MatMulNBits)."""
+    from glmc.backends.cpu.linearq import Codes, block_width, supported, x_group
 
-    if supported(K, N, block):
+    group = block if bits == 4 else x_group(K)
+    if group is None or supported(K, N, group, bits):
         return None
     width = block_width(N)
-    codes = b.derived(qweight, "q4", lambda r: Codes4(r, K, width))
-    blocked = b.derived(scales, "q4", lambda r: Blocks(r, width))
-    return b.op("Linear4", [x, codes, blocked], {"n": N, "k": K, "block": block}, domain=GLMC)
+    codes = b.derived(qweight, f"q{bits}", lambda r: Codes(r, K, width, bits))
+    blocked = b.derived(scales, f"q{bits}", lambda r: Blocks(r, width))
+    return b.op(f"Linear{bits}", [x, codes, blocked], {"n": N, "k": K, "block": group}, domain=GLMC)
 
 
 def _int8_dynamic(b: _Builder, x, qweight, scales, bias, K: int, N: int):
@@ -449,19 +452,21 @@ _HANDLERS = {
 
 def build_step(traced: Traced, book, config: dict, accuracy_level: int,
                lora_slots: tuple[int, int] | None = None, int8_dynamic: bool = False,
-               linear16: str | None = None, linear4: bool = False) -> tuple[ir.Model | None, str | None, list]:
+               linear16: str | None = None, linear4: bool = False,
+               linear8: bool = False) -> tuple[ir.Model | None, str | None, list]:
     """The lean step graph of a fused extend graph, or (None, why it was declined), and with
     lora_slots (slots, rank) the adapter linears it takes (`_with_adapters`); int8_dynamic:
     int8 decoder linears as DynamicQuantizeMatMul (`_int8_dynamic`; the lm_head keeps
     MatMulNBits: on the trained fixture it is where one activation scale per call cost the
     most, held-out perplexity +0.53% with it, within int8's 0.5% without); linear16 ("bf16" /
-    "fp16"): every linear a glmc Linear16 node over 16-bit weights (`_linear16`); linear4: every
-    symmetric int4 linear whose shape the kernels take a glmc Linear4 node (`_linear4`)."""
+    "fp16"): every linear a glmc Linear16 node over 16-bit weights (`_linear16`); linear4 /
+    linear8: every symmetric int4 / int8 linear whose shape the kernels take a glmc Linear4 /
+    Linear8 node (`_linearq`)."""
     # emission recurses from the logits back along the residual stream: a few frames per
     # node of the longest chain (~10 per layer), more than Python's default allows at 100+ layers
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 4 * len(traced.gm.graph.nodes) + 1000))
-    builder = _Builder(traced, book, config, accuracy_level, lora_slots, int8_dynamic, linear16, linear4)
+    builder = _Builder(traced, book, config, accuracy_level, lora_slots, int8_dynamic, linear16, linear4, linear8)
     try:
         return builder.build(), None, builder.lora_linears
     except Declined as e:

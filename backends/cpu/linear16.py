@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from glmc.backends.cpu.tvm_build import build
 from glmc.errors import GlmcError
-from glmc.settings import tvm_thread_pool
 
 V = 32                 # output columns per block: the vector lanes one k step fills (fewer
                        # where the output width is not a multiple of 32: `block_width`)
@@ -155,7 +155,6 @@ class Kernels:
         if why:
             raise GlmcError(f"this artifact has {dtype} weights on the cpu target, which {why}")
         import tvm
-        import tvm_ffi
 
         for K, N in shapes:
             if block_width(N) is None:
@@ -164,10 +163,7 @@ class Kernels:
         for K, N in sorted(set(shapes)):
             funcs[_name("gemv", K, N, dtype)] = _gemv(K, N, dtype, _name("gemv", K, N, dtype))
             funcs[_name("gemm", K, N, dtype)] = _gemm(K, N, dtype, _name("gemm", K, N, dtype))
-        cpu = tvm_ffi.get_global_func("target.llvm_get_system_cpu")()
-        target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": threads})
-        tvm_thread_pool(threads)
-        self._lib = tvm.compile(tvm.IRModule(funcs), target=target)
+        self._lib = build(funcs, threads)
         self._fn = {name: self._lib[name] for name in funcs}
         self.dtype = dtype
         self._wrap = tvm.runtime.from_dlpack

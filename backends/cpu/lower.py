@@ -197,10 +197,12 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
     linear16 = ctx.dtype if ctx.dtype in ("bf16", "fp16") else None
     if linear16 and ctx.lora_slots:
         raise GlmcError(f"--lora-slots is not built for --dtype {linear16} on the cpu target yet (use fp32)")
-    # int4 linears on glmc's TVM kernels (backends/cpu/linear4.py)
+    # int4 / int8 linears on glmc's TVM kernels (backends/cpu/linearq.py)
     linear4 = ctx.quant.mode == "int4" and ctx.quant.int4_matmul == "glmc"
-    if linear4 and ctx.lora_slots:
-        raise GlmcError("--lora-slots is not built for --int4-matmul glmc yet (use --int4-matmul nbits)")
+    linear8 = ctx.quant.mode != "none" and ctx.quant.int8_matmul == "glmc"
+    for option, wanted in (("--int4-matmul", linear4), ("--int8-matmul", linear8)):
+        if wanted and ctx.lora_slots:
+            raise GlmcError(f"--lora-slots is not built for {option} glmc yet (use {option} nbits)")
     queue = list(traced)
     while queue:
         t = queue.pop(0)
@@ -209,10 +211,12 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
             # (backends/cpu/lean.py), else exported by torch.onnx as it is
             step, declined, adapters = (None, "--kv-cache fp16", []) if ctx.quant.kv_cache == "fp16" else \
                 build_step(t, ctx.weights, ctx.model_config, level, ctx.lora_slots,
-                           int8_dynamic=ctx.quant.int8_matmul == "dynamic", linear16=linear16, linear4=linear4)
+                           int8_dynamic=ctx.quant.int8_matmul == "dynamic", linear16=linear16, linear4=linear4,
+                           linear8=linear8)
             for option, wanted in (("--lora-slots", ctx.lora_slots), ("--int8-matmul dynamic",
                                                                       ctx.quant.int8_matmul == "dynamic"),
-                                   (f"--dtype {ctx.dtype}", linear16), ("--int4-matmul glmc", linear4)):
+                                   (f"--dtype {ctx.dtype}", linear16), ("--int4-matmul glmc", linear4),
+                                   ("--int8-matmul glmc", linear8)):
                 if wanted and step is None:
                     raise GlmcError(f"{option} needs the lean step graph, which this model cannot use: {declined}")
             if ctx.lora_slots:
@@ -261,9 +265,9 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
         info["step_declined"] = declined
     if linear16:
         info["linear16"] = {"dtype": linear16}
-    if linear4:
-        count = info["op_histogram"].get("step", {}).get(f"{GLMC}::Linear4", 0)
-        info["linear4"] = {"linears": count}
+    if linear4 or linear8:
+        hist = info["op_histogram"].get("step", {})
+        info["linearq"] = {kind: hist.get(f"{GLMC}::{kind}", 0) for kind in ("Linear4", "Linear8")}
     if lora:
         info["lora"] = lora
     return info
@@ -272,9 +276,9 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
 def _kernel_layout(lazy) -> bool:
     """A weight in a glmc kernel's layout (a 16-bit linear's, an int4 linear's codes or
     blocked scales): read by the runtime in place, never inlined into a graph."""
-    from glmc.backends.cpu.linear4 import Codes4
+    from glmc.backends.cpu.linearq import Codes
 
-    return isinstance(lazy, (Blocks, Codes4)) or lazy.dtype in (torch.bfloat16, torch.float16)
+    return isinstance(lazy, (Blocks, Codes)) or lazy.dtype in (torch.bfloat16, torch.float16)
 
 
 def store_cache_fp16(model) -> None:

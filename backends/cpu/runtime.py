@@ -197,7 +197,7 @@ class CpuExecutor:
         # 16-bit linears (or int4 ones on glmc's kernels): TVM kernels between onnxruntime pieces
         # of the step graph (runtime16.py)
         self._linear16 = backend.get("linear16")
-        self._split = bool(self._linear16 or backend.get("linear4"))
+        self._split = bool(self._linear16 or backend.get("linearq"))
         # the weights file mapped once (read-only, paged in on use), shared by every session
         self._map, self._weights = mapped_arrays(artifact_dir / backend["weights"], private=self._split)
         self._ort_weights = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in self._weights.items()}
@@ -262,7 +262,7 @@ class CpuExecutor:
         from glmc.backends.cpu.layerwise import LayeredGraph
 
         depths = self._backend.get("weight_layers")
-        if not depths or self._split:        # (its Linear16 / Linear4 nodes are not onnxruntime's)
+        if not depths or self._split:        # (its glmc.cpu nodes are not onnxruntime's)
             return None
         inits = self._backend["initializers"][name]
         io = self.io[name]

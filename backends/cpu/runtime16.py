@@ -2,8 +2,8 @@
 
 The step graph of a `--dtype bf16|fp16` cpu artifact (backends/cpu/lean.py) holds every
 linear as a glmc Linear16 node over a 16-bit weight in backends/cpu/linear16.py's block
-layout; an `--int4-matmul glmc` one holds its int4 linears as glmc Linear4 nodes over codes
-and scales in backends/cpu/linear4.py's layout. Nothing in onnxruntime runs such a node, so
+layout; an `--int4-matmul glmc` (`--int8-matmul glmc`) one holds its int4 (int8) linears as
+glmc Linear4 (Linear8) nodes over codes and scales in backends/cpu/linearq.py's layout. Nothing in onnxruntime runs such a node, so
 `SplitStep` cuts the graph there: the
 nodes between two linears (norms, attention with its in-place KV cache, activations)
 make one onnxruntime session each, and the linears run as TVM kernels on the mapped
@@ -26,13 +26,13 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from glmc.backends.cpu import linear4, linear16
+from glmc.backends.cpu import linear16, linearq
 from glmc.backends.cpu.lean import GLMC
 from glmc.backends.cpu.linear16 import ALIGN, aligned_empty
 
 
 LINEAR, PIECES = "glmc.cpu linears (TVM)", "onnxruntime pieces"      # profile_decode's kinds
-KERNELS = {"Linear16": linear16, "Linear4": linear4}                 # node type -> its kernels' module
+KERNELS = {"Linear16": linear16, "Linear4": linearq, "Linear8": linearq}                 # node type -> its kernels' module
 
 
 @dataclass(eq=False)
@@ -52,7 +52,7 @@ class _Linear:
     K: int
     N: int
     kind: str               # the node type
-    block: int | None       # Linear4: the group size
+    block: int | None       # Linear4 / Linear8: the inputs per activation scale
     w: object = None        # the weight as its kernels' view
     kernels: object = None  # the Kernels that run it
 
@@ -149,8 +149,10 @@ class SplitStep:
         kernels = {}
         if any(s.kind == "Linear16" for s in linears):
             kernels["Linear16"] = linear16.Kernels([(s.K, s.N) for s in linears if s.kind == "Linear16"], dtype, threads)
-        if any(s.kind == "Linear4" for s in linears):
-            kernels["Linear4"] = linear4.Kernels([(s.K, s.N, s.block) for s in linears if s.kind == "Linear4"], threads)
+        quantized = [s for s in linears if s.kind in ("Linear4", "Linear8")]
+        if quantized:
+            kernels["Linear4"] = kernels["Linear8"] = linearq.Kernels(
+                [(s.K, s.N, s.block, 4 if s.kind == "Linear4" else 8) for s in quantized], threads)
         self._kept = []
         for s in linears:
             arrays = []

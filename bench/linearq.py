@@ -1,10 +1,10 @@
-"""glmc's int4 TVM kernels (backends/cpu/linear4.py) against onnxruntime's MatMulNBits
+"""glmc's int4 TVM kernels (backends/cpu/linearq.py) against onnxruntime's MatMulNBits
 (accuracy level 4) on the same shapes: one transformer layer's four linears, several layers'
 worth of distinct weights so that each call streams its weight from memory.
 
-    python bench/linear4.py [--shapes glm4-9b|small-glm] [--block 32] [--layers 4]
+    python bench/linearq.py [--shapes glm4-9b|small-glm] [--block 32] [--layers 4]
                             [--rows 1,2,4,16,128] [--rounds 3] [--threads 2]
-                            [--out bench/results/linear4-cpu.json]
+                            [--out bench/results/linearq-cpu.json]
 
 Each engine runs in a process of its own (TVM's workers spin between calls and would take
 onnxruntime's cores), the two alternating for --rounds rounds; each process measures the
@@ -50,7 +50,7 @@ def _run_glmc(shapes, layers, block, rows, threads):
     from glmc.backends.cpu import linear4 as L
     from glmc.backends.cpu.linear16 import aligned_empty
 
-    kernels = L.Kernels([(K, N, block) for K, N in shapes], threads)
+    kernels = L.Kernels([(K, N, block, 4) for K, N in shapes], threads)
     weights = []
     for K, N, codes, scales in _weights(shapes, layers, block):
         c, s = L.pack_codes(codes).numpy(), L.pack_scales(scales).numpy()

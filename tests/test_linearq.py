@@ -1,5 +1,5 @@
-"""--int4-matmul glmc on the cpu target: symmetric int4 linears run by glmc's TVM kernels
-(backends/cpu/linear4.py) between onnxruntime pieces of the step graph (runtime16.py).
+"""--int4-matmul glmc / --int8-matmul glmc on the cpu target: int4 / int8 linears run by glmc's TVM kernels
+(backends/cpu/linearq.py) between onnxruntime pieces of the step graph (runtime16.py).
 
 Tolerances:
 - the kernels against numpy doing the same arithmetic (x quantized to int8 per group, round
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import glmc
-from glmc.backends.cpu import linear4
+from glmc.backends.cpu import linearq
 from glmc.backends.cpu.linear16 import aligned_empty
 from glmc.errors import GlmcError
 from glmc.quant import dequantize, quantize
@@ -53,19 +53,50 @@ def _reference(x: np.ndarray, p) -> np.ndarray:
 @pytest.mark.parametrize("K,N,block", [(256, 64, 32), (512, 96, 128), (384, 1000, 64)])
 def test_kernels_match_the_int8_activation_arithmetic(K, N, block):
     """gemv (1, 2 rows) and gemm (its padding rows), block widths 32 / 16 / 8, groups 32 to 128."""
-    kernels = linear4.Kernels([(K, N, block)], 2)
+    kernels = linearq.Kernels([(K, N, block, 4)], 2)
     g = torch.Generator().manual_seed(K + N)
     p = quantize(torch.randn(N, K, generator=g), 4, block, True)
-    w = kernels.tensor((_aligned(linear4.pack_codes(_codes(p)).numpy()),
-                        _aligned(linear4.pack_scales(p.scales).numpy())))
+    w = kernels.tensor((_aligned(linearq.pack_codes(_codes(p)).numpy()),
+                        _aligned(linearq.pack_scales(p.scales).numpy())))
     dense = dequantize(p).numpy()
-    for M in (1, 2, 3, linear4.ROWS, linear4.ROWS + 1, 2 * linear4.ROWS + 3):
-        x = aligned_empty((linear4.padded_rows(M), K), np.float32)
+    for M in (1, 2, 3, linearq.ROWS, linearq.ROWS + 1, 2 * linearq.ROWS + 3):
+        x = aligned_empty((linearq.padded_rows(M), K), np.float32)
         x[...] = torch.randn(x.shape, generator=g).numpy()
-        y = aligned_empty((linear4.padded_rows(M), N), np.float32)
+        y = aligned_empty((linearq.padded_rows(M), N), np.float32)
         y[...] = np.nan
         kernels.linear(x, w, y, M)
         want = _reference(x[:M], p)
+        np.testing.assert_allclose(y[:M], want, rtol=0, atol=1e-5 * np.abs(want).max())
+        exact = x[:M] @ dense.T
+        assert np.abs(y[:M] - exact).max() <= 0.02 * np.abs(exact).max()
+
+
+def _reference8(x: np.ndarray, p) -> np.ndarray:
+    """The int8 kernels' arithmetic in numpy: x quantized per x_group(K), integer dot products."""
+    G = linearq.x_group(p.K)
+    xg = x.reshape(len(x), -1, G).astype(np.float64)
+    sx = np.abs(xg).max(-1) / 127
+    xq = np.round(np.divide(xg, sx[..., None], out=np.zeros_like(xg), where=sx[..., None] > 0))
+    w = p.qweight.reshape(p.N, -1)[:, :p.K].double().numpy().reshape(p.N, -1, G) - 128
+    return np.einsum("mgk,ngk,mg->mn", xq, w, sx) * p.scales[:, 0].double().numpy()
+
+
+@pytest.mark.parametrize("K,N", [(256, 64), (96, 48), (384, 1000)])
+def test_int8_kernels_match_the_int8_activation_arithmetic(K, N):
+    """gemv and gemm, block widths 32 / 16 / 8, activation groups 128 / 32 / 128."""
+    p = quantize(torch.randn(N, K, generator=torch.Generator().manual_seed(K)), 8, 128, True)
+    kernels = linearq.Kernels([(K, N, linearq.x_group(K), 8)], 2)
+    codes = linearq.codes8_layout(p.qweight, K, linearq.block_width(N))
+    assert codes.dtype == torch.int8 and codes.shape == (N // linearq.block_width(N), K // 4, linearq.block_width(N) // 8, 32)
+    w = kernels.tensor((_aligned(codes.numpy()), _aligned(linearq.pack_scales(p.scales).numpy())))
+    dense = dequantize(p).numpy()
+    g = torch.Generator().manual_seed(N)
+    for M in (1, 2, 3, linearq.ROWS + 1):
+        x = aligned_empty((linearq.padded_rows(M), K), np.float32)
+        x[...] = torch.randn(x.shape, generator=g).numpy()
+        y = aligned_empty((linearq.padded_rows(M), N), np.float32)
+        kernels.linear(x, w, y, M)
+        want = _reference8(x[:M], p)
         np.testing.assert_allclose(y[:M], want, rtol=0, atol=1e-5 * np.abs(want).max())
         exact = x[:M] @ dense.T
         assert np.abs(y[:M] - exact).max() <= 0.02 * np.abs(exact).max()
@@ -79,12 +110,12 @@ def test_codes_layout_and_its_recipe(tmp_path):
     K, N, block = 64, 48, 32                    # block width 16: two sub-blocks of 8 columns
     p = quantize(torch.randn(N, K), 4, block, True)
     codes = _codes(p)
-    laid = linear4.codes_layout(p.qweight, K, 16)
+    laid = linearq.codes_layout(p.qweight, K, 16)
     assert laid.shape == (N // 16, K // 8, 2, 32)
     for nb, k8, j, byte in ((0, 0, 0, 0), (1, 3, 1, 13), (2, 7, 1, 31)):
         col, i = nb * 16 + j * 8 + byte // 4, byte % 4
         assert int(laid[nb, k8, j, byte]) == int(codes[col, 8 * k8 + i]) | int(codes[col, 8 * k8 + 4 + i]) << 4
-    lazy = linear4.Codes4(Const(p.qweight), K, 16)
+    lazy = linearq.Codes(Const(p.qweight), K, 16, 4)
     assert lazy.shape == tuple(laid.shape) and lazy.chunkable
     np.testing.assert_array_equal(torch.cat([lazy.rows(0, 1), lazy.rows(1, 3)]).numpy(), laid.numpy())
     write_safetensors({"c": lazy}, tmp_path / "w.safetensors")
@@ -111,13 +142,26 @@ def test_int4_glmc_artifact_matches_the_matmulnbits_one(artifacts):
     hist = backend["op_histogram"]["step"]
     # every linear, the lm_head too, is a Linear4 node: no MatMulNBits left
     assert hist.get("glmc.cpu::Linear4") == 2 * 4 + 1 and "com.microsoft::MatMulNBits" not in hist, hist
-    assert backend["linear4"] == {"linears": 9}
+    assert backend["linearq"] == {"Linear4": 9, "Linear8": 0}
     assert json.loads((path / "report.json").read_text())["quantization"]["int4_matmul"] == "glmc"
     full, steps = _all_logits(model)
     want_full, want_steps = _all_logits(glmc.load(artifacts("glm-gqa", **opts)))
     for b in range(len(PROMPTS)):
         assert np.abs(full[b] - want_full[b]).max() <= 0.02 * np.abs(want_full[b]).max()
     for got, want in zip(steps, want_steps):
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
+def test_int8_glmc_artifact_matches_the_matmulnbits_one(artifacts):
+    """--int8-matmul glmc: every int8 linear (the lm_head too) a Linear8 node."""
+    path = artifacts("glm-gqa", quant="int8", int8_matmul="glmc", verify=True)
+    model = glmc.load(path)
+    hist = model.manifest["backend"]["op_histogram"]["step"]
+    assert model.manifest["backend"]["linearq"] == {"Linear4": 0, "Linear8": 9}
+    assert "com.microsoft::MatMulNBits" not in hist, hist
+    full, steps = _all_logits(model)
+    want_full, want_steps = _all_logits(glmc.load(artifacts("glm-gqa", quant="int8")))
+    for got, want in [*zip(full, want_full), *zip(steps, want_steps)]:
         assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
 
 
@@ -128,6 +172,9 @@ def test_int4_glmc_refusals(tmp_path, monkeypatch):
             (dict(quant="int4", group_size=16), "needs a group size that is a multiple of 32, got 16"),
             (dict(quant="int4", kv_cache="fp16"), "--int4-matmul glmc needs the lean step graph"),
             (dict(quant="int4", lora_slots=2), "--lora-slots is not built for --int4-matmul glmc"),
+            (dict(quant="none", int4_matmul="nbits", int8_matmul="glmc"), "--int8-matmul glmc needs int8 linears"),
+            (dict(quant="int8", int4_matmul="nbits", int8_matmul="glmc", lora_slots=2),
+             "--lora-slots is not built for --int8-matmul glmc"),
             (dict(quant="int4", int4_matmul="fast"), "--int4-matmul must be nbits or glmc, got 'fast'")):
         options = dict(dict(int4_matmul="glmc", verify=False), **options)
         with pytest.raises(GlmcError, match=message):
@@ -139,3 +186,33 @@ def test_int4_glmc_refusals(tmp_path, monkeypatch):
     with pytest.raises(GlmcError, match=r"--int4-matmul glmc needs Apache TVM: pip install 'glmc\[cpu16\]'"):
         glmc.compile("tiny-glm", tmp_path / "c.glmc", quant="int4", int4_matmul="glmc")
     assert not (tmp_path / "c.glmc").exists()
+
+
+def test_built_kernels_are_kept_and_loaded_from_the_cache(tmp_path, monkeypatch):
+    """A second build of the same kernels loads the library the first one kept (and computes
+    the same); other kernels get an entry of their own."""
+    import glmc.backends.cpu.tvm_build as tvm_build
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    K, N, block = 64, 32, 32
+    first = linearq.Kernels([(K, N, block, 4)], 2)
+    kept = list((tmp_path / "glmc" / "kernels").glob("*.so"))
+    assert len(kept) == 1
+    compiled = []
+    monkeypatch.setattr("tvm.compile", lambda *a, **k: compiled.append(a) or pytest.fail("rebuilt"))
+    second = linearq.Kernels([(K, N, block, 4)], 2)
+    assert not compiled
+    p = quantize(torch.randn(N, K), 4, block, True)
+    x = aligned_empty((1, K), np.float32)
+    x[...] = np.random.default_rng(0).standard_normal((1, K))
+    ys = []
+    for kernels in (first, second):
+        w = kernels.tensor((_aligned(linearq.pack_codes(_codes(p)).numpy()), _aligned(linearq.pack_scales(p.scales).numpy())))
+        ys.append(aligned_empty((1, N), np.float32))
+        kernels.linear(x, w, ys[-1], 1)
+    np.testing.assert_array_equal(ys[0], ys[1])
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    linearq.Kernels([(K, 2 * N, block, 4)], 2)
+    assert len(list((tmp_path / "glmc" / "kernels").glob("*.so"))) == 2
+    assert tvm_build.cpu_features(tvm_build.host_target(2))        # what the key holds
