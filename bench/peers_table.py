@@ -32,6 +32,7 @@ CONFIGS = {
     "int4-g32-glmc": dict(quant="int4", group_size=32, lm_head="int4", int4_matmul="glmc"),
     "int8": dict(quant="int8"),
     "int8-dynamic": dict(quant="int8", int8_matmul="dynamic"),
+    "int8-glmc": dict(quant="int8", int8_matmul="glmc"),
     # 16-bit linears on TVM kernels (glmc[cpu16]) beside llama.cpp's F16 / BF16 and ORT GenAI's fp16
     "fp16": dict(dtype="fp16"),
     "bf16": dict(dtype="bf16"),
