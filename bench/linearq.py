@@ -47,7 +47,7 @@ def _weights(shapes, layers, block, seed=0):
 def _run_glmc(shapes, layers, block, rows, threads):
     import numpy as np
 
-    from glmc.backends.cpu import linear4 as L
+    from glmc.backends.cpu import linearq as L
     from glmc.backends.cpu.linear16 import aligned_empty
 
     kernels = L.Kernels([(K, N, block, 4) for K, N in shapes], threads)
@@ -146,7 +146,9 @@ def main(argv=None) -> int:
         for engine in runs:
             cmd = [sys.executable, __file__, "--engine", engine, "--shapes", args.shapes, "--block", str(args.block),
                    "--layers", str(args.layers), "--rows", args.rows, "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=child_env())
+            out = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
+            if out.returncode:
+                raise SystemExit(f"the {engine} child failed: {out.stderr.strip().splitlines()[-1:]}")
             runs[engine].append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {}
     for engine, rounds in runs.items():

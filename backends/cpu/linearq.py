@@ -114,10 +114,13 @@ def pack_scales(scales):
     return (s.permute(0, 2, 1) if hasattr(s, "permute") else s.transpose(0, 2, 1)).reshape(N // V, G, V)
 
 
-def _quantize(K: int, block: int, name: str):
+def _quantize(K: int, block: int, name: str, parallel: bool = True):
+    """Serial (parallel=False) for a decode step's row or two: waking the thread pool for K
+    inputs costs more than quantizing them."""
     from tvm.script import tirx as T
 
     NG = K // block
+    loop = T.parallel if parallel else T.serial
 
     @T.prim_func
     def quantize(x_handle: T.handle, q_handle: T.handle, sx_handle: T.handle, ss_handle: T.handle):
@@ -127,7 +130,7 @@ def _quantize(K: int, block: int, name: str):
         Q = T.match_buffer(q_handle, (M, K), "int8")
         SX = T.match_buffer(sx_handle, (M, NG), "float32")
         SS = T.match_buffer(ss_handle, (M, NG), "float32")
-        for mg in T.parallel(M * NG):
+        for mg in loop(M * NG):
             amax = T.alloc_buffer((8,), "float32", scope="local")
             acc = T.alloc_buffer((8,), "int32", scope="local")
             m = mg // NG
@@ -338,8 +341,9 @@ class Kernels:
             why = supported(K, N, block, bits)
             if why:
                 raise GlmcError(f"an int{bits} linear of {K} x {N}, group {block}, cannot run as glmc's kernel: {why}")
-            name = f"quantize_{K}_g{block}"
-            funcs.setdefault(name, _quantize(K, block, name))
+            for parallel in (True, False):
+                name = f"quantize_{K}_g{block}" + ("" if parallel else "_serial")
+                funcs.setdefault(name, _quantize(K, block, name, parallel))
             for kind, make in (("gemv", _gemv), ("gemm", _gemm)):
                 name = _name(kind, K, N, block, bits)
                 funcs[name] = make(K, N, block, name, bits)
@@ -369,7 +373,7 @@ class Kernels:
         q = aligned_empty((Mp, K), np.int8)
         sx, ss = aligned_empty((Mp, NG), np.float32), aligned_empty((Mp, NG), np.float32)
         wrap = self._wrap
-        quantize = self._fn[f"quantize_{K}_g{block}"]
+        quantize = self._fn[f"quantize_{K}_g{block}" + ("_serial" if M <= GEMV_MAX_M else "")]
         qargs = (wrap(x[:Mp]), wrap(q), wrap(sx), wrap(ss))
         if M <= GEMV_MAX_M:
             fn = self._fn[_name("gemv", K, N, block, bits)]
