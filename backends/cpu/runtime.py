@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from glmc.backends.kv import store_decode_kv, store_kv
@@ -221,14 +222,16 @@ class CpuExecutor:
                       initializers=None):
         """A session of entry `name` (or of `model`, a part of it, reading only `initializers`)
         over the mapped weights; for an entry with glmc kernels' linears, its SplitStep."""
-        if self._split and model is None:
-            from glmc.backends.cpu.runtime16 import SplitStep
+        if self._split:         # an entry, or a part of it (verification's layers), with glmc kernels' linears
+            from glmc.backends.cpu.runtime16 import GLMC, SplitStep
 
-            inits = self._backend["initializers"][name]
-            return SplitStep(self._dir / self._backend["graphs"][name],
-                             lambda part, names: self._make_session(name, model=part, initializers=set(names)),
-                             {i: self._weights[k] for i, k in inits.items()},
-                             self._linear16["dtype"] if self._linear16 else None, self.threads)
+            part = None if model is None else onnx.load_from_string(model)
+            if part is None or any(n.domain == GLMC for n in part.graph.node):
+                inits = self._backend["initializers"][name]
+                return SplitStep(self._dir / self._backend["graphs"][name] if part is None else part,
+                                 lambda piece, names: self._make_session(name, model=piece, initializers=set(names)),
+                                 {i: self._weights[k] for i, k in inits.items()},
+                                 self._linear16["dtype"] if self._linear16 else None, self.threads)
         opts = ort.SessionOptions()
         if profile_prefix is not None:
             opts.enable_profiling = True
@@ -262,7 +265,7 @@ class CpuExecutor:
         from glmc.backends.cpu.layerwise import LayeredGraph
 
         depths = self._backend.get("weight_layers")
-        if not depths or self._split:        # (its glmc.cpu nodes are not onnxruntime's)
+        if not depths:
             return None
         inits = self._backend["initializers"][name]
         io = self.io[name]

@@ -98,14 +98,15 @@ class _Binding:
 
 
 class SplitStep:
-    """The step graph at `path` as onnxruntime pieces and TVM linears, run in order.
+    """The step graph at `source` (a path, or a part of it as a ModelProto: verification's
+    layers) as onnxruntime pieces and TVM linears, run in order.
 
     make_session(model_bytes, initializer names) -> an onnxruntime session over the
     artifact's mapped weights; weights: initializer name -> its mapped array; dtype: the
     16-bit linears' (None without them)."""
 
-    def __init__(self, path: Path, make_session, weights: dict, dtype: str | None, threads: int):
-        model = onnx.load(str(path), load_external_data=False)
+    def __init__(self, source: Path | onnx.ModelProto, make_session, weights: dict, dtype: str | None, threads: int):
+        model = onnx.load(str(source), load_external_data=False) if isinstance(source, Path) else source
         graph = model.graph
         self._opsets = [o for o in model.opset_import if o.domain != GLMC]
         self._ir_version = model.ir_version
@@ -176,6 +177,16 @@ class SplitStep:
 
     def io_binding(self) -> _Binding:
         return _Binding()
+
+    def run(self, output_names: list, feeds: dict) -> list:
+        """onnxruntime's InferenceSession.run: arrays in, the named outputs out (verification)."""
+        binding = self.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in output_names:
+            binding.bind_output(name)
+        self.run_with_iobinding(binding)
+        return [np.array(value.numpy()) for value in binding.get_outputs()]
 
     def _rows(self, K: int, rows: int) -> np.ndarray:
         """An aligned (>= rows, K) input buffer, reused: a kernel's input is dead once it ran."""
