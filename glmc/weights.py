@@ -321,6 +321,15 @@ def _producer(lazy: Lazy):
     return lazy.multi if isinstance(lazy, Part) else lazy
 
 
+def _release(lazy: Lazy) -> None:
+    """release() a written recipe and what it reads: a Multi under a layout recipe (a glmc
+    kernel's codes or blocked scales) is not a producer itself, and kept its last chunk
+    (a 9B int4 compile held 15 GB of them)."""
+    lazy.release()
+    for x in _inputs(lazy):
+        _release(x)
+
+
 def write_safetensors(entries: dict[str, Lazy], path: Path) -> dict[str, tuple[int, int]]:
     """Write entries (name -> recipe) as one safetensors file, computing one producer's row
     chunk at a time. Returns name -> (absolute byte offset, length) in the file."""
@@ -357,7 +366,7 @@ def write_safetensors(entries: dict[str, Lazy], path: Path) -> dict[str, tuple[i
                                            f"expected {lazy.shape} {lazy.dtype}")
                     row_bytes = _nbytes(lazy.shape[1:], lazy.dtype) if lazy.shape else 0
                     os.pwrite(fd, _as_bytes(t), base + header[name]["data_offsets"][0] + r0 * row_bytes)
-            prod.release()      # a row-wise Multi keeps its last chunk's outputs (~50 MiB per layer at 9B)
+            _release(prod)      # a row-wise Multi keeps its last chunk's outputs (~50 MiB per layer at 9B)
     return {name: (base + h["data_offsets"][0], h["data_offsets"][1] - h["data_offsets"][0])
             for name, h in header.items()}
 

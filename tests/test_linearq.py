@@ -216,3 +216,15 @@ def test_built_kernels_are_kept_and_loaded_from_the_cache(tmp_path, monkeypatch)
     linearq.Kernels([(K, 2 * N, block, 4)], 2)
     assert len(list((tmp_path / "glmc" / "kernels").glob("*.so"))) == 2
     assert tvm_build.cpu_features(tvm_build.host_target(2))        # what the key holds
+
+
+def test_writing_a_layout_recipe_releases_the_quantization_under_it(tmp_path):
+    """The codes and blocked scales are producers of their own over the quantization's parts;
+    once written, the quantization must not keep its last chunk (at 9B that held 15 GB)."""
+    from glmc.quant import Quantized
+    from glmc.weights import Blocks
+
+    q = Quantized(Const(torch.randn(64, 64)), 4, 32, True)
+    entries = {"codes": linearq.Codes(q.part(0), 64, 32, 4), "scales": Blocks(q.part(1), 32)}
+    write_safetensors(entries, tmp_path / "w.safetensors")
+    assert q._last is None

@@ -3,8 +3,8 @@
 The step graph of a `--dtype bf16|fp16` cpu artifact (backends/cpu/lean.py) holds every
 linear as a glmc Linear16 node over a 16-bit weight in backends/cpu/linear16.py's block
 layout; an `--int4-matmul glmc` (`--int8-matmul glmc`) one holds its int4 (int8) linears as
-glmc Linear4 (Linear8) nodes over codes and scales in backends/cpu/linearq.py's layout. Nothing in onnxruntime runs such a node, so
-`SplitStep` cuts the graph there: the
+glmc Linear4 (Linear8) nodes over codes and scales in backends/cpu/linearq.py's layout.
+Nothing in onnxruntime runs such a node, so `SplitStep` cuts the graph there: the
 nodes between two linears (norms, attention with its in-place KV cache, activations)
 make one onnxruntime session each, and the linears run as TVM kernels on the mapped
 weights. To the executor it looks like one onnxruntime session: `io_binding()` and
@@ -32,7 +32,7 @@ from glmc.backends.cpu.linear16 import ALIGN, aligned_empty
 
 
 LINEAR, PIECES = "glmc.cpu linears (TVM)", "onnxruntime pieces"      # profile_decode's kinds
-KERNELS = {"Linear16": linear16, "Linear4": linearq, "Linear8": linearq}                 # node type -> its kernels' module
+KERNELS = {"Linear16": linear16, "Linear4": linearq, "Linear8": linearq}     # node type -> its kernels' module
 
 
 @dataclass(eq=False)
@@ -48,7 +48,7 @@ class _Piece:
 class _Linear:
     x: str
     y: str
-    weights: list           # the node's weight inputs (Linear16: the weight; Linear4: codes, scales)
+    weights: list           # the node's weight inputs (Linear16: the weight; Linear4 / 8: codes, scales)
     K: int
     N: int
     kind: str               # the node type
