@@ -47,6 +47,12 @@ class Lazy:
     def chunkable(self) -> bool:
         return True
 
+    def row_source(self) -> "tuple[Lazy, int] | None":
+        """(x, f) where row r of this recipe is made from rows r*f .. r*f+f-1 of recipe x alone
+        (a layout of x's rows): the weights writer then computes x's chunk once for every
+        layout of it. None for other recipes."""
+        return None
+
     def release(self) -> None:
         """Forget anything kept between calls of rows(); called once the recipe is written."""
 
@@ -164,6 +170,9 @@ class Blocks(Lazy):
     @property
     def chunkable(self):
         return self.x.chunkable
+
+    def row_source(self):
+        return self.x, self.width
 
     def rows(self, r0, r1):
         w = self.width
@@ -317,8 +326,17 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
-def _producer(lazy: Lazy):
-    return lazy.multi if isinstance(lazy, Part) else lazy
+def _producer(lazy: Lazy) -> tuple[Lazy, int]:
+    """(the recipe whose row chunks make `lazy`, how many of its rows make one row of lazy):
+    a Multi under its Part, through layouts of rows (`row_source`)."""
+    if isinstance(lazy, Part):
+        return lazy.multi, 1
+    source = lazy.row_source()
+    if source is not None:
+        inner, f = _producer(source[0])
+        if isinstance(inner, Multi):
+            return inner, f * source[1]
+    return lazy, 1
 
 
 def _release(lazy: Lazy) -> None:
@@ -341,11 +359,12 @@ def write_safetensors(entries: dict[str, Lazy], path: Path) -> dict[str, tuple[i
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(len(blob) + 8) % 64)            # tensors start 64-byte aligned
     base = 8 + len(blob)
-    # every output of one producer, so a multi-output recipe is computed once per chunk
+    # every output of one producer, so a multi-output recipe is computed once per chunk (its
+    # Parts, and layouts of its rows: a glmc kernel's codes and blocked scales)
     by_producer: dict[int, tuple[Lazy, list]] = {}
     for name, lazy in entries.items():
-        prod = _producer(lazy)
-        by_producer.setdefault(id(prod), (prod, []))[1].append((name, lazy))
+        prod, f = _producer(lazy)
+        by_producer.setdefault(id(prod), (prod, []))[1].append((name, lazy, f))
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
@@ -354,18 +373,22 @@ def write_safetensors(entries: dict[str, Lazy], path: Path) -> dict[str, tuple[i
         for prod, outs in by_producer.values():
             rows = prod.shape[0] if prod.shape else 1
             width = max(1, math.prod(prod.shape[1:])) if prod.shape else 1
-            step = rows if not prod.chunkable else max(1, CHUNK_ELEMENTS // width)
+            unit = math.lcm(*(f for *_, f in outs))          # a chunk holds whole rows of every layout
+            step = rows if not prod.chunkable else max(unit, CHUNK_ELEMENTS // width // unit * unit)
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
                 values = prod.compute(r0, r1) if isinstance(prod, Multi) else None
-                for name, lazy in outs:
-                    t = values[lazy.index] if values is not None else (
-                        lazy.rows(r0, r1) if lazy.shape else lazy.rows(0, 1).reshape(()))
+                for name, lazy, f in outs:
+                    if f > 1:
+                        t = lazy.rows(r0 // f, r1 // f)         # a layout of the chunk just computed
+                    else:
+                        t = values[lazy.index] if values is not None else (
+                            lazy.rows(r0, r1) if lazy.shape else lazy.rows(0, 1).reshape(()))
                     if tuple(t.shape[1:]) != tuple(lazy.shape[1:]) or t.dtype != lazy.dtype:
                         raise RuntimeError(f"recipe for {name} produced {tuple(t.shape)} {t.dtype}, "
                                            f"expected {lazy.shape} {lazy.dtype}")
                     row_bytes = _nbytes(lazy.shape[1:], lazy.dtype) if lazy.shape else 0
-                    os.pwrite(fd, _as_bytes(t), base + header[name]["data_offsets"][0] + r0 * row_bytes)
+                    os.pwrite(fd, _as_bytes(t), base + header[name]["data_offsets"][0] + r0 // f * row_bytes)
             _release(prod)      # a row-wise Multi keeps its last chunk's outputs (~50 MiB per layer at 9B)
     return {name: (base + h["data_offsets"][0], h["data_offsets"][1] - h["data_offsets"][0])
             for name, h in header.items()}

@@ -218,13 +218,26 @@ def test_built_kernels_are_kept_and_loaded_from_the_cache(tmp_path, monkeypatch)
     assert tvm_build.cpu_features(tvm_build.host_target(2))        # what the key holds
 
 
-def test_writing_a_layout_recipe_releases_the_quantization_under_it(tmp_path):
-    """The codes and blocked scales are producers of their own over the quantization's parts;
-    once written, the quantization must not keep its last chunk (at 9B that held 15 GB)."""
+def test_layouts_of_one_quantization_are_written_from_one_computation(tmp_path, monkeypatch):
+    """The codes and the blocked scales are layouts of the same quantization's rows: the writer
+    computes each chunk of it once for both (the 9B compile quantized every weight twice), in
+    chunks of whole column blocks, and releases it once written (at 9B its last chunks held 15 GB)."""
+    from safetensors.numpy import load_file
+
+    import glmc.weights as weights
     from glmc.quant import Quantized
     from glmc.weights import Blocks
 
-    q = Quantized(Const(torch.randn(64, 64)), 4, 32, True)
+    monkeypatch.setattr(weights, "CHUNK_ELEMENTS", 100 * 64)     # 100 rows: 96, whole blocks of 32
+    w = torch.randn(256, 64)
+    q = Quantized(Const(w), 4, 32, True)
+    calls = []
+    compute = q._compute
+    monkeypatch.setattr(q, "_compute", lambda rows: calls.append(len(rows)) or compute(rows))
     entries = {"codes": linearq.Codes(q.part(0), 64, 32, 4), "scales": Blocks(q.part(1), 32)}
     write_safetensors(entries, tmp_path / "w.safetensors")
+    assert calls == [96, 96, 64]
     assert q._last is None
+    got, p = load_file(str(tmp_path / "w.safetensors")), quantize(w, 4, 32, True)
+    np.testing.assert_array_equal(got["codes"], linearq.codes_layout(p.qweight, 64, 32).numpy())
+    np.testing.assert_array_equal(got["scales"], linearq.pack_scales(p.scales).numpy())

@@ -14,9 +14,10 @@ its pair sums stay below 2 * 127 * 127 < 2^15:
 
     y[n] = s_w[n] * sum_g sx[g] * sum_k |w[n, k]| sign(w[n, k]) xq[k]
 
-Why glmc has its own: on the GLM-4-9B shapes, 2 threads, the int4 kernels stream the weights
-at 80-87% of the machine's measured read bandwidth against MatMulNBits' 69-81% in the same
-runs, and multiply 16-64 rows 1.1-1.5x faster (bench/linearq.py). They run where 16-bit
+Why glmc has its own: on the GLM-4-9B shapes, 2 threads, the int4 kernels ran one row 1.18x
+and 16-64 rows 2.1-2.6x faster than MatMulNBits in the same run (group 128,
+bench/results/linearq-glm4-9b-cpu.json); on small shapes (K = 1024) a call's fixed cost
+makes one row 0.87x (bench/results/linearq-small-glm-cpu.json). They run where 16-bit
 linears run: as glmc.cpu::Linear4 / Linear8 nodes of the step graph, cut out of it by
 backends/cpu/runtime16.py.
 
@@ -432,6 +433,9 @@ class Codes(Lazy):
     @property
     def chunkable(self):
         return self.x.chunkable
+
+    def row_source(self):
+        return self.x, self.width
 
     def rows(self, r0, r1):
         w = self.width
