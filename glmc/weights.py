@@ -152,12 +152,33 @@ class Transpose(Lazy):
 
 
 @dataclass(eq=False)
-class Blocks(Lazy):
-    """x (N, K) as (N / width, K, width): block i holds rows i*width .. i*width+width-1 of x as
-    columns (backends/cpu/linear16.py's weight layout); written a run of blocks at a time."""
+class RowLayout(Lazy):
+    """A layout of x's rows: row r is made from rows r*width .. r*width+width-1 of x alone
+    (`lay`), so it is written a run of such row groups at a time, from the same chunk of x as
+    any other layout of x (`row_source`)."""
 
     x: Lazy
     width: int
+
+    @property
+    def chunkable(self):
+        return self.x.chunkable
+
+    def row_source(self):
+        return self.x, self.width
+
+    def lay(self, rows: torch.Tensor) -> torch.Tensor:
+        """x's rows r0*width .. r1*width-1 -> this recipe's rows r0 .. r1-1."""
+        raise NotImplementedError
+
+    def rows(self, r0, r1):
+        return self.lay(self.x.rows(r0 * self.width, r1 * self.width))
+
+
+@dataclass(eq=False)
+class Blocks(RowLayout):
+    """x (N, K) as (N / width, K, width): block i holds rows i*width .. i*width+width-1 of x as
+    columns (backends/cpu/linear16.py's weight layout)."""
 
     def __post_init__(self):
         N, K = self.x.shape
@@ -167,16 +188,8 @@ class Blocks(Lazy):
     def key(self):
         return ("blocks", self.x.key, self.width)
 
-    @property
-    def chunkable(self):
-        return self.x.chunkable
-
-    def row_source(self):
-        return self.x, self.width
-
-    def rows(self, r0, r1):
-        w = self.width
-        return self.x.rows(r0 * w, r1 * w).reshape(r1 - r0, w, -1).transpose(1, 2).contiguous()
+    def lay(self, rows):
+        return rows.reshape(-1, self.width, rows.shape[-1]).transpose(1, 2).contiguous()
 
 
 @dataclass(eq=False)

@@ -115,7 +115,7 @@ def test_codes_layout_and_its_recipe(tmp_path):
     for nb, k8, j, byte in ((0, 0, 0, 0), (1, 3, 1, 13), (2, 7, 1, 31)):
         col, i = nb * 16 + j * 8 + byte // 4, byte % 4
         assert int(laid[nb, k8, j, byte]) == int(codes[col, 8 * k8 + i]) | int(codes[col, 8 * k8 + 4 + i]) << 4
-    lazy = linearq.Codes(Const(p.qweight), K, 16, 4)
+    lazy = linearq.Codes(Const(p.qweight), 16, K, 4)
     assert lazy.shape == tuple(laid.shape) and lazy.chunkable
     np.testing.assert_array_equal(torch.cat([lazy.rows(0, 1), lazy.rows(1, 3)]).numpy(), laid.numpy())
     write_safetensors({"c": lazy}, tmp_path / "w.safetensors")
@@ -234,7 +234,7 @@ def test_layouts_of_one_quantization_are_written_from_one_computation(tmp_path, 
     calls = []
     compute = q._compute
     monkeypatch.setattr(q, "_compute", lambda rows: calls.append(len(rows)) or compute(rows))
-    entries = {"codes": linearq.Codes(q.part(0), 64, 32, 4), "scales": Blocks(q.part(1), 32)}
+    entries = {"codes": linearq.Codes(q.part(0), 32, 64, 4), "scales": Blocks(q.part(1), 32)}
     write_safetensors(entries, tmp_path / "w.safetensors")
     assert calls == [96, 96, 64]
     assert q._last is None

@@ -257,7 +257,7 @@ def _linearq(b: _Builder, x, qweight, scales, K: int, N: int, block: int, bits: 
     if group is None or supported(K, N, group, bits):
         return None
     width = block_width(N)
-    codes = b.derived(qweight, f"q{bits}", lambda r: Codes(r, K, width, bits))
+    codes = b.derived(qweight, f"q{bits}", lambda r: Codes(r, width, K, bits))
     blocked = b.derived(scales, f"q{bits}", lambda r: Blocks(r, width))
     return b.op(f"Linear{bits}", [x, codes, blocked], {"n": N, "k": K, "block": group}, domain=GLMC)
 

@@ -55,7 +55,7 @@ import torch
 from glmc.backends.cpu.linear16 import ALIGN, aligned_empty, available, block_width  # noqa: F401
 from glmc.backends.cpu.tvm_build import build, cpu_features, host_target
 from glmc.errors import GlmcError
-from glmc.weights import Lazy
+from glmc.weights import RowLayout
 
 GEMV_MAX_M = 2
 ROWS = 4              # gemm row tile
@@ -88,22 +88,22 @@ def padded_rows(M: int) -> int:
 
 
 def pack_codes(codes, width: int | None = None):
-    """(N, K) codes in [0, 15] -> (N / V, K / 8, V / 8, 32) bytes in the layout above (numpy
-    or torch, whichever it is given); V = width, by default block_width(N)."""
+    """(N, K) codes in [0, 15] -> (N / V, K / 8, V / 8, 32) bytes in the layout above; V =
+    width, by default block_width(N)."""
     N, K = codes.shape
     V = width or block_width(N)
     c = codes.reshape(N // V, V // 8, 8, K // 8, 2, 4)              # block, sub, column, p, half, i
-    c = c.permute(0, 3, 1, 4, 2, 5) if hasattr(c, "permute") else c.transpose(0, 3, 1, 4, 2, 5)
+    c = c.permute(0, 3, 1, 4, 2, 5)
     return (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).reshape(N // V, K // 8, V // 8, 32)
 
 
 def pack_codes8(w, width: int | None = None):
-    """(N, K) int8 weights -> (N / V, K / 4, V / 8, 32) in the int8 layout (numpy or torch);
-    V = width, by default block_width(N)."""
+    """(N, K) int8 weights -> (N / V, K / 4, V / 8, 32) in the int8 layout; V = width, by
+    default block_width(N)."""
     N, K = w.shape
     V = width or block_width(N)
     c = w.reshape(N // V, V // 8, 8, K // 4, 4)                     # block, sub, column, q, i
-    c = c.permute(0, 3, 1, 2, 4) if hasattr(c, "permute") else c.transpose(0, 3, 1, 2, 4)
+    c = c.permute(0, 3, 1, 2, 4)
     return c.reshape(N // V, K // 4, V // 8, 32)
 
 
@@ -112,7 +112,7 @@ def pack_scales(scales):
     N, G = scales.shape
     V = block_width(N)
     s = scales.reshape(N // V, V, G)
-    return (s.permute(0, 2, 1) if hasattr(s, "permute") else s.transpose(0, 2, 1)).reshape(N // V, G, V)
+    return s.permute(0, 2, 1).reshape(N // V, G, V)
 
 
 def _quantize(K: int, block: int, name: str, parallel: bool = True):
@@ -166,16 +166,10 @@ def _widen(T, a):
 
 
 def _signed_madd(T, w, x):
-    """vpmaddubsw of |w| and x carrying w's sign: 16 sums of two w * x products (int8 w, x)."""
-    return _madd(T, _abs(T, w), _sign(T, x, w))
-
-
-def _abs(T, w):
-    return T.call_llvm_pure_intrin("int8x32", "llvm.abs.v32i8", w, T.bool(False))
-
-
-def _sign(T, x, w):
-    return T.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", x, w)
+    """vpmaddubsw of |w| (vpabsb) and x carrying w's sign (vpsignb): 16 sums of two w * x
+    products (int8 w, x)."""
+    return _madd(T, T.call_llvm_pure_intrin("int8x32", "llvm.abs.v32i8", w, T.bool(False)),
+                 T.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", x, w))
 
 
 def _weights(T, NB: int, K: int, SB: int, bits: int):
@@ -303,8 +297,8 @@ def _gemm(K: int, N: int, block: int, name: str, bits: int = 4):
                                 q = g * (block // 4) + s * 8 + i
                                 w = W[nb, q, j, T.ramp(0, 1, 32)]
                                 for r in T.unroll(R):
-                                    accg[T.ramp(r * 8, 1, 8)] = accg[T.ramp(r * 8, 1, 8)] + _widen(T, _madd(
-                                        T, _abs(T, w), _sign(T, T.reinterpret("int8x32", T.broadcast(X[mq, r, q], 8)), w)))
+                                    accg[T.ramp(r * 8, 1, 8)] = accg[T.ramp(r * 8, 1, 8)] + _widen(T, _signed_madd(
+                                        T, w, T.reinterpret("int8x32", T.broadcast(X[mq, r, q], 8))))
                     for r in T.unroll(R):
                         if bits == 4:
                             accf[T.ramp(r * 8, 1, 8)] = accf[T.ramp(r * 8, 1, 8)] + S[nb, g, T.ramp(j * 8, 1, 8)] * (
@@ -403,7 +397,6 @@ def codes_layout(qweight_rows: torch.Tensor, K: int, width: int) -> torch.Tensor
     return pack_codes(codes, width)
 
 
-
 def codes8_layout(qweight_rows: torch.Tensor, K: int, width: int) -> torch.Tensor:
     """glmc.quant's int8 codes (w + 128), rows (n, blocks, block), as the int8 layout
     (n / width, K / 4, width / 8, 32)."""
@@ -412,13 +405,11 @@ def codes8_layout(qweight_rows: torch.Tensor, K: int, width: int) -> torch.Tenso
 
 
 @dataclass(eq=False)
-class Codes(Lazy):
+class Codes(RowLayout):
     """Recipe: glmc.quant's `bits`-bit codes (N, blocks, block * bits / 8) in this module's
-    layout for them (`codes_layout` / `codes8_layout`), written a run of column blocks at a time."""
+    layout for them (`codes_layout` / `codes8_layout`)."""
 
-    x: Lazy
     K: int
-    width: int
     bits: int
 
     def __post_init__(self):
@@ -430,13 +421,5 @@ class Codes(Lazy):
     def key(self):
         return ("codes", self.x.key, self.K, self.width, self.bits)
 
-    @property
-    def chunkable(self):
-        return self.x.chunkable
-
-    def row_source(self):
-        return self.x, self.width
-
-    def rows(self, r0, r1):
-        w = self.width
-        return (codes_layout if self.bits == 4 else codes8_layout)(self.x.rows(r0 * w, r1 * w), self.K, w)
+    def lay(self, rows):
+        return (codes_layout if self.bits == 4 else codes8_layout)(rows, self.K, self.width)

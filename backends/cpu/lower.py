@@ -32,7 +32,7 @@ from glmc.errors import GlmcError
 from glmc.ir import PassContext
 from glmc.modelcfg import tensor_layer
 from glmc.trace import Traced
-from glmc.weights import Blocks, Const, Lazy, Transpose, WeightBook, source_names, write_safetensors
+from glmc.weights import Const, Lazy, RowLayout, Transpose, WeightBook, source_names, write_safetensors
 
 INLINE_BYTES = 1024
 SMALL_ELEMENTS = 8192      # onnxscript's optimizer reads (folds, deduplicates) initializers up to this size
@@ -276,9 +276,7 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
 def _kernel_layout(lazy) -> bool:
     """A weight in a glmc kernel's layout (a 16-bit linear's, an int4 linear's codes or
     blocked scales): read by the runtime in place, never inlined into a graph."""
-    from glmc.backends.cpu.linearq import Codes
-
-    return isinstance(lazy, (Blocks, Codes)) or lazy.dtype in (torch.bfloat16, torch.float16)
+    return isinstance(lazy, RowLayout) or lazy.dtype in (torch.bfloat16, torch.float16)
 
 
 def store_cache_fp16(model) -> None:

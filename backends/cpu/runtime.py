@@ -219,17 +219,19 @@ class CpuExecutor:
         self.lora = _AdapterTables(backend["lora"]) if backend.get("lora") else None
 
     def _make_session(self, name: str, profile_prefix: str | None = None, model: bytes | None = None,
-                      initializers=None):
+                      initializers=None, piece: bool = False):
         """A session of entry `name` (or of `model`, a part of it, reading only `initializers`)
-        over the mapped weights; for an entry with glmc kernels' linears, its SplitStep."""
-        if self._split:         # an entry, or a part of it (verification's layers), with glmc kernels' linears
+        over the mapped weights; for an entry with glmc kernels' linears, its SplitStep (piece:
+        `model` is one of a SplitStep's onnxruntime pieces)."""
+        if self._split and not piece:   # an entry, or a part of it (verification's layers), with glmc kernels' linears
             from glmc.backends.cpu.runtime16 import GLMC, SplitStep
 
             part = None if model is None else onnx.load_from_string(model)
             if part is None or any(n.domain == GLMC for n in part.graph.node):
                 inits = self._backend["initializers"][name]
                 return SplitStep(self._dir / self._backend["graphs"][name] if part is None else part,
-                                 lambda piece, names: self._make_session(name, model=piece, initializers=set(names)),
+                                 lambda sub, names: self._make_session(name, model=sub, initializers=set(names),
+                                                                       piece=True),
                                  {i: self._weights[k] for i, k in inits.items()},
                                  self._linear16["dtype"] if self._linear16 else None, self.threads)
         opts = ort.SessionOptions()

@@ -52,6 +52,7 @@ def build(funcs: dict, threads: int, target=None):
         except Exception as e:      # a damaged entry: built again below
             log.info("kernel cache entry %s unreadable (%s); rebuilding", path, e)
     lib = tvm.compile(tvm.IRModule(funcs), target=target)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
@@ -60,6 +61,6 @@ def build(funcs: dict, threads: int, target=None):
         os.replace(tmp, path)
     except Exception as e:          # no compiler to link with, a read-only cache: not kept
         log.info("kernels not kept in %s: %s", path.parent, e)
-        if "tmp" in locals() and os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return lib
