@@ -66,11 +66,12 @@ def pack(w, dtype: str):
     return blocks.to(torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
-def aligned_empty(shape, dtype) -> np.ndarray:
-    """An uninitialised array whose data starts on an ALIGN-byte boundary."""
+def aligned_empty(shape, dtype, zeros: bool = False) -> np.ndarray:
+    """An uninitialised (`zeros`: zeroed, its pages untouched until used) array whose data
+    starts on an ALIGN-byte boundary."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(n + ALIGN, np.uint8)
+    raw = (np.zeros if zeros else np.empty)(n + ALIGN, np.uint8)
     off = (-raw.ctypes.data) % ALIGN
     return raw[off:off + n].view(dtype).reshape(shape)
 

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from glmc.backends.cpu.linear16 import aligned_empty
 from glmc.backends.kv import store_decode_kv, store_kv
 from glmc.modelcfg import head_dim
 from glmc.weights import release_pages
@@ -93,8 +94,9 @@ class StepCache:
 
     def __init__(self, batch: int, n_layers: int, kv_heads: int, capacity: int, head_dim: int):
         shape = (batch, kv_heads, capacity, head_dim)
-        self.k = [np.zeros(shape, np.float32) for _ in range(n_layers)]
-        self.v = [np.zeros(shape, np.float32) for _ in range(n_layers)]
+        # 64-byte aligned: glmc's attention kernel (backends/cpu/attention.py) works on them in place
+        self.k = [aligned_empty(shape, np.float32, zeros=True) for _ in range(n_layers)]
+        self.v = [aligned_empty(shape, np.float32, zeros=True) for _ in range(n_layers)]
         self.kv = [a for pair in zip(self.k, self.v) for a in pair]          # k_0, v_0, k_1, ...
         self.ort_kv = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv]
         self.lengths = np.zeros(batch, np.int64)

@@ -24,15 +24,32 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from glmc.backends.cpu import linear16, linearq
+from glmc.backends.cpu import attention, linear16, linearq
 from glmc.backends.cpu.lean import GLMC
 from glmc.backends.cpu.linear16 import ALIGN, aligned_empty
+from glmc.settings import cpu_attention_kernel
 
 
 LINEAR, PIECES = "glmc.cpu linears (TVM)", "onnxruntime pieces"      # profile_decode's kinds
+ATTENTION = "glmc.cpu attention (TVM)"
 KERNELS = {"Linear16": linear16, "Linear4": linearq, "Linear8": linearq}     # node type -> its kernels' module
+
+
+@dataclass(eq=False)
+class _Attention:
+    """A GroupQueryAttention node (packed QKV, interleaved rotary, fp32 cache) and the bias
+    Add before it, if any: glmc's decode kernel runs it for one token per row."""
+    qkv: str                # the packed projection (before the bias)
+    bias: np.ndarray | None
+    past: tuple             # (past_key, past_value)
+    present: tuple          # (present_key, present_value)
+    seqlens: str
+    cos: np.ndarray
+    sin: np.ndarray
+    out: str
+    kernel: object          # attention.Attention
 
 
 @dataclass(eq=False)
@@ -42,6 +59,7 @@ class _Piece:
     outputs: list           # needed by later pieces or the graph's outputs
     initializers: list
     session: object = None
+    attention: _Attention | None = None     # a decode step runs it as glmc's kernel instead
 
 
 @dataclass(eq=False)
@@ -114,8 +132,23 @@ class SplitStep:
         inits = {t.name: t for t in graph.initializer}
         self.steps: list = []
         run: list = []
+        readers: dict[str, int] = {}
         for node in graph.node:
-            if node.domain == GLMC and node.op_type in KERNELS:
+            for x in node.input:
+                readers[x] = readers.get(x, 0) + 1
+        attention_kernels: dict = {}
+        for node in graph.node:
+            spec = self._attention(node, run, inits, weights, readers, attention_kernels, threads) \
+                if cpu_attention_kernel() else None
+            if spec is not None:
+                nodes = [node]
+                if spec.bias is not None:
+                    nodes.insert(0, run.pop())
+                if run:
+                    self.steps.append(_Piece(run, [], [], []))
+                    run = []
+                self.steps.append(_Piece(nodes, [], [], [], attention=spec))
+            elif node.domain == GLMC and node.op_type in KERNELS:
                 if run:
                     self.steps.append(_Piece(run, [], [], []))
                     run = []
@@ -168,6 +201,40 @@ class SplitStep:
             s.w = s.kernels.tensor(arrays[0] if s.kind == "Linear16" else tuple(arrays))
         self._scratch: dict[int, np.ndarray] = {}
         self.timings: dict[str, float] | None = None     # set to {} to profile: seconds by kind of step
+
+    def _attention(self, node, run: list, inits: dict, weights: dict, readers: dict, kernels: dict,
+                   threads: int) -> _Attention | None:
+        """`node` as an _Attention when it is attention glmc's kernel computes the same way
+        (with the bias Add that ends `run`, if it feeds only this node), else None."""
+        if node.domain != "com.microsoft" or node.op_type != "GroupQueryAttention":
+            return None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        ins = list(node.input) + [""] * (9 - len(node.input))
+        if ins[1] or ins[2] or attrs.get("do_rotary") != 1 or attrs.get("rotary_interleaved") != 1 \
+                or set(attrs) - {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved"} \
+                or len(node.input) != 9 or ins[7] not in inits or ins[8] not in inits:
+            return None
+        past = self._value_info.get(ins[3])
+        dims = [d.dim_value for d in past.type.tensor_type.shape.dim] if past is not None else []
+        if past is None or past.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4 or not dims[3]:
+            return None
+        H, Hkv, D = int(attrs["num_heads"]), int(attrs["kv_num_heads"]), dims[3]
+        cos, sin = (_aligned(_array(ins[i], inits, weights)) for i in (7, 8))
+        scale = float(attrs.get("scale", 0.0)) or D ** -0.5
+        if attention.supported(H, Hkv, D, cos.shape[1]) or cos.shape != sin.shape:
+            return None
+        qkv, bias = ins[0], None
+        add = run[-1] if run else None
+        if add is not None and add.op_type == "Add" and not add.domain and add.output[0] == qkv \
+                and readers.get(qkv) == 1 and add.input[1] in inits:
+            qkv, bias = add.input[0], _aligned(_array(add.input[1], inits, weights))
+            if bias.shape != ((H + 2 * Hkv) * D,):
+                return None
+        key = (H, Hkv, D, cos.shape[1], scale)
+        if key not in kernels:
+            kernels[key] = attention.Attention(*key, threads)
+        return _Attention(qkv, bias, (ins[3], ins[4]), (node.output[1], node.output[2]), ins[5], cos, sin,
+                          node.output[0], kernels[key])
 
     def _info(self, name: str) -> onnx.ValueInfoProto:
         info = self._value_info.get(name)
@@ -282,6 +349,11 @@ class SplitStep:
                     ort_values[step.y] = out
                     calls.append(("copies", lambda src=y[:M], dst=_view(out, (M, step.N)): np.copyto(dst, src)))
                 continue
+            if step.attention is not None:
+                call = self._decode_attention(step.attention, binding, shapes, given, buffer)
+                if call is not None:
+                    calls.append((ATTENTION, call))
+                    continue
             b = step.session.io_binding()
             for x in step.inputs:
                 b.bind_ortvalue_input(x, ort_values[x])
@@ -305,6 +377,29 @@ class SplitStep:
             for call in calls:
                 call()
         return run
+
+    @staticmethod
+    def _decode_attention(spec: _Attention, binding: _Binding, shapes: dict, given: dict, buffer):
+        """glmc's kernel for a planned call of one token per row whose cache is bound as past and
+        present at once (the executor's decode step), or None (onnxruntime's kernel runs it)."""
+        shape = shapes.get(spec.qkv, ((),))[0]
+        past = [binding.inputs.get(x) for x in spec.past]
+        present = [given.get(x) for x in spec.present]
+        seqlens = binding.inputs.get(spec.seqlens)
+        if len(shape) != 3 or shape[1] != 1 or None in past or None in present or seqlens is None \
+                or any(p.data_ptr() != q.data_ptr() or p.data_ptr() % ALIGN for p, q in zip(past, present)) \
+                or _dtype(past[0]) != np.float32 or _dtype(seqlens) != np.int32:
+            return None
+        B = shape[0]
+        k, v = (_view(p, tuple(p.shape())) for p in past)
+        slots = (ctypes.c_int32 * B).from_address(seqlens.data_ptr())
+        seq = aligned_empty((B,), np.int32)
+        run = spec.kernel.bound(buffer(spec.qkv)[:B], spec.bias, k, v, seq, spec.cos, spec.sin, buffer(spec.out)[:B])
+
+        def call(slots=np.frombuffer(slots, np.int32, B), seq=seq, run=run):
+            seq[:] = slots
+            run()
+        return call
 
     def _linear(self, step: _Linear, x: ort.OrtValue, given: ort.OrtValue | None):
         """y = x W^T -> (y as an OrtValue: `given` where bound, its array)."""
@@ -350,6 +445,22 @@ class _Array:
 
     def numpy(self) -> np.ndarray:
         return self.array
+
+
+def _array(name: str, inits: dict, weights: dict) -> np.ndarray:
+    """Initializer `name`: its mapped array (external data), or the graph's own copy."""
+    if name in weights:
+        return weights[name]
+    return numpy_helper.to_array(inits[name])
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """`a`, or an ALIGN-aligned copy of it (also of a read-only `a`: DLPack exports no such array)."""
+    if a.ctypes.data % ALIGN == 0 and a.flags.c_contiguous and a.flags.writeable:
+        return a
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
 
 
 def _view(value: ort.OrtValue, shape) -> np.ndarray:

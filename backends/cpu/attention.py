@@ -1,0 +1,267 @@
+"""One decode step's attention on the CPU as a TVM kernel: what onnxruntime's
+GroupQueryAttention does for one new token per row (packed QKV, interleaved rotary over the
+first `2 * half` dims, the new key and value written into the shared (B, Hkv, S, D) cache at
+slot seqlens_k[b], attention over slots 0 .. seqlens_k[b]), computed so that each key and
+value row is read once for all the query heads that share it.
+
+Why glmc has its own: onnxruntime's CPU kernel works head by head, so each of a group's
+query heads reads the group's whole cache again. On the GLM-4-9B shape (32 query heads, 2
+KV heads, head_dim 128), 2 threads, one GroupQueryAttention at context 1024 took 1.1 ms:
+40 layers' worth is ~45 ms of a ~250 ms int4 decode step, reading 2.1 MB per layer that a
+streaming read covers in ~0.1 ms. The kernel here runs where glmc's linears run: in the
+split step (backends/cpu/runtime16.py), for calls of one token per row; prompts (several
+tokens per row) keep onnxruntime's kernel.
+
+Per (row b, KV head g), one task of a parallel loop, with p = seqlens_k[b], G = H / Hkv:
+  k, v  = the new key and value (+ bias), k rotated at position p -> cache slot p
+  q[h]  = query head g * G + h (+ bias), rotated at p, times `scale`          (h < G)
+  s[h, t] = q[h] . K[t]       for t <= p: each K[t] loaded once, used by all G heads
+  w[h, t] = exp(s[h, t] - max_t s[h]) (a degree-6 polynomial after range reduction,
+            |relative error| < 2e-7), the row sums kept
+  out[h] = sum_t w[h, t] V[t] / sum_t w[h, t]: V[t] read once per 4 slots' worth of weights
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from glmc.backends.cpu.linear16 import aligned_empty, available
+from glmc.backends.cpu.tvm_build import build, cpu_features, host_target
+from glmc.errors import GlmcError
+
+LANES = 8           # fp32 lanes of an AVX2 vector
+TILE = 32           # cache slots per tile of the weighted sum of V
+
+
+def supported(H: int, Hkv: int, D: int, half: int) -> str | None:
+    """Why attention of this shape cannot run as the kernel, or None."""
+    if H % Hkv:
+        return f"{H} query heads are not a multiple of {Hkv} KV heads"
+    if D % LANES:
+        return f"head_dim {D} is not a multiple of {LANES}"
+    if 2 * half > D:
+        return f"rotary width {2 * half} exceeds head_dim {D}"
+    return None
+
+
+def scratch_slots(capacity: int) -> int:
+    """Slots of the weights scratch for a cache of `capacity` slots (whole vectors)."""
+    return -(-capacity // LANES) * LANES
+
+
+def _exp(T, x):
+    """exp of 8 lanes, x <= 0 (here: a score minus its row's max): n = round(x / ln 2),
+    r = x - n ln 2 (ln 2 split in two), exp(r) by Taylor to r^6 (|r| <= ln 2 / 2), times 2^n
+    built in the exponent bits; x is clamped at -87 (2^n stays a normal float)."""
+    def c(v):
+        return T.broadcast(T.float32(v), LANES)
+    x = T.max(x, c(-87.0))
+    n = T.floor(x * c(1.4426950408889634) + c(0.5))
+    r = x - n * c(0.693359375) - n * c(-2.12194440e-4)
+    p = c(1 / 720)
+    for k in (1 / 120, 1 / 24, 1 / 6, 1 / 2, 1.0, 1.0):
+        p = p * r + c(k)
+    bits = T.shift_left(T.Cast("int32x8", n) + T.broadcast(T.int32(127), LANES), T.broadcast(T.int32(23), LANES))
+    return p * T.reinterpret("float32x8", bits)
+
+
+def _dot(T, a: list, b: list):
+    """sum_i a[i] * b[i] of vectors, as a tree (independent products, log-depth adds)."""
+    terms = [x * y for x, y in zip(a, b)]
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _decode(H: int, Hkv: int, D: int, half: int, scale: float, name: str):
+    from tvm.script import tirx as T
+
+    G, W, DV = H // Hkv, (H + 2 * Hkv) * D, D // LANES
+    KO, VO = H * D, (H + Hkv) * D           # where the keys and values start in a packed row
+    HB = 2 if G % 2 == 0 else 1             # the weighted sum's register block: heads x vectors
+    CB = next(c for c in (4, 2, 1) if DV % c == 0)
+    L = LANES
+
+    @T.prim_func
+    def decode(qkv_handle: T.handle, bias_handle: T.handle, k_handle: T.handle, v_handle: T.handle,
+               seq_handle: T.handle, cos_handle: T.handle, sin_handle: T.handle, out_handle: T.handle,
+               w_handle: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        B = T.int32()
+        S = T.int32()
+        P = T.int32()
+        SP = T.int32()
+        QKV = T.match_buffer(qkv_handle, (B, W), "float32")
+        BIAS = T.match_buffer(bias_handle, (W,), "float32")
+        KC = T.match_buffer(k_handle, (B, Hkv, S, D), "float32")
+        VC = T.match_buffer(v_handle, (B, Hkv, S, D), "float32")
+        SEQ = T.match_buffer(seq_handle, (B,), "int32")
+        COS = T.match_buffer(cos_handle, (P, half), "float32")
+        SIN = T.match_buffer(sin_handle, (P, half), "float32")
+        OUT = T.match_buffer(out_handle, (B, H * D), "float32")
+        WT = T.match_buffer(w_handle, (B * Hkv, G, SP), "float32")
+        for task in T.parallel(B * Hkv):
+            q = T.alloc_buffer((G, D), "float32")
+            o = T.alloc_buffer((G, D), "float32")
+            acc = T.alloc_buffer((G * L,), "float32", scope="local")
+            pv = T.alloc_buffer((HB * CB * L,), "float32", scope="local")
+            mx = T.alloc_buffer((G,), "float32", scope="local")
+            inv = T.alloc_buffer((G,), "float32", scope="local")
+            b = task // Hkv
+            g = task % Hkv
+            pos = SEQ[b]
+            # the new key (rotated) and value into the cache
+            for i in range(half):
+                x0 = QKV[b, KO + g * D + 2 * i] + BIAS[KO + g * D + 2 * i]
+                x1 = QKV[b, KO + g * D + 2 * i + 1] + BIAS[KO + g * D + 2 * i + 1]
+                KC[b, g, pos, 2 * i] = x0 * COS[pos, i] - x1 * SIN[pos, i]
+                KC[b, g, pos, 2 * i + 1] = x1 * COS[pos, i] + x0 * SIN[pos, i]
+            for d in range(2 * half, D):
+                KC[b, g, pos, d] = QKV[b, KO + g * D + d] + BIAS[KO + g * D + d]
+            for d in range(D):
+                VC[b, g, pos, d] = QKV[b, VO + g * D + d] + BIAS[VO + g * D + d]
+            # the group's queries, rotated and scaled
+            for h in range(G):
+                for i in range(half):
+                    x0 = QKV[b, (g * G + h) * D + 2 * i] + BIAS[(g * G + h) * D + 2 * i]
+                    x1 = QKV[b, (g * G + h) * D + 2 * i + 1] + BIAS[(g * G + h) * D + 2 * i + 1]
+                    q[h, 2 * i] = (x0 * COS[pos, i] - x1 * SIN[pos, i]) * T.float32(scale)
+                    q[h, 2 * i + 1] = (x1 * COS[pos, i] + x0 * SIN[pos, i]) * T.float32(scale)
+                for d in range(2 * half, D):
+                    q[h, d] = (QKV[b, (g * G + h) * D + d] + BIAS[(g * G + h) * D + d]) * T.float32(scale)
+            # scores: every key row once, for all G heads
+            for t in range(pos + 1):
+                for h in T.unroll(G):
+                    acc[T.ramp(h * L, 1, L)] = _dot(T, [q[h, T.ramp(c * L, 1, L)] for c in range(DV)],
+                                                    [KC[b, g, t, T.ramp(c * L, 1, L)] for c in range(DV)])
+                    WT[task, h, t] = acc[h * L] + acc[h * L + 1] + acc[h * L + 2] + acc[h * L + 3] \
+                        + acc[h * L + 4] + acc[h * L + 5] + acc[h * L + 6] + acc[h * L + 7]
+            # weights: exp(score - max), zero past the row's last slot; their sums
+            for h in range(G):
+                acc[T.ramp(0, 1, L)] = T.broadcast(T.float32(-3.0e38), L)
+                for t8 in range((pos + 1) // L):
+                    acc[T.ramp(0, 1, L)] = T.max(acc[T.ramp(0, 1, L)], WT[task, h, T.ramp(t8 * L, 1, L)])
+                mx[h] = T.max(T.max(T.max(acc[0], acc[1]), T.max(acc[2], acc[3])),
+                              T.max(T.max(acc[4], acc[5]), T.max(acc[6], acc[7])))
+                for t in range((pos + 1) // L * L, pos + 1):
+                    mx[h] = T.max(mx[h], WT[task, h, t])
+                acc[T.ramp(0, 1, L)] = T.broadcast(T.float32(0), L)
+                for t8 in range((pos + L) // L):
+                    e = T.Select(T.ramp(t8 * L, 1, L) <= T.broadcast(pos, L),
+                                 _exp(T, WT[task, h, T.ramp(t8 * L, 1, L)] - T.broadcast(mx[h], L)),
+                                 T.broadcast(T.float32(0), L))
+                    WT[task, h, T.ramp(t8 * L, 1, L)] = e
+                    acc[T.ramp(0, 1, L)] = acc[T.ramp(0, 1, L)] + e
+                inv[h] = T.float32(1) / (acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7])
+                for c in range(DV):
+                    o[h, T.ramp(c * L, 1, L)] = T.broadcast(T.float32(0), L)
+            # the weighted sum of values, in tiles of TILE slots (their value rows stay in L1):
+            # HB heads x CB vectors of dims held in registers over a tile
+            for tile in range((pos + TILE) // TILE):
+                for hb in range(G // HB):
+                    for cb in range(DV // CB):
+                        for i in T.unroll(HB * CB):
+                            pv[T.ramp(i * L, 1, L)] = o[hb * HB + i // CB, T.ramp((cb * CB + i % CB) * L, 1, L)]
+                        for t in range(T.min(TILE, pos + 1 - tile * TILE)):
+                            for i in T.unroll(HB * CB):
+                                pv[T.ramp(i * L, 1, L)] = pv[T.ramp(i * L, 1, L)] \
+                                    + T.broadcast(WT[task, hb * HB + i // CB, tile * TILE + t], L) \
+                                    * VC[b, g, tile * TILE + t, T.ramp((cb * CB + i % CB) * L, 1, L)]
+                        for i in T.unroll(HB * CB):
+                            o[hb * HB + i // CB, T.ramp((cb * CB + i % CB) * L, 1, L)] = pv[T.ramp(i * L, 1, L)]
+            for h in range(G):
+                for c in range(DV):
+                    OUT[b, T.ramp((g * G + h) * D + c * L, 1, L)] = o[h, T.ramp(c * L, 1, L)] \
+                        * T.broadcast(inv[h], L)
+
+    return decode
+
+
+class Attention:
+    """The decode kernel for one attention shape: heads H, KV heads Hkv, head_dim D, rotary
+    pairs `half`, score scale `scale`, built for this CPU and `threads` threads."""
+
+    def __init__(self, H: int, Hkv: int, D: int, half: int, scale: float, threads: int):
+        why = available() or supported(H, Hkv, D, half)
+        if why:
+            raise GlmcError(f"glmc's attention kernel cannot run here: {why}")
+        import tvm
+
+        target = host_target(threads)
+        if "avx2" not in cpu_features(target):
+            raise GlmcError(f"glmc's attention kernel needs AVX2; this CPU ({target.attrs['mcpu']}) has none")
+        self.H, self.Hkv, self.D = H, Hkv, D
+        name = f"decode_attention_h{H}_kv{Hkv}_d{D}_r{half}_s{np.float32(scale).view(np.uint32)}"
+        self._fn = build({name: _decode(H, Hkv, D, half, float(np.float32(scale)), name)}, threads, target)[name]
+        self._wrap = tvm.runtime.from_dlpack
+
+    def bound(self, qkv: np.ndarray, bias: np.ndarray | None, k_cache: np.ndarray, v_cache: np.ndarray,
+              seqlens: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray):
+        """The call as a function of no arguments (its views and scratch made once).
+        qkv (B, (H + 2 Hkv) D) the packed projections of one token per row, bias its bias or
+        None; k_cache / v_cache (B, Hkv, S, D), written at slot seqlens[b]; seqlens (B,)
+        int32, read at each call; cos / sin (positions, half); out (B, H D). All fp32
+        C-contiguous but seqlens."""
+        B, S = k_cache.shape[0], k_cache.shape[2]
+        if bias is None:
+            bias = aligned_empty((qkv.shape[1],), np.float32)
+            bias[...] = 0
+        weights = aligned_empty((B * self.Hkv, self.H // self.Hkv, scratch_slots(S)), np.float32)
+        wrap = self._wrap
+        args = tuple(wrap(a) for a in (qkv, bias, k_cache, v_cache, seqlens, cos, sin, out, weights))
+        fn = self._fn
+
+        def call(keep=(bias, weights)):
+            fn(*args)
+        return call
+
+
+def reference(qkv, bias, k_cache, v_cache, seqlens, cos, sin, H: int, scale: float) -> np.ndarray:
+    """The same step in numpy (fp64 arithmetic): updates the caches, returns out (B, H D)."""
+    B, Hkv, _, D = k_cache.shape
+    half = cos.shape[1]
+    x = qkv.astype(np.float64) + (0 if bias is None else bias)
+    out = np.zeros((B, H * D))
+
+    def rotate(v, p):
+        v = v.copy()
+        c, s = cos[p].astype(np.float64), sin[p].astype(np.float64)
+        x0, x1 = v[..., 0:2 * half:2].copy(), v[..., 1:2 * half:2].copy()
+        v[..., 0:2 * half:2], v[..., 1:2 * half:2] = x0 * c - x1 * s, x1 * c + x0 * s
+        return v
+
+    for b in range(B):
+        p = int(seqlens[b])
+        q = rotate(x[b, :H * D].reshape(H, D), p) * scale
+        k = rotate(x[b, H * D:(H + Hkv) * D].reshape(Hkv, D), p)
+        k_cache[b, :, p], v_cache[b, :, p] = k, x[b, (H + Hkv) * D:].reshape(Hkv, D)
+        for h in range(H):
+            g = h // (H // Hkv)
+            s = k_cache[b, g, :p + 1].astype(np.float64) @ q[h]
+            w = np.exp(s - s.max())
+            out[b, h * D:(h + 1) * D] = w @ v_cache[b, g, :p + 1] / w.sum()
+    return out
+
+
+def groupquery_model(H: int, Hkv: int, D: int, half: int, scale: float) -> bytes:
+    """The onnxruntime node the kernel stands in for, as a one-node model (tests and
+    bench/attention.py compare the two): GroupQueryAttention over packed QKV qkv (B, 1, W),
+    the cache pk / pv (B, Hkv, S, D) bound as past and present k / v, seq (B,) int32, tot
+    () int32, cos / sin (positions, half) -> o (B, 1, H D)."""
+    from onnx import TensorProto, helper
+
+    f = TensorProto.FLOAT
+    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "pk", "pv", "seq", "tot", "cos", "sin"],
+                            ["o", "k", "v"], domain="com.microsoft", num_heads=H, kv_num_heads=Hkv, scale=scale,
+                            do_rotary=1, rotary_interleaved=1)
+    cache = ["B", Hkv, "S", D]
+    ins = [helper.make_tensor_value_info("qkv", f, ["B", 1, (H + 2 * Hkv) * D]),
+           helper.make_tensor_value_info("pk", f, cache), helper.make_tensor_value_info("pv", f, cache),
+           helper.make_tensor_value_info("seq", TensorProto.INT32, ["B"]),
+           helper.make_tensor_value_info("tot", TensorProto.INT32, []),
+           helper.make_tensor_value_info("cos", f, ["P", half]), helper.make_tensor_value_info("sin", f, ["P", half])]
+    outs = [helper.make_tensor_value_info("o", f, ["B", 1, H * D]), helper.make_tensor_value_info("k", f, cache),
+            helper.make_tensor_value_info("v", f, cache)]
+    graph = helper.make_graph([node], "groupquery", ins, outs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
