@@ -12,7 +12,7 @@ over 9 timed passes per round, all rounds).
 A whole model (--artifact, an `--int4-matmul glmc` / `--int8-matmul glmc` / 16-bit cpu
 artifact: its split step is where the kernel runs): --steps greedy decode steps from
 position `context` of an empty cache (no prefill: a step's work does not depend on what
-the slots hold, and a 9B prompt of 1024 tokens takes over a minute), with GLMC_CPU_ATTENTION=glmc and =onnxruntime; seconds per
+the slots hold, and a 9B prompt of 1024 tokens takes over a minute), with GLMC_CPU_DECODE_KERNELS=glmc and =onnxruntime; seconds per
 step (min/median/max over the steps of all rounds) and the read-bandwidth probe of each
 child.
 
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                                            for ctx in us["glmc"]}}
     if args.artifact:
         cmd = [sys.executable, "-c", _MODEL, str(args.artifact), args.decode_contexts, str(args.steps)]
-        runs = _rounds(args, {mode: (cmd, {"GLMC_CPU_ATTENTION": mode}) for mode in ("glmc", "onnxruntime")})
+        runs = _rounds(args, {mode: (cmd, {"GLMC_CPU_DECODE_KERNELS": mode}) for mode in ("glmc", "onnxruntime")})
         seconds = _summary(runs, "seconds_per_step")
         report["model"] = {"artifact": str(args.artifact), "steps": args.steps, "seconds_per_step": seconds,
                            "probes_gbs": {m: [round(r["probe_gbs"], 1) for r in rs] for m, rs in runs.items()},

@@ -5,9 +5,9 @@
   GLMC_MEMORY_LIMIT_GB=N   memory the up-front size check assumes (default: MemAvailable)
   XDG_CACHE_HOME           where the tuning database lives ($XDG_CACHE_HOME/glmc)
   GLMC_BENCH_MODEL         model of the pytest-benchmark suite in bench/ (default tiny-glm)
-  GLMC_CPU_ATTENTION=onnxruntime
-                           cpu split steps (glmc kernels' linears) keep onnxruntime's
-                           GroupQueryAttention for decode too (A/B benchmarks)
+  GLMC_CPU_DECODE_KERNELS=onnxruntime
+                           cpu split steps (glmc kernels' linears) decode attention, norms
+                           and activations with onnxruntime's ops, not glmc's (A/B runs)
   TVM_NUM_THREADS          TVM's thread pool (16-bit cpu linears): set here to the
                            executor's threads unless the user set it
 
@@ -47,11 +47,12 @@ def tvm_thread_pool(threads: int) -> None:
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
 
 
-def cpu_attention_kernel() -> bool:
-    """Whether a cpu split step decodes attention with glmc's kernel (else onnxruntime's)."""
-    value = os.environ.get("GLMC_CPU_ATTENTION", "glmc")
+def cpu_decode_kernels() -> bool:
+    """Whether a cpu split step decodes attention, norms and activations with glmc's kernels
+    (else onnxruntime's ops)."""
+    value = os.environ.get("GLMC_CPU_DECODE_KERNELS", "glmc")
     if value not in ("glmc", "onnxruntime"):
-        raise GlmcError(f"GLMC_CPU_ATTENTION={value!r}: expected glmc or onnxruntime")
+        raise GlmcError(f"GLMC_CPU_DECODE_KERNELS={value!r}: expected glmc or onnxruntime")
     return value == "glmc"
 
 

@@ -49,13 +49,13 @@ def scratch_slots(capacity: int) -> int:
     return -(-capacity // LANES) * LANES
 
 
-def _exp(T, x):
-    """exp of 8 lanes, x <= 0 (here: a score minus its row's max): n = round(x / ln 2),
-    r = x - n ln 2 (ln 2 split in two), exp(r) by Taylor to r^6 (|r| <= ln 2 / 2), times 2^n
-    built in the exponent bits; x is clamped at -87 (2^n stays a normal float)."""
+def exp8(T, x):
+    """exp of 8 fp32 lanes: n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two), exp(r)
+    by Taylor to r^6 (|r| <= ln 2 / 2), times 2^n built in the exponent bits; x is clamped
+    to [-87, 88] (2^n stays a normal float)."""
     def c(v):
         return T.broadcast(T.float32(v), LANES)
-    x = T.max(x, c(-87.0))
+    x = T.min(T.max(x, c(-87.0)), c(88.0))
     n = T.floor(x * c(1.4426950408889634) + c(0.5))
     r = x - n * c(0.693359375) - n * c(-2.12194440e-4)
     p = c(1 / 720)
@@ -148,7 +148,7 @@ def _decode(H: int, Hkv: int, D: int, half: int, scale: float, name: str):
                 acc[T.ramp(0, 1, L)] = T.broadcast(T.float32(0), L)
                 for t8 in range((pos + L) // L):
                     e = T.Select(T.ramp(t8 * L, 1, L) <= T.broadcast(pos, L),
-                                 _exp(T, WT[task, h, T.ramp(t8 * L, 1, L)] - T.broadcast(mx[h], L)),
+                                 exp8(T, WT[task, h, T.ramp(t8 * L, 1, L)] - T.broadcast(mx[h], L)),
                                  T.broadcast(T.float32(0), L))
                     WT[task, h, T.ramp(t8 * L, 1, L)] = e
                     acc[T.ramp(0, 1, L)] = acc[T.ramp(0, 1, L)] + e

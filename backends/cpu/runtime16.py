@@ -26,14 +26,15 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from glmc.backends.cpu import attention, linear16, linearq
+from glmc.backends.cpu import attention, linear16, linearq, rowwise
 from glmc.backends.cpu.lean import GLMC
 from glmc.backends.cpu.linear16 import ALIGN, aligned_empty
-from glmc.settings import cpu_attention_kernel
+from glmc.settings import cpu_decode_kernels
 
 
 LINEAR, PIECES = "glmc.cpu linears (TVM)", "onnxruntime pieces"      # profile_decode's kinds
 ATTENTION = "glmc.cpu attention (TVM)"
+ROWWISE = "glmc.cpu norms and activations (TVM)"
 KERNELS = {"Linear16": linear16, "Linear4": linearq, "Linear8": linearq}     # node type -> its kernels' module
 
 
@@ -50,6 +51,75 @@ class _Attention:
     sin: np.ndarray
     out: str
     kernel: object          # attention.Attention
+    kind = ATTENTION
+
+    def plan(self, binding: _Binding, shapes: dict, given: dict, buffer):
+        """The kernel's call for a planned run of one token per row whose cache is bound as
+        past and present at once (the executor's decode step), or None (onnxruntime runs it)."""
+        shape = shapes.get(self.qkv, ((),))[0]
+        past = [binding.inputs.get(x) for x in self.past]
+        present = [given.get(x) for x in self.present]
+        seqlens = binding.inputs.get(self.seqlens)
+        if len(shape) != 3 or shape[1] != 1 or None in past or None in present or seqlens is None \
+                or any(p.data_ptr() != q.data_ptr() or p.data_ptr() % ALIGN for p, q in zip(past, present)) \
+                or _dtype(past[0]) != np.float32 or _dtype(seqlens) != np.int32:
+            return None
+        B = shape[0]
+        k, v = (_view(p, tuple(p.shape())) for p in past)
+        slots = (ctypes.c_int32 * B).from_address(seqlens.data_ptr())
+        seq = aligned_empty((B,), np.int32)
+        run = self.kernel.bound(buffer(self.qkv)[:B], self.bias, k, v, seq, self.cos, self.sin, buffer(self.out)[:B])
+
+        def call(slots=np.frombuffer(slots, np.int32, B), seq=seq, run=run):
+            seq[:] = slots
+            run()
+        return call
+
+
+def _rows(shapes: dict, names) -> int | None:
+    """The rows of values `names` (all made by earlier steps, fp32, the same leading shape)
+    when a row-wise kernel takes them (<= rowwise.MAX_ROWS), else None."""
+    if any(x not in shapes or shapes[x][1] != np.float32 for x in names):
+        return None
+    M = {int(np.prod(shapes[x][0][:-1])) for x in names}
+    return next(iter(M)) if len(M) == 1 and next(iter(M)) <= rowwise.MAX_ROWS else None
+
+
+@dataclass(eq=False)
+class _SkipNorm:
+    """A SkipSimplifiedLayerNormalization piece (no bias): y = norm(x + skip) * gamma, s = x + skip."""
+    x: str
+    skip: str
+    gamma: np.ndarray
+    eps: float
+    y: str
+    s: str | None           # None: no later step reads the sum
+    kernels: object = None  # rowwise.RowKernels
+    kind = ROWWISE
+
+    def plan(self, binding: _Binding, shapes: dict, given: dict, buffer):
+        M = _rows(shapes, [self.x, self.skip, self.y] + ([self.s] if self.s else []))
+        if M is None or self.y in given or self.s in given:
+            return None
+        s = buffer(self.s)[:M] if self.s else aligned_empty((M, self.gamma.shape[0]), np.float32)
+        return self.kernels.skip_norm(buffer(self.x)[:M], buffer(self.skip)[:M], self.gamma, buffer(self.y)[:M], s,
+                                      self.eps)
+
+
+@dataclass(eq=False)
+class _SwiGLU:
+    """A Split / Sigmoid / Mul / Mul piece: y = a * sigmoid(a) * b of x's halves a, b."""
+    x: str
+    y: str
+    width: int              # of y (x has twice as many columns)
+    kernels: object = None
+    kind = ROWWISE
+
+    def plan(self, binding: _Binding, shapes: dict, given: dict, buffer):
+        M = _rows(shapes, [self.x, self.y])
+        if M is None or self.y in given:
+            return None
+        return self.kernels.swiglu(buffer(self.x)[:M], buffer(self.y)[:M])
 
 
 @dataclass(eq=False)
@@ -59,7 +129,7 @@ class _Piece:
     outputs: list           # needed by later pieces or the graph's outputs
     initializers: list
     session: object = None
-    attention: _Attention | None = None     # a decode step runs it as glmc's kernel instead
+    kernel: object = None   # _Attention, _SkipNorm or _SwiGLU: a decode step runs it as glmc's kernel instead
 
 
 @dataclass(eq=False)
@@ -139,7 +209,7 @@ class SplitStep:
         attention_kernels: dict = {}
         for node in graph.node:
             spec = self._attention(node, run, inits, weights, readers, attention_kernels, threads) \
-                if cpu_attention_kernel() else None
+                if cpu_decode_kernels() else None
             if spec is not None:
                 nodes = [node]
                 if spec.bias is not None:
@@ -147,7 +217,7 @@ class SplitStep:
                 if run:
                     self.steps.append(_Piece(run, [], [], []))
                     run = []
-                self.steps.append(_Piece(nodes, [], [], [], attention=spec))
+                self.steps.append(_Piece(nodes, [], [], [], kernel=spec))
             elif node.domain == GLMC and node.op_type in KERNELS:
                 if run:
                     self.steps.append(_Piece(run, [], [], []))
@@ -179,6 +249,14 @@ class SplitStep:
                                     initializer=[inits[x] for x in step.initializers])
             proto = helper.make_model(sub, opset_imports=self._opsets, ir_version=self._ir_version)
             step.session = make_session(proto.SerializeToString(), step.initializers)
+            if step.kernel is None and cpu_decode_kernels():
+                step.kernel = self._row_kernel(step, inits, weights)
+        rows = [s.kernel for s in self.steps if isinstance(s, _Piece) and isinstance(s.kernel, (_SkipNorm, _SwiGLU))]
+        if rows:
+            row_kernels = rowwise.RowKernels([(k.gamma.shape[0], k.eps) for k in rows if isinstance(k, _SkipNorm)],
+                                             [k.width for k in rows if isinstance(k, _SwiGLU)], threads)
+            for k in rows:
+                k.kernels = row_kernels
         linears = [s for s in self.steps if isinstance(s, _Linear)]
         kernels = {}
         if any(s.kind == "Linear16" for s in linears):
@@ -235,6 +313,37 @@ class SplitStep:
             kernels[key] = attention.Attention(*key, threads)
         return _Attention(qkv, bias, (ins[3], ins[4]), (node.output[1], node.output[2]), ins[5], cos, sin,
                           node.output[0], kernels[key])
+
+    def _row_kernel(self, piece: _Piece, inits: dict, weights: dict):
+        """The piece as a _SkipNorm or _SwiGLU when it is exactly one, else None."""
+        nodes = piece.nodes
+        if len(nodes) == 1 and nodes[0].domain == "com.microsoft" \
+                and nodes[0].op_type == "SkipSimplifiedLayerNormalization":
+            n = nodes[0]
+            outs = list(n.output) + [""] * (4 - len(n.output))
+            eps = {a.name: helper.get_attribute_value(a) for a in n.attribute}.get("epsilon")
+            if len(n.input) != 3 or n.input[2] not in inits or eps is None or outs[0] not in piece.outputs \
+                    or set(piece.outputs) - {outs[0], outs[3]}:
+                return None
+            gamma = _aligned(_array(n.input[2], inits, weights).astype(np.float32))
+            if gamma.ndim != 1 or rowwise.supported(gamma.shape[0]):
+                return None
+            return _SkipNorm(n.input[0], n.input[1], gamma, float(eps), outs[0],
+                             outs[3] if outs[3] in piece.outputs else None)
+        if [(n.domain, n.op_type) for n in nodes] != [("", "Split"), ("", "Sigmoid"), ("", "Mul"), ("", "Mul")]:
+            return None
+        split, sigmoid, gate, out = nodes
+        attrs = {a.name: helper.get_attribute_value(a) for a in split.attribute}
+        if attrs.get("axis") != -1 or (len(split.input) > 1 and split.input[1]) or len(split.output) != 2:
+            return None
+        a, b = split.output
+        if list(sigmoid.input) != [a] or sorted(gate.input) != sorted([a, sigmoid.output[0]]) \
+                or sorted(out.input) != sorted([gate.output[0], b]) or piece.outputs != [out.output[0]]:
+            return None
+        N = next((s.N for s in self.steps if isinstance(s, _Linear) and s.y == split.input[0]), None)
+        if N is None or N % 2 or rowwise.supported(N // 2):
+            return None
+        return _SwiGLU(split.input[0], out.output[0], N // 2)
 
     def _info(self, name: str) -> onnx.ValueInfoProto:
         info = self._value_info.get(name)
@@ -349,10 +458,10 @@ class SplitStep:
                     ort_values[step.y] = out
                     calls.append(("copies", lambda src=y[:M], dst=_view(out, (M, step.N)): np.copyto(dst, src)))
                 continue
-            if step.attention is not None:
-                call = self._decode_attention(step.attention, binding, shapes, given, buffer)
+            if step.kernel is not None:
+                call = step.kernel.plan(binding, shapes, given, buffer)
                 if call is not None:
-                    calls.append((ATTENTION, call))
+                    calls.append((step.kernel.kind, call))
                     continue
             b = step.session.io_binding()
             for x in step.inputs:
@@ -377,29 +486,6 @@ class SplitStep:
             for call in calls:
                 call()
         return run
-
-    @staticmethod
-    def _decode_attention(spec: _Attention, binding: _Binding, shapes: dict, given: dict, buffer):
-        """glmc's kernel for a planned call of one token per row whose cache is bound as past and
-        present at once (the executor's decode step), or None (onnxruntime's kernel runs it)."""
-        shape = shapes.get(spec.qkv, ((),))[0]
-        past = [binding.inputs.get(x) for x in spec.past]
-        present = [given.get(x) for x in spec.present]
-        seqlens = binding.inputs.get(spec.seqlens)
-        if len(shape) != 3 or shape[1] != 1 or None in past or None in present or seqlens is None \
-                or any(p.data_ptr() != q.data_ptr() or p.data_ptr() % ALIGN for p, q in zip(past, present)) \
-                or _dtype(past[0]) != np.float32 or _dtype(seqlens) != np.int32:
-            return None
-        B = shape[0]
-        k, v = (_view(p, tuple(p.shape())) for p in past)
-        slots = (ctypes.c_int32 * B).from_address(seqlens.data_ptr())
-        seq = aligned_empty((B,), np.int32)
-        run = spec.kernel.bound(buffer(spec.qkv)[:B], spec.bias, k, v, seq, spec.cos, spec.sin, buffer(spec.out)[:B])
-
-        def call(slots=np.frombuffer(slots, np.int32, B), seq=seq, run=run):
-            seq[:] = slots
-            run()
-        return call
 
     def _linear(self, step: _Linear, x: ort.OrtValue, given: ort.OrtValue | None):
         """y = x W^T -> (y as an OrtValue: `given` where bound, its array)."""

@@ -1,5 +1,6 @@
-"""glmc's decode attention kernel on the CPU (backends/cpu/attention.py) and where the split
-step runs it (backends/cpu/runtime16.py).
+"""glmc's decode kernels on the CPU: attention (backends/cpu/attention.py), the residual add
++ RMS norm and SwiGLU (backends/cpu/rowwise.py), and the split step that runs them
+(backends/cpu/runtime16.py).
 
 Tolerances:
 - the kernel against numpy in fp64 (attention.reference): outputs within 1e-5 of the
@@ -7,9 +8,12 @@ Tolerances:
   error), the rotated key written to the cache within 1e-6 of its largest value, the value
   written exactly;
 - the kernel against onnxruntime's GroupQueryAttention on the same inputs: the same bounds;
-- an `--int4-matmul glmc` artifact decoding with the kernel against the same artifact with
-  onnxruntime's kernel (GLMC_CPU_ATTENTION=onnxruntime): 12 greedy decode steps of a ragged
-  batch, logits within 1e-4 of the largest |logit|.
+- the row-wise kernels against numpy in fp64: 1e-6 of the largest |output|;
+- a `--dtype bf16` artifact decoding with the kernels against the same artifact with
+  onnxruntime's ops (GLMC_CPU_DECODE_KERNELS=onnxruntime): 12 decode steps of a ragged batch,
+  the same tokens fed to both, logits within 1e-4 of the largest |logit|. (Not an int4 /
+  int8 glmc-kernel artifact: those quantize each linear's input to int8, and a 1e-7
+  difference that flips one rounding moves the logits by ~1%.)
 """
 
 from __future__ import annotations
@@ -19,10 +23,9 @@ import onnxruntime as ort
 import pytest
 
 import glmc
-from glmc.backends.cpu import attention
+from glmc.backends.cpu import attention, rowwise
 from glmc.backends.cpu.linear16 import aligned_empty
 from glmc.errors import GlmcError
-from tests.test_linearq import _all_logits
 
 # (H, Hkv, D, half): a GLM-4 group of 16, partial rotary (half of head_dim rotated), full
 # rotary, multi-query (G = 8), multi-head (G = 1), an odd group (G = 3)
@@ -106,19 +109,48 @@ def test_unsupported_shapes_are_refused():
         attention.Attention(6, 4, 64, 16, 0.125, threads=1)
 
 
-def test_split_step_decodes_attention_with_the_kernel(artifacts, monkeypatch):
-    from glmc.backends.cpu.runtime16 import ATTENTION, PIECES
+def test_row_kernels_match_numpy():
+    rng = np.random.default_rng(2)
+    kernels = rowwise.RowKernels([(64, 1e-5), (24, 1e-6)], [48], threads=2)
+    for H, eps in ((64, 1e-5), (24, 1e-6)):
+        x, skip, gamma = (_aligned(rng.standard_normal(shape).astype(np.float32)) for shape in ((2, H), (2, H), (H,)))
+        y, s = _aligned(np.zeros((2, H), np.float32)), _aligned(np.zeros((2, H), np.float32))
+        kernels.skip_norm(x, skip, gamma, y, s, eps)()
+        want_s = x.astype(np.float64) + skip
+        want = want_s / np.sqrt((want_s ** 2).mean(-1, keepdims=True) + eps) * gamma
+        assert np.abs(y - want).max() <= 1e-6 * np.abs(want).max()
+        assert np.abs(s - want_s).max() <= 1e-6 * np.abs(want_s).max()
+    x = _aligned((rng.standard_normal((2, 96)) * 4).astype(np.float32))     # sigmoid's tails too
+    y = _aligned(np.zeros((2, 48), np.float32))
+    kernels.swiglu(x, y)()
+    a, b = x[:, :48].astype(np.float64), x[:, 48:]
+    want = a / (1 + np.exp(-a)) * b
+    assert np.abs(y - want).max() <= 1e-6 * np.abs(want).max()
 
-    path = artifacts("glm-gqa", int4_matmul="glmc", verify=True, quant="int4", group_size=32, lm_head="int4")
+
+def test_split_step_decodes_with_the_kernels(artifacts, monkeypatch):
+    from glmc.backends.cpu.runtime16 import ATTENTION, PIECES, ROWWISE, _Attention, _SkipNorm, _SwiGLU
+
+    path = artifacts("glm-gqa", dtype="bf16")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    feed = np.random.default_rng(3).integers(5, 200, (12, 2))
     runs = {}
     for mode in ("onnxruntime", "glmc"):
-        monkeypatch.setenv("GLMC_CPU_ATTENTION", mode)
+        monkeypatch.setenv("GLMC_CPU_DECODE_KERNELS", mode)
         model = glmc.load(path)
         step = model.executor.sessions["step"]
         step.timings = {}               # what the planned decode calls, by kind
-        runs[mode] = np.stack(_all_logits(model)[1]), dict(step.timings), step
-    (want, want_kinds, plain), (got, kinds, split) = runs["onnxruntime"], runs["glmc"]
-    # both layers' attention (with its bias Add) is a kernel call in the planned decode
-    assert [sum(1 for s in x.steps if getattr(s, "attention", None)) for x in (plain, split)] == [0, 2]
-    assert ATTENTION in kinds and PIECES in kinds and ATTENTION not in want_kinds
+        cache, _ = model.prefill(prompts)
+        position, logits = np.array([len(p) for p in prompts]), []
+        for tokens in feed:
+            logits.append(model.executor.decode(cache, tokens[:, None], position)[:, 0].copy())
+            position = position + 1
+        kinds = [type(getattr(s, "kernel", None)) for s in step.steps]
+        runs[mode] = np.stack(logits), dict(step.timings), kinds
+    (want, want_timed, plain), (got, timed, split) = runs["onnxruntime"], runs["glmc"]
+    # per layer (2): the attention, both norms after it and the SwiGLU; the first layer's norm
+    # and the final one sit in pieces with other nodes (the embedding, the last-row gather)
+    assert [kinds.count(k) for kinds in (plain, split) for k in (_Attention, _SkipNorm, _SwiGLU)] == [0, 0, 0, 2, 3, 2]
+    assert ATTENTION in timed and ROWWISE in timed and PIECES in timed
+    assert ATTENTION not in want_timed and ROWWISE not in want_timed
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

@@ -1,0 +1,116 @@
+"""The row-wise pieces of a decode step as TVM kernels: what is left between glmc's linears
+and attention in a split step (backends/cpu/runtime16.py) once those run as glmc's kernels.
+
+  skip_norm  onnxruntime's SkipSimplifiedLayerNormalization (its outputs 0 and 3):
+             s = x + skip;  y = s / sqrt(mean(s^2) + eps) * gamma      -> y, s
+  swiglu     Split in two halves a, b + Sigmoid + Mul + Mul:
+             y = a * sigmoid(a) * b
+
+Why: each onnxruntime piece a decode step runs costs a session run (~25-40 us here, most of
+it not arithmetic); small-glm's int4 step ran 26 of them, 0.6-0.8 ms of a ~4.5 ms step. The
+kernels are serial over a row or two (a decode step's): a few thousand elements cost less
+than waking a thread pool. Prompts keep onnxruntime's pieces.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from glmc.backends.cpu.attention import LANES, exp8
+from glmc.backends.cpu.linear16 import available
+from glmc.backends.cpu.tvm_build import build, host_target
+from glmc.errors import GlmcError
+
+MAX_ROWS = 2        # rows a call takes (a decode step's batch up to this many rows)
+
+
+def _skip_norm(H: int, eps: float, name: str):
+    from tvm.script import tirx as T
+
+    L, NV = LANES, H // LANES
+
+    @T.prim_func
+    def skip_norm(x_handle: T.handle, skip_handle: T.handle, g_handle: T.handle, y_handle: T.handle,
+                  s_handle: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        M = T.int32()
+        X = T.match_buffer(x_handle, (M, H), "float32")
+        SKIP = T.match_buffer(skip_handle, (M, H), "float32")
+        GAMMA = T.match_buffer(g_handle, (H,), "float32")
+        Y = T.match_buffer(y_handle, (M, H), "float32")
+        S = T.match_buffer(s_handle, (M, H), "float32")
+        for m in range(M):
+            acc = T.alloc_buffer((L,), "float32", scope="local")
+            acc[T.ramp(0, 1, L)] = T.broadcast(T.float32(0), L)
+            for v in range(NV):
+                s = X[m, T.ramp(v * L, 1, L)] + SKIP[m, T.ramp(v * L, 1, L)]
+                S[m, T.ramp(v * L, 1, L)] = s
+                acc[T.ramp(0, 1, L)] = acc[T.ramp(0, 1, L)] + s * s
+            inv = T.float32(1) / T.sqrt((acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7])
+                                        / T.float32(H) + T.float32(eps))
+            for v in range(NV):
+                Y[m, T.ramp(v * L, 1, L)] = S[m, T.ramp(v * L, 1, L)] * T.broadcast(inv, L) \
+                    * GAMMA[T.ramp(v * L, 1, L)]
+
+    return skip_norm
+
+
+def _swiglu(F: int, name: str):
+    from tvm.script import tirx as T
+
+    L, NV = LANES, F // LANES
+
+    @T.prim_func
+    def swiglu(x_handle: T.handle, y_handle: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        M = T.int32()
+        X = T.match_buffer(x_handle, (M, 2 * F), "float32")
+        Y = T.match_buffer(y_handle, (M, F), "float32")
+        for m in range(M):
+            for v in range(NV):
+                a = X[m, T.ramp(v * L, 1, L)]
+                Y[m, T.ramp(v * L, 1, L)] = a / (T.broadcast(T.float32(1), L) + exp8(T, T.broadcast(T.float32(0), L) - a)) \
+                    * X[m, T.ramp(F + v * L, 1, L)]
+
+    return swiglu
+
+
+def supported(width: int) -> str | None:
+    return None if width % LANES == 0 else f"width {width} is not a multiple of {LANES}"
+
+
+class RowKernels:
+    """The kernels for a step's norms (hidden width H, epsilon) and SwiGLUs (width F)."""
+
+    def __init__(self, norms, swiglus, threads: int):
+        why = available()
+        if why:
+            raise GlmcError(f"glmc's row-wise cpu kernels cannot run here: {why}")
+        import tvm
+
+        funcs = {}
+        for H, eps in sorted(set(norms)):
+            name = self.norm_name(H, eps)
+            funcs[name] = _skip_norm(H, eps, name)
+        for F in sorted(set(swiglus)):
+            funcs[f"swiglu_{F}"] = _swiglu(F, f"swiglu_{F}")
+        self._lib = build(funcs, threads, host_target(threads))
+        self._fn = {name: self._lib[name] for name in funcs}
+        self._wrap = tvm.runtime.from_dlpack
+
+    @staticmethod
+    def norm_name(H: int, eps: float) -> str:
+        return f"skip_norm_{H}_e{np.float32(eps).view(np.uint32)}"
+
+    def skip_norm(self, x, skip, gamma, y, s, eps: float):
+        """y, s = norm(x + skip) * gamma, x + skip as a call of no arguments; (M, H) fp32
+        arrays, M <= MAX_ROWS, ALIGN-aligned."""
+        fn = self._fn[self.norm_name(x.shape[1], eps)]
+        args = tuple(self._wrap(a) for a in (x, skip, gamma, y, s))
+        return lambda: fn(*args)
+
+    def swiglu(self, x, y):
+        """y = silu(x[:, :F]) * x[:, F:] as a call of no arguments; x (M, 2F), y (M, F)."""
+        fn = self._fn[f"swiglu_{y.shape[1]}"]
+        args = (self._wrap(x), self._wrap(y))
+        return lambda: fn(*args)
