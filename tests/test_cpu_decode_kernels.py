@@ -113,15 +113,15 @@ def test_row_kernels_match_numpy():
     rng = np.random.default_rng(2)
     kernels = rowwise.RowKernels([(64, 1e-5), (24, 1e-6)], [48], threads=2)
     for H, eps in ((64, 1e-5), (24, 1e-6)):
-        x, skip, gamma = (_aligned(rng.standard_normal(shape).astype(np.float32)) for shape in ((2, H), (2, H), (H,)))
-        y, s = _aligned(np.zeros((2, H), np.float32)), _aligned(np.zeros((2, H), np.float32))
+        x, skip, gamma = (_aligned(rng.standard_normal(shape).astype(np.float32)) for shape in ((5, H), (5, H), (H,)))
+        y, s = _aligned(np.zeros((5, H), np.float32)), _aligned(np.zeros((5, H), np.float32))
         kernels.skip_norm(x, skip, gamma, y, s, eps)()
         want_s = x.astype(np.float64) + skip
         want = want_s / np.sqrt((want_s ** 2).mean(-1, keepdims=True) + eps) * gamma
         assert np.abs(y - want).max() <= 1e-6 * np.abs(want).max()
         assert np.abs(s - want_s).max() <= 1e-6 * np.abs(want_s).max()
-    x = _aligned((rng.standard_normal((2, 96)) * 4).astype(np.float32))     # sigmoid's tails too
-    y = _aligned(np.zeros((2, 48), np.float32))
+    x = _aligned((rng.standard_normal((5, 96)) * 4).astype(np.float32))     # sigmoid's tails too
+    y = _aligned(np.zeros((5, 48), np.float32))
     kernels.swiglu(x, y)()
     a, b = x[:, :48].astype(np.float64), x[:, 48:]
     want = a / (1 + np.exp(-a)) * b

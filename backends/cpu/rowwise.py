@@ -7,8 +7,9 @@ and attention in a split step (backends/cpu/runtime16.py) once those run as glmc
              y = a * sigmoid(a) * b
 
 Why: each onnxruntime piece a decode step runs costs a session run (~25-40 us here, most of
-it not arithmetic); small-glm's int4 step ran 26 of them, 0.6-0.8 ms of a ~4.5 ms step. The
-kernels are serial over a row or two (a decode step's): a few thousand elements cost less
+it not arithmetic); small-glm's int4 step ran 26 of them, 0.6-0.8 ms of a ~4.5 ms step (at
+16 rows, a server's batch: 2.8 ms, 1.1 ms with the kernels). The kernels are serial over
+the rows of a decode step's batch (up to MAX_ROWS): a few thousand elements a row cost less
 than waking a thread pool. Prompts keep onnxruntime's pieces.
 """
 
@@ -21,7 +22,8 @@ from glmc.backends.cpu.linear16 import available
 from glmc.backends.cpu.tvm_build import build, host_target
 from glmc.errors import GlmcError
 
-MAX_ROWS = 2        # rows a call takes (a decode step's batch up to this many rows)
+MAX_ROWS = 16       # rows a call takes: a decode step's batch up to this many rows (serial: at 16 rows of
+                    # small-glm still cheaper than an onnxruntime piece)
 
 
 def _skip_norm(H: int, eps: float, name: str):
