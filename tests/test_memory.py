@@ -41,15 +41,15 @@ def test_streaming_compile_peak_does_not_grow_with_depth(tmp_path):
     """Verification on (the default): transformers' reference and the artifact both run one
     layer at a time."""
     peaks = {}
-    for layers in (2, 8):
+    for layers in (2, 6):
         ckpt = tmp_path / f"L{layers}"
         mk.write_checkpoint(ckpt, mk.glm_config("glm-2b", layers=layers, **WIDTH), dtype="fp32")
         peaks[layers] = _peak_compile_mb(ckpt, tmp_path / f"L{layers}.glmc")
         assert (tmp_path / f"L{layers}.glmc" / "weights.safetensors").stat().st_size > 13_000_000 * 4 * layers
-    # the 8-layer compile writes 321 MB more fp32 weights (a peak that grew with them would be
-    # ~1.45x). Measured with verification at 2 / 12 layers: 701 vs 797 MB peak (1.14x; it was
+    # the 6-layer compile writes ~214 MB more fp32 weights (a peak that grew with them would be
+    # ~1.3x). Measured with verification at 2 / 12 layers: 701 vs 797 MB peak (1.14x; it was
     # 807 vs 1908 MB when verification ran the whole artifact)
-    assert peaks[8] <= 1.2 * peaks[2], peaks
+    assert peaks[6] <= 1.2 * peaks[2], peaks
 
 
 def test_refusal_uses_the_streaming_cost_model(tmp_path, monkeypatch):

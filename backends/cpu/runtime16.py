@@ -12,6 +12,11 @@ weights. To the executor it looks like one onnxruntime session: `io_binding()` a
 
 Per piece and linear, a call costs a binding and a copy of the linear's input rows (the
 kernels read 64-byte-aligned rows; onnxruntime hands out its own buffers).
+
+A planned decode call (one token per row, the cache bound as past and present) also runs
+the pieces that are exactly an attention (with its bias Add), a residual add + RMS norm or a
+SwiGLU on glmc's kernels (backends/cpu/attention.py, rowwise.py): each such piece's `kernel`
+plans the call, or declines and the piece's session runs it (prompts, verification).
 """
 
 from __future__ import annotations
