@@ -154,3 +154,23 @@ def test_split_step_decodes_with_the_kernels(artifacts, monkeypatch):
     assert ATTENTION in timed and ROWWISE in timed and PIECES in timed
     assert ATTENTION not in want_timed and ROWWISE not in want_timed
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_a_prompt_gives_its_freed_memory_back(artifacts, monkeypatch):
+    """After a call of more than TRIM_ROWS rows the split step hands glibc's freed heap back
+    (its pieces run without an arena: small-glm held 1265 MB after a 2000-token prompt, 812
+    with this); decode steps do not pay for it."""
+    from glmc.backends.cpu import runtime16
+
+    calls = []
+    monkeypatch.setattr(runtime16, "release_freed_memory", lambda: calls.append(1))
+    model = glmc.load(artifacts("glm-gqa", dtype="bf16"))
+    prompt = [list(range(5, 5 + runtime16.TRIM_ROWS + 6))]
+    cache, last = model.prefill(prompt)
+    assert calls == [1]
+    position = np.array([len(prompt[0])])
+    for _ in range(3):
+        model.executor.decode(cache, last.argmax(-1)[:, None], position)
+        position = position + 1
+    model.prefill([[5, 6, 7]])
+    assert calls == [1]

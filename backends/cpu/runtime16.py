@@ -40,6 +40,7 @@ from glmc.settings import cpu_decode_kernels
 LINEAR, PIECES = "glmc.cpu linears (TVM)", "onnxruntime pieces"      # profile_decode's kinds
 ATTENTION = "glmc.cpu attention (TVM)"
 ROWWISE = "glmc.cpu norms and activations (TVM)"
+TRIM_ROWS = 64      # a call with more rows than this (a prompt) gives its freed memory back after it
 KERNELS = {"Linear16": linear16, "Linear4": linearq, "Linear8": linearq}     # node type -> its kernels' module
 
 
@@ -385,8 +386,10 @@ class SplitStep:
         arrays = {}                  # a linear's output -> its array
         shapes = {} if binding.shapes is None else None
         wanted = set(binding.outputs)
+        rows = 0                     # the most rows a linear took: a prompt's
         for i, step in enumerate(self.steps):
             if isinstance(step, _Linear):
+                rows = max(rows, int(np.prod(values[step.x].shape()[:-1])))
                 values[step.y], arrays[step.y] = self._linear(step, values[step.x], binding.outputs.get(step.y))
                 read, made = (step.x,), (step.y,)
             else:
@@ -419,6 +422,9 @@ class SplitStep:
             binding.shapes = shapes
         else:
             binding.plan = self._plan(binding)
+        if rows > TRIM_ROWS:
+            del values, arrays
+            release_freed_memory()
 
     def _plan(self, binding: _Binding):
         """The run of a binding whose inputs, outputs and shapes stay as they are: every value
@@ -536,6 +542,24 @@ class _Array:
 
     def numpy(self) -> np.ndarray:
         return self.array
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed since back to the system (glibc's malloc_trim). A prompt's
+    activations are freed when the call ends, but glibc keeps much of them: the pieces run
+    without onnxruntime's arena and glibc raises its mmap threshold after each large free, so
+    later buffers come from a heap it does not shrink. small-glm int4 on glmc's kernels held
+    1265 MB after a 2000-token prompt, 624 MB after trimming (its MatMulNBits build: ~700)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 def _array(name: str, inits: dict, weights: dict) -> np.ndarray:
