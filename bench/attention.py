@@ -1,5 +1,6 @@
 """glmc's decode attention kernel (backends/cpu/attention.py) against onnxruntime's
-GroupQueryAttention: the op alone, and a whole model's decode step.
+GroupQueryAttention: the op alone, and a whole model's decode step with all of glmc's
+decode kernels against onnxruntime's ops.
 
     python bench/attention.py [--shapes glm4-9b,small-glm] [--contexts 32,256,1024,2048]
                               [--artifact A.glmc --decode-contexts 128,1024 --steps 16]
@@ -12,9 +13,10 @@ over 9 timed passes per round, all rounds).
 A whole model (--artifact, an `--int4-matmul glmc` / `--int8-matmul glmc` / 16-bit cpu
 artifact: its split step is where the kernel runs): --steps greedy decode steps from
 position `context` of an empty cache (no prefill: a step's work does not depend on what
-the slots hold, and a 9B prompt of 1024 tokens takes over a minute), with GLMC_CPU_DECODE_KERNELS=glmc and =onnxruntime; seconds per
-step (min/median/max over the steps of all rounds) and the read-bandwidth probe of each
-child.
+the slots hold, and a 9B prompt of 1024 tokens takes over a minute), with
+GLMC_CPU_DECODE_KERNELS=glmc and =onnxruntime: glmc's decode kernels (attention, norms,
+SwiGLU) or onnxruntime's ops; seconds per step (min/median/max over the steps of all
+rounds) and the read-bandwidth probe of each child.
 
 Every measurement runs in a child process of its own, the engines alternating for
 --rounds rounds (TVM's workers spin after a call and would take onnxruntime's cores; the

@@ -6,11 +6,13 @@ value row is read once for all the query heads that share it.
 
 Why glmc has its own: onnxruntime's CPU kernel works head by head, so each of a group's
 query heads reads the group's whole cache again. On the GLM-4-9B shape (32 query heads, 2
-KV heads, head_dim 128), 2 threads, one GroupQueryAttention at context 1024 took 1.1 ms:
-40 layers' worth is ~45 ms of a ~250 ms int4 decode step, reading 2.1 MB per layer that a
-streaming read covers in ~0.1 ms. The kernel here runs where glmc's linears run: in the
-split step (backends/cpu/runtime16.py), for calls of one token per row; prompts (several
-tokens per row) keep onnxruntime's kernel.
+KV heads, head_dim 128), 2 threads, one GroupQueryAttention at context 1024 took 0.92 ms
+and this kernel 0.27 ms (bench/attention.py, bench/results/attention-glm4-9b-cpu.json): 40
+layers' worth of the difference is ~26 ms of a ~250 ms int4 decode step. With G = 16 query
+heads per cached row the step is compute-bound (~1M 8-lane FMAs per layer at 1024), not
+bound by the 2.1 MB it reads. The kernel runs where glmc's linears run: in the split step
+(backends/cpu/runtime16.py), for calls of one token per row; prompts (several tokens per
+row) keep onnxruntime's kernel.
 
 Per (row b, KV head g), one task of a parallel loop, with p = seqlens_k[b], G = H / Hkv:
   k, v  = the new key and value (+ bias), k rotated at position p -> cache slot p
@@ -18,7 +20,8 @@ Per (row b, KV head g), one task of a parallel loop, with p = seqlens_k[b], G = 
   s[h, t] = q[h] . K[t]       for t <= p: each K[t] loaded once, used by all G heads
   w[h, t] = exp(s[h, t] - max_t s[h]) (a degree-6 polynomial after range reduction,
             |relative error| < 2e-7), the row sums kept
-  out[h] = sum_t w[h, t] V[t] / sum_t w[h, t]: V[t] read once per 4 slots' worth of weights
+  out[h] = sum_t w[h, t] V[t] / sum_t w[h, t]: in tiles of TILE slots (their V rows stay in
+            L1), HB heads x CB vectors of dims held in registers over a tile
 """
 
 from __future__ import annotations
