@@ -98,7 +98,9 @@ def test_16_bit_artifact_matches_transformers(dtype, artifacts, checkpoints, ref
 def test_decode_plan_gives_what_the_step_gives_without_one(artifacts):
     """A decode binding's first two steps run piece by piece; from the third on its plan (buffers
     and bindings made once, the pieces writing where the kernels read). Each step is checked
-    against a fresh binding's run of the same step on a copy of the cache."""
+    against a fresh binding's run of the same step on a copy of the cache. The plan runs glmc's
+    decode kernels (backends/cpu/attention.py rotates and writes the new key itself), so the
+    caches agree to fp32 rounding in another order (rtol 1e-5), the logits within 1e-5."""
     model = glmc.load(artifacts("glm-gqa", dtype="bf16"))
     ex = model.executor
     cache, last = model.prefill(PROMPTS)
@@ -116,7 +118,7 @@ def test_decode_plan_gives_what_the_step_gives_without_one(artifacts):
         planned += cache.step[1].plan is not None
         np.testing.assert_allclose(got, alone, rtol=0, atol=1e-5)
         for a, b in zip(twin.kv, cache.kv):
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         tokens, position = got.argmax(-1), position + 1
     assert planned >= 4         # the plan ran (and was checked) from the third step on
 
