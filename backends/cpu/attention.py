@@ -17,9 +17,7 @@ row) keep onnxruntime's kernel.
 Per (row b, KV head g), one task of a parallel loop, with p = seqlens_k[b], G = H / Hkv:
   k, v  = the new key and value (+ bias), k rotated at position p -> cache slot p
   q[h]  = query head g * G + h (+ bias), rotated at p, times `scale`          (h < G)
-  s[h, t] = q[h] . K[t]       for t <= p, L slots at a time: per head L FMA chains over the
-            dims, summed across lanes into one vector (vhaddps); K's rows stay in L1 for the
-            group's heads
+  s[h, t] = q[h] . K[t]       for t <= p: each K[t] loaded once, used by all G heads
   w[h, t] = exp(s[h, t] - max_t s[h]) (a degree-6 polynomial after range reduction,
             |relative error| < 2e-7), the row sums kept
   out[h] = sum_t w[h, t] V[t] / sum_t w[h, t]: in tiles of TILE slots (their V rows stay in
@@ -78,24 +76,6 @@ def _dot(T, a: list, b: list):
     return terms[0]
 
 
-def _chain(T, a: list, b: list):
-    """sum_i a[i] * b[i] of vectors in order (one FMA after another)."""
-    acc = a[0] * b[0]
-    for x, y in zip(a[1:], b[1:]):
-        acc = acc + x * y
-    return acc
-
-
-def _sum_lanes(T, v: list):
-    """LANES vectors -> one vector whose lane j is the sum of v[j]'s lanes: three rounds of
-    pairwise horizontal adds (vhaddps works within 128-bit halves), then the halves added."""
-    def hadd(x, y):
-        return T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx.hadd.ps.256", x, y)
-    q = [hadd(v[0], v[1]), hadd(v[2], v[3]), hadd(v[4], v[5]), hadd(v[6], v[7])]
-    lo, hi = hadd(q[0], q[1]), hadd(q[2], q[3])     # lo: v[0..3]'s low-half sums, then their high-half sums
-    return T.Shuffle([lo, hi], [0, 1, 2, 3, 8, 9, 10, 11]) + T.Shuffle([lo, hi], [4, 5, 6, 7, 12, 13, 14, 15])
-
-
 def _decode(H: int, Hkv: int, D: int, half: int, scale: float, name: str):
     from tvm.script import tirx as T
 
@@ -152,15 +132,8 @@ def _decode(H: int, Hkv: int, D: int, half: int, scale: float, name: str):
                     q[h, 2 * i + 1] = (x1 * COS[pos, i] + x0 * SIN[pos, i]) * T.float32(scale)
                 for d in range(2 * half, D):
                     q[h, d] = (QKV[b, (g * G + h) * D + d] + BIAS[(g * G + h) * D + d]) * T.float32(scale)
-            # scores, L slots at a time: per head, L dot products as FMA chains over the dims
-            # (independent, so they overlap), reduced into one vector of L scores
-            for t8 in range((pos + 1) // L):
-                for h in range(G):
-                    WT[task, h, T.ramp(t8 * L, 1, L)] = _sum_lanes(T, [
-                        _chain(T, [q[h, T.ramp(c * L, 1, L)] for c in range(DV)],
-                               [KC[b, g, t8 * L + j, T.ramp(c * L, 1, L)] for c in range(DV)]) for j in range(L)])
-            # the last slots one at a time (a row of the cache past its end is not read)
-            for t in range((pos + 1) // L * L, pos + 1):
+            # scores: every key row once, for all G heads
+            for t in range(pos + 1):
                 for h in T.unroll(G):
                     acc[T.ramp(h * L, 1, L)] = _dot(T, [q[h, T.ramp(c * L, 1, L)] for c in range(DV)],
                                                     [KC[b, g, t, T.ramp(c * L, 1, L)] for c in range(DV)])
