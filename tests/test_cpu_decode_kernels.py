@@ -174,3 +174,16 @@ def test_a_prompt_gives_its_freed_memory_back(artifacts, monkeypatch):
         position = position + 1
     model.prefill([[5, 6, 7]])
     assert calls == [1]
+
+
+def test_the_switch_takes_two_values(monkeypatch):
+    from glmc.settings import cpu_decode_kernels
+
+    for value, on in (("glmc", True), ("onnxruntime", False)):
+        monkeypatch.setenv("GLMC_CPU_DECODE_KERNELS", value)
+        assert cpu_decode_kernels() is on
+    monkeypatch.delenv("GLMC_CPU_DECODE_KERNELS")
+    assert cpu_decode_kernels() is True
+    monkeypatch.setenv("GLMC_CPU_DECODE_KERNELS", "tvm")
+    with pytest.raises(GlmcError, match="GLMC_CPU_DECODE_KERNELS='tvm': expected glmc or onnxruntime"):
+        cpu_decode_kernels()
