@@ -197,10 +197,12 @@ class Attention:
         name = f"decode_attention_h{H}_kv{Hkv}_d{D}_r{half}_s{np.float32(scale).view(np.uint32)}"
         self._fn = build({name: _decode(H, Hkv, D, half, float(np.float32(scale)), name)}, threads, target)[name]
         self._wrap = tvm.runtime.from_dlpack
+        self._scratch: dict[tuple, np.ndarray] = {}
 
     def bound(self, qkv: np.ndarray, bias: np.ndarray | None, k_cache: np.ndarray, v_cache: np.ndarray,
               seqlens: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray):
-        """The call as a function of no arguments (its views and scratch made once).
+        """The call as a function of no arguments (its views made once; the scratch shared with
+        the kernel's other calls of the same shape, so calls must not run at the same time).
         qkv (B, (H + 2 Hkv) D) the packed projections of one token per row, bias its bias or
         None; k_cache / v_cache (B, Hkv, S, D), written at slot seqlens[b]; seqlens (B,)
         int32, read at each call; cos / sin (positions, half); out (B, H D). All fp32
@@ -209,7 +211,13 @@ class Attention:
         if bias is None:
             bias = aligned_empty((qkv.shape[1],), np.float32)
             bias[...] = 0
-        weights = aligned_empty((B * self.Hkv, self.H // self.Hkv, scratch_slots(S)), np.float32)
+        # the scores' scratch, one per shape for all the calls bound by this kernel (a step's
+        # layers run one after another); one per layer would take 40x as much at GLM-4-9B's
+        # 40 layers: 10 MB for a row and 2048 slots, 335 MB for 16 rows and 4096 slots
+        shape = (B * self.Hkv, self.H // self.Hkv, scratch_slots(S))
+        weights = self._scratch.get(shape)
+        if weights is None:
+            weights = self._scratch[shape] = aligned_empty(shape, np.float32)
         wrap = self._wrap
         args = tuple(wrap(a) for a in (qkv, bias, k_cache, v_cache, seqlens, cos, sin, out, weights))
         fn = self._fn
