@@ -24,18 +24,12 @@ import pytest
 
 import glmc
 from glmc.backends.cpu import attention, rowwise
-from glmc.backends.cpu.linear16 import aligned_empty
 from glmc.errors import GlmcError
+from tests.test_linearq import _aligned
 
 # (H, Hkv, D, half): a GLM-4 group of 16, partial rotary (half of head_dim rotated), full
 # rotary, multi-query (G = 8), multi-head (G = 1), an odd group (G = 3)
 SHAPES = [(32, 2, 64, 16), (4, 2, 32, 16), (8, 1, 32, 8), (2, 2, 16, 4), (6, 2, 24, 6)]
-
-
-def _aligned(a: np.ndarray) -> np.ndarray:
-    out = aligned_empty(a.shape, a.dtype)
-    out[...] = a
-    return out
 
 
 def _case(H, Hkv, D, half, B=3, S=70, seed=0, bias=True):

@@ -213,9 +213,10 @@ class SplitStep:
             for x in node.input:
                 readers[x] = readers.get(x, 0) + 1
         attention_kernels: dict = {}
+        decode_kernels = cpu_decode_kernels()
         for node in graph.node:
             spec = self._attention(node, run, inits, weights, readers, attention_kernels, threads) \
-                if cpu_decode_kernels() else None
+                if decode_kernels else None
             if spec is not None:
                 nodes = [node]
                 if spec.bias is not None:
@@ -255,7 +256,7 @@ class SplitStep:
                                     initializer=[inits[x] for x in step.initializers])
             proto = helper.make_model(sub, opset_imports=self._opsets, ir_version=self._ir_version)
             step.session = make_session(proto.SerializeToString(), step.initializers)
-            if step.kernel is None and cpu_decode_kernels():
+            if step.kernel is None and decode_kernels:
                 step.kernel = self._row_kernel(step, inits, weights)
         rows = [s.kernel for s in self.steps if isinstance(s, _Piece) and isinstance(s.kernel, (_SkipNorm, _SwiGLU))]
         if rows:
@@ -275,10 +276,8 @@ class SplitStep:
         for s in linears:
             arrays = []
             for name in s.weights:
-                w = weights[name]
-                if w.ctypes.data % ALIGN:      # an entry the file could not place aligned (size not a multiple of 64 B)
-                    w = aligned_empty(w.shape, w.dtype)
-                    w[...] = weights[name]
+                w = _aligned(weights[name])     # a copy of an entry the file could not place aligned
+                if w is not weights[name]:
                     self._kept.append(w)
                 arrays.append(w)
             s.kernels = kernels[s.kind]
