@@ -41,10 +41,18 @@ def memory_limit_bytes() -> int | None:
         raise GlmcError(f"GLMC_MEMORY_LIMIT_GB={limit!r} is not a number") from None
 
 
-def tvm_thread_pool(threads: int) -> None:
-    """TVM's thread pool for the 16-bit cpu linears, before TVM first runs a parallel loop:
-    `threads` workers. A value the user set wins."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+def tvm_thread_pool(threads: int) -> int:
+    """TVM's thread pool for glmc's cpu kernels, before TVM first runs a parallel loop:
+    `threads` workers. A value the user set wins. Returns the pool's worker count (the tasks
+    a kernel's parallel loop is cut into)."""
+    value = os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise GlmcError(f"TVM_NUM_THREADS={value!r}: expected a positive integer")
+    return workers
 
 
 def cpu_decode_kernels() -> bool:

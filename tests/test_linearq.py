@@ -71,6 +71,39 @@ def test_kernels_match_the_int8_activation_arithmetic(K, N, block):
         assert np.abs(y[:M] - exact).max() <= 0.02 * np.abs(exact).max()
 
 
+def test_kernels_cut_into_any_number_of_tasks_give_the_same_bits(monkeypatch):
+    """Each parallel loop runs one task per TVM worker (TVM_NUM_THREADS), over a contiguous
+    range of column blocks / (block, row tile) pairs: 3 tasks over 125 blocks (and 375 gemm
+    pairs) split unevenly, and must give what 2 tasks give, bit for bit (each output's sums
+    run in the same order whoever computes them)."""
+    K, N, block = 384, 1000, 64
+    g = torch.Generator().manual_seed(7)
+    p = quantize(torch.randn(N, K, generator=g), 4, block, True)
+    codes, scales = _aligned(linearq.pack_codes(_codes(p)).numpy()), _aligned(linearq.pack_scales(p.scales).numpy())
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    two = linearq.Kernels([(K, N, block, 4)], 2)
+    monkeypatch.setenv("TVM_NUM_THREADS", "3")
+    three = linearq.Kernels([(K, N, block, 4)], 2)
+    for M in (1, 2 * linearq.ROWS + 3):
+        x = aligned_empty((linearq.padded_rows(M), K), np.float32)
+        x[...] = torch.randn(x.shape, generator=g).numpy()
+        ys = []
+        for kernels in (two, three):
+            y = aligned_empty((linearq.padded_rows(M), N), np.float32)
+            y[...] = np.nan
+            kernels.linear(x, kernels.tensor((codes, scales)), y, M)
+            ys.append(y[:M])
+        np.testing.assert_array_equal(ys[0], ys[1])
+        assert np.isfinite(ys[0]).all()
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_tvm_thread_count_is_one_error(monkeypatch, value):
+    monkeypatch.setenv("TVM_NUM_THREADS", value)
+    with pytest.raises(GlmcError, match=f"TVM_NUM_THREADS={value!r}: expected a positive integer"):
+        linearq.Kernels([(256, 64, 32, 4)], 2)
+
+
 def _reference8(x: np.ndarray, p) -> np.ndarray:
     """The int8 kernels' arithmetic in numpy: x quantized per x_group(K), integer dot products."""
     G = linearq.x_group(p.K)

@@ -43,6 +43,13 @@ Kernels per (K, N, group, bits):
   gemv      1..GEMV_MAX_M rows, parallel over column blocks, all V columns at once
   gemm      rows in tiles of ROWS, one sub-block at a time, its sums for ROWS rows held in
             registers over all of K (prefill, batched decode)
+
+Each kernel's parallel loop has one task per thread, over a contiguous range of its column
+blocks (gemm: (block, row tile) pairs), with its buffers allocated once per task. TVM
+allocates the buffers of a parallel loop's body from its workspace pool (TVMBackendAllocWorkspace)
+on every iteration. A task per 32-column block paid that per block: one task per thread made the
+9B-shape int4 gemv 1.08x, small-glm's int4 linears 1.19-1.25x (1, 4, 16 rows) and its int8
+lm_head 1.08-1.13x faster (medians, bench/results/linearq-tasks-cpu.json).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ import torch
 from glmc.backends.cpu.linear16 import ALIGN, aligned_empty, available, block_width  # noqa: F401
 from glmc.backends.cpu.tvm_build import build, cpu_features, host_target
 from glmc.errors import GlmcError
+from glmc.settings import tvm_thread_pool
 from glmc.weights import RowLayout
 
 GEMV_MAX_M = 2
@@ -115,13 +123,14 @@ def pack_scales(scales):
     return s.permute(0, 2, 1).reshape(N // V, G, V)
 
 
-def _quantize(K: int, block: int, name: str, parallel: bool = True):
+def _quantize(K: int, block: int, name: str, workers: int, parallel: bool = True):
     """Serial (parallel=False) for a decode step's row or two: waking the thread pool for K
     inputs costs more than quantizing them."""
     from tvm.script import tirx as T
 
     NG = K // block
     loop = T.parallel if parallel else T.serial
+    tasks = workers if parallel else 1
 
     @T.prim_func
     def quantize(x_handle: T.handle, q_handle: T.handle, sx_handle: T.handle, ss_handle: T.handle):
@@ -131,26 +140,27 @@ def _quantize(K: int, block: int, name: str, parallel: bool = True):
         Q = T.match_buffer(q_handle, (M, K), "int8")
         SX = T.match_buffer(sx_handle, (M, NG), "float32")
         SS = T.match_buffer(ss_handle, (M, NG), "float32")
-        for mg in loop(M * NG):
+        for t in loop(tasks):
             amax = T.alloc_buffer((8,), "float32", scope="local")
             acc = T.alloc_buffer((8,), "int32", scope="local")
-            m = mg // NG
-            k0 = mg % NG * block
-            amax[T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
-            acc[T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
-            for v in range(block // 8):
-                amax[T.ramp(0, 1, 8)] = T.max(amax[T.ramp(0, 1, 8)], T.abs(X[m, T.ramp(k0 + v * 8, 1, 8)]))
-            for i in range(1, 8):
-                amax[0] = T.max(amax[0], amax[i])
-            inv = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
-            for v in range(block // 8):
-                q = T.Cast("int32x8", T.round(X[m, T.ramp(k0 + v * 8, 1, 8)] * T.broadcast(inv, 8)))
-                Q[m, T.ramp(k0 + v * 8, 1, 8)] = T.Cast("int8x8", q)
-                acc[T.ramp(0, 1, 8)] = acc[T.ramp(0, 1, 8)] + q
-            for i in range(1, 8):
-                acc[0] = acc[0] + acc[i]
-            SX[m, mg % NG] = amax[0] / T.float32(127)
-            SS[m, mg % NG] = amax[0] / T.float32(127) * T.Cast("float32", acc[0])
+            for mg in T.serial(t * (M * NG) // tasks, (t + 1) * (M * NG) // tasks):
+                m = mg // NG
+                k0 = mg % NG * block
+                amax[T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
+                acc[T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
+                for v in range(block // 8):
+                    amax[T.ramp(0, 1, 8)] = T.max(amax[T.ramp(0, 1, 8)], T.abs(X[m, T.ramp(k0 + v * 8, 1, 8)]))
+                for i in range(1, 8):
+                    amax[0] = T.max(amax[0], amax[i])
+                inv = T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+                for v in range(block // 8):
+                    q = T.Cast("int32x8", T.round(X[m, T.ramp(k0 + v * 8, 1, 8)] * T.broadcast(inv, 8)))
+                    Q[m, T.ramp(k0 + v * 8, 1, 8)] = T.Cast("int8x8", q)
+                    acc[T.ramp(0, 1, 8)] = acc[T.ramp(0, 1, 8)] + q
+                for i in range(1, 8):
+                    acc[0] = acc[0] + acc[i]
+                SX[m, mg % NG] = amax[0] / T.float32(127)
+                SS[m, mg % NG] = amax[0] / T.float32(127) * T.Cast("float32", acc[0])
 
     return quantize
 
@@ -177,7 +187,7 @@ def _weights(T, NB: int, K: int, SB: int, bits: int):
     return T.Buffer((NB, K * bits // 32, SB, 32), "uint8" if bits == 4 else "int8")
 
 
-def _gemv(K: int, N: int, block: int, name: str, bits: int = 4):
+def _gemv(K: int, N: int, block: int, name: str, tasks: int, bits: int = 4):
     """All V columns of a block at once, one row after another."""
     from tvm.script import tirx as T
 
@@ -195,57 +205,58 @@ def _gemv(K: int, N: int, block: int, name: str, bits: int = 4):
         SS = T.match_buffer(ss_handle, (M, NG), "float32")
         S = T.match_buffer(s_handle, (NB, SG, V), "float32")
         Y = T.match_buffer(y_handle, (M, N), "float32")
-        for nb in T.parallel(NB):
+        for t in T.parallel(tasks):
             accf = T.alloc_buffer((V,), "float32", scope="local")
             acc32 = T.alloc_buffer((V,), "int32", scope="local")
             acc16 = T.alloc_buffer((SB * 16,), "int16", scope="local")
-            for m in range(M):
-                for j in T.unroll(SB):
-                    accf[T.ramp(j * 8, 1, 8)] = T.broadcast(T.float32(0), 8)
-                for g in range(NG):
+            for nb in T.serial(t * NB // tasks, (t + 1) * NB // tasks):
+                for m in range(M):
                     for j in T.unroll(SB):
-                        acc32[T.ramp(j * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
-                    for s in range(block // 32):            # 32 inputs at a time
-                        if bits == 4:
-                            for j in T.unroll(SB):
-                                acc16[T.ramp(j * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
-                            for p in T.unroll(4):
-                                k8 = g * (block // 8) + s * 4 + p
-                                xa = T.reinterpret("int8x32", T.broadcast(X[m, k8 * 2], 8))
-                                xb = T.reinterpret("int8x32", T.broadcast(X[m, k8 * 2 + 1], 8))
+                        accf[T.ramp(j * 8, 1, 8)] = T.broadcast(T.float32(0), 8)
+                    for g in range(NG):
+                        for j in T.unroll(SB):
+                            acc32[T.ramp(j * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
+                        for s in range(block // 32):            # 32 inputs at a time
+                            if bits == 4:
                                 for j in T.unroll(SB):
-                                    w = W[nb, k8, j, T.ramp(0, 1, 32)]
-                                    acc16[T.ramp(j * 16, 1, 16)] = acc16[T.ramp(j * 16, 1, 16)] \
-                                        + _madd(T, w & T.broadcast(T.uint8(15), 32), xa) \
-                                        + _madd(T, w >> T.broadcast(T.uint8(4), 32), xb)
-                            for j in T.unroll(SB):
-                                acc32[T.ramp(j * 8, 1, 8)] = acc32[T.ramp(j * 8, 1, 8)] \
-                                    + _widen(T, acc16[T.ramp(j * 16, 1, 16)])
-                        else:
-                            for i in T.unroll(8):
-                                q = g * (block // 4) + s * 8 + i
-                                xq = T.reinterpret("int8x32", T.broadcast(X[m, q], 8))
+                                    acc16[T.ramp(j * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
+                                for p in T.unroll(4):
+                                    k8 = g * (block // 8) + s * 4 + p
+                                    xa = T.reinterpret("int8x32", T.broadcast(X[m, k8 * 2], 8))
+                                    xb = T.reinterpret("int8x32", T.broadcast(X[m, k8 * 2 + 1], 8))
+                                    for j in T.unroll(SB):
+                                        w = W[nb, k8, j, T.ramp(0, 1, 32)]
+                                        acc16[T.ramp(j * 16, 1, 16)] = acc16[T.ramp(j * 16, 1, 16)] \
+                                            + _madd(T, w & T.broadcast(T.uint8(15), 32), xa) \
+                                            + _madd(T, w >> T.broadcast(T.uint8(4), 32), xb)
                                 for j in T.unroll(SB):
                                     acc32[T.ramp(j * 8, 1, 8)] = acc32[T.ramp(j * 8, 1, 8)] \
-                                        + _widen(T, _signed_madd(T, W[nb, q, j, T.ramp(0, 1, 32)], xq))
+                                        + _widen(T, acc16[T.ramp(j * 16, 1, 16)])
+                            else:
+                                for i in T.unroll(8):
+                                    q = g * (block // 4) + s * 8 + i
+                                    xq = T.reinterpret("int8x32", T.broadcast(X[m, q], 8))
+                                    for j in T.unroll(SB):
+                                        acc32[T.ramp(j * 8, 1, 8)] = acc32[T.ramp(j * 8, 1, 8)] \
+                                            + _widen(T, _signed_madd(T, W[nb, q, j, T.ramp(0, 1, 32)], xq))
+                        for j in T.unroll(SB):
+                            if bits == 4:
+                                accf[T.ramp(j * 8, 1, 8)] = accf[T.ramp(j * 8, 1, 8)] + S[nb, g, T.ramp(j * 8, 1, 8)] * (
+                                    T.Cast("float32x8", acc32[T.ramp(j * 8, 1, 8)]) * T.broadcast(SX[m, g], 8)
+                                    - T.broadcast(SS[m, g] * T.float32(ZERO), 8))
+                            else:
+                                accf[T.ramp(j * 8, 1, 8)] = accf[T.ramp(j * 8, 1, 8)] \
+                                    + T.Cast("float32x8", acc32[T.ramp(j * 8, 1, 8)]) * T.broadcast(SX[m, g], 8)
                     for j in T.unroll(SB):
                         if bits == 4:
-                            accf[T.ramp(j * 8, 1, 8)] = accf[T.ramp(j * 8, 1, 8)] + S[nb, g, T.ramp(j * 8, 1, 8)] * (
-                                T.Cast("float32x8", acc32[T.ramp(j * 8, 1, 8)]) * T.broadcast(SX[m, g], 8)
-                                - T.broadcast(SS[m, g] * T.float32(ZERO), 8))
+                            Y[m, T.ramp(nb * V + j * 8, 1, 8)] = accf[T.ramp(j * 8, 1, 8)]
                         else:
-                            accf[T.ramp(j * 8, 1, 8)] = accf[T.ramp(j * 8, 1, 8)] \
-                                + T.Cast("float32x8", acc32[T.ramp(j * 8, 1, 8)]) * T.broadcast(SX[m, g], 8)
-                for j in T.unroll(SB):
-                    if bits == 4:
-                        Y[m, T.ramp(nb * V + j * 8, 1, 8)] = accf[T.ramp(j * 8, 1, 8)]
-                    else:
-                        Y[m, T.ramp(nb * V + j * 8, 1, 8)] = accf[T.ramp(j * 8, 1, 8)] * S[nb, 0, T.ramp(j * 8, 1, 8)]
+                            Y[m, T.ramp(nb * V + j * 8, 1, 8)] = accf[T.ramp(j * 8, 1, 8)] * S[nb, 0, T.ramp(j * 8, 1, 8)]
 
     return gemv
 
 
-def _gemm(K: int, N: int, block: int, name: str, bits: int = 4):
+def _gemm(K: int, N: int, block: int, name: str, tasks: int, bits: int = 4):
     """ROWS rows x one sub-block of 8 columns at a time, over all of K."""
     from tvm.script import tirx as T
 
@@ -264,54 +275,55 @@ def _gemm(K: int, N: int, block: int, name: str, bits: int = 4):
         SS = T.match_buffer(ss_handle, (MQ, R, NG), "float32")
         S = T.match_buffer(s_handle, (NB, SG, V), "float32")
         Y = T.match_buffer(y_handle, (MQ, R, N), "float32")
-        for task in T.parallel(NB * MQ):
+        for t in T.parallel(tasks):
             accf = T.alloc_buffer((R * 8,), "float32", scope="local")
             accg = T.alloc_buffer((R * 8,), "int32", scope="local")
             acc16 = T.alloc_buffer((R * 16,), "int16", scope="local")
-            nb = task // MQ
-            mq = task % MQ
-            for j in range(SB):
-                for r in T.unroll(R):
-                    accf[T.ramp(r * 8, 1, 8)] = T.broadcast(T.float32(0), 8)
-                for g in range(NG):
+            for task in T.serial(t * (NB * MQ) // tasks, (t + 1) * (NB * MQ) // tasks):
+                nb = task // MQ
+                mq = task % MQ
+                for j in range(SB):
                     for r in T.unroll(R):
-                        accg[T.ramp(r * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
-                    for s in range(block // 32):
-                        if bits == 4:
-                            for r in T.unroll(R):
-                                acc16[T.ramp(r * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
-                            for p in T.unroll(4):
-                                k8 = g * (block // 8) + s * 4 + p
-                                w = W[nb, k8, j, T.ramp(0, 1, 32)]
+                        accf[T.ramp(r * 8, 1, 8)] = T.broadcast(T.float32(0), 8)
+                    for g in range(NG):
+                        for r in T.unroll(R):
+                            accg[T.ramp(r * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
+                        for s in range(block // 32):
+                            if bits == 4:
                                 for r in T.unroll(R):
-                                    acc16[T.ramp(r * 16, 1, 16)] = acc16[T.ramp(r * 16, 1, 16)] \
-                                        + _madd(T, w & T.broadcast(T.uint8(15), 32),
-                                                T.reinterpret("int8x32", T.broadcast(X[mq, r, k8 * 2], 8))) \
-                                        + _madd(T, w >> T.broadcast(T.uint8(4), 32),
-                                                T.reinterpret("int8x32", T.broadcast(X[mq, r, k8 * 2 + 1], 8)))
-                            for r in T.unroll(R):
-                                accg[T.ramp(r * 8, 1, 8)] = accg[T.ramp(r * 8, 1, 8)] \
-                                    + _widen(T, acc16[T.ramp(r * 16, 1, 16)])
-                        else:
-                            for i in T.unroll(8):
-                                q = g * (block // 4) + s * 8 + i
-                                w = W[nb, q, j, T.ramp(0, 1, 32)]
+                                    acc16[T.ramp(r * 16, 1, 16)] = T.broadcast(T.int16(0), 16)
+                                for p in T.unroll(4):
+                                    k8 = g * (block // 8) + s * 4 + p
+                                    w = W[nb, k8, j, T.ramp(0, 1, 32)]
+                                    for r in T.unroll(R):
+                                        acc16[T.ramp(r * 16, 1, 16)] = acc16[T.ramp(r * 16, 1, 16)] \
+                                            + _madd(T, w & T.broadcast(T.uint8(15), 32),
+                                                    T.reinterpret("int8x32", T.broadcast(X[mq, r, k8 * 2], 8))) \
+                                            + _madd(T, w >> T.broadcast(T.uint8(4), 32),
+                                                    T.reinterpret("int8x32", T.broadcast(X[mq, r, k8 * 2 + 1], 8)))
                                 for r in T.unroll(R):
-                                    accg[T.ramp(r * 8, 1, 8)] = accg[T.ramp(r * 8, 1, 8)] + _widen(T, _signed_madd(
-                                        T, w, T.reinterpret("int8x32", T.broadcast(X[mq, r, q], 8))))
+                                    accg[T.ramp(r * 8, 1, 8)] = accg[T.ramp(r * 8, 1, 8)] \
+                                        + _widen(T, acc16[T.ramp(r * 16, 1, 16)])
+                            else:
+                                for i in T.unroll(8):
+                                    q = g * (block // 4) + s * 8 + i
+                                    w = W[nb, q, j, T.ramp(0, 1, 32)]
+                                    for r in T.unroll(R):
+                                        accg[T.ramp(r * 8, 1, 8)] = accg[T.ramp(r * 8, 1, 8)] + _widen(T, _signed_madd(
+                                            T, w, T.reinterpret("int8x32", T.broadcast(X[mq, r, q], 8))))
+                        for r in T.unroll(R):
+                            if bits == 4:
+                                accf[T.ramp(r * 8, 1, 8)] = accf[T.ramp(r * 8, 1, 8)] + S[nb, g, T.ramp(j * 8, 1, 8)] * (
+                                    T.Cast("float32x8", accg[T.ramp(r * 8, 1, 8)]) * T.broadcast(SX[mq, r, g], 8)
+                                    - T.broadcast(SS[mq, r, g] * T.float32(ZERO), 8))
+                            else:
+                                accf[T.ramp(r * 8, 1, 8)] = accf[T.ramp(r * 8, 1, 8)] \
+                                    + T.Cast("float32x8", accg[T.ramp(r * 8, 1, 8)]) * T.broadcast(SX[mq, r, g], 8)
                     for r in T.unroll(R):
                         if bits == 4:
-                            accf[T.ramp(r * 8, 1, 8)] = accf[T.ramp(r * 8, 1, 8)] + S[nb, g, T.ramp(j * 8, 1, 8)] * (
-                                T.Cast("float32x8", accg[T.ramp(r * 8, 1, 8)]) * T.broadcast(SX[mq, r, g], 8)
-                                - T.broadcast(SS[mq, r, g] * T.float32(ZERO), 8))
+                            Y[mq, r, T.ramp(nb * V + j * 8, 1, 8)] = accf[T.ramp(r * 8, 1, 8)]
                         else:
-                            accf[T.ramp(r * 8, 1, 8)] = accf[T.ramp(r * 8, 1, 8)] \
-                                + T.Cast("float32x8", accg[T.ramp(r * 8, 1, 8)]) * T.broadcast(SX[mq, r, g], 8)
-                for r in T.unroll(R):
-                    if bits == 4:
-                        Y[mq, r, T.ramp(nb * V + j * 8, 1, 8)] = accf[T.ramp(r * 8, 1, 8)]
-                    else:
-                        Y[mq, r, T.ramp(nb * V + j * 8, 1, 8)] = accf[T.ramp(r * 8, 1, 8)] * S[nb, 0, T.ramp(j * 8, 1, 8)]
+                            Y[mq, r, T.ramp(nb * V + j * 8, 1, 8)] = accf[T.ramp(r * 8, 1, 8)] * S[nb, 0, T.ramp(j * 8, 1, 8)]
 
     return gemm
 
@@ -331,6 +343,7 @@ class Kernels:
             raise GlmcError(f"this artifact has quantized linears run by glmc's kernels, which {why}")
         import tvm
 
+        tasks = tvm_thread_pool(threads)       # each kernel's parallel loop: one task per worker
         funcs = {}
         for K, N, block, bits in sorted(set(shapes)):
             why = supported(K, N, block, bits)
@@ -338,10 +351,10 @@ class Kernels:
                 raise GlmcError(f"an int{bits} linear of {K} x {N}, group {block}, cannot run as glmc's kernel: {why}")
             for parallel in (True, False):
                 name = f"quantize_{K}_g{block}" + ("" if parallel else "_serial")
-                funcs.setdefault(name, _quantize(K, block, name, parallel))
+                funcs.setdefault(name, _quantize(K, block, name, tasks, parallel))
             for kind, make in (("gemv", _gemv), ("gemm", _gemm)):
                 name = _name(kind, K, N, block, bits)
-                funcs[name] = make(K, N, block, name, bits)
+                funcs[name] = make(K, N, block, name, tasks, bits)
         target = host_target(threads)
         if "avx2" not in cpu_features(target):
             raise GlmcError(f"glmc's quantized cpu kernels need AVX2; this CPU ({target.attrs['mcpu']}) has none")
