@@ -9,7 +9,9 @@ Each compile runs as its own `glmc compile` process and reports from its report.
 load time and RSS, prefill tokens/s at 128 and 1024 tokens, decode tokens/s (min /
 median / max over steps) and decode's fraction of the bandwidth roofline: bytes a
 decode step must read (the artifact's weights the step touches, plus the KV cache it
-reads) / read bandwidth, measured in the same child just before.
+reads) / read bandwidth, measured in the same child just before; and the same per round
+of --steps steps, each round against a probe taken right before it (min / median / max
+over --decode-rounds rounds).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import json, sys, time
 import numpy as np
 from glmc.measure import cpu_name, measure, peak_rss_mb, read_bandwidth_gbs, summarize
 
-path, prompts, steps = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], int(sys.argv[3])
+path, prompts, steps, rounds = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], int(sys.argv[3]), int(sys.argv[4])
 bandwidth = read_bandwidth_gbs()
 import glmc
 
@@ -68,15 +70,19 @@ for T in prompts:
                                                "max": round(T / s["min"], 2)}, "seconds": s}
 pos = np.array([prompts[-1]])
 tok = np.array([[int(last[0].argmax())]])
-times = []
-for _ in range(steps):
-    t0 = time.perf_counter()
-    logits = ex.decode(cache, tok, pos)
-    times.append(time.perf_counter() - t0)
-    tok = np.array([[int(logits[0, 0].argmax())]])
-    pos += 1
+times, per_round = [], []
+for _ in range(rounds):         # each round's steps right after a bandwidth probe of their own
+    probe, mine = read_bandwidth_gbs(512, 3), []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits = ex.decode(cache, tok, pos)
+        mine.append(time.perf_counter() - t0)
+        tok = np.array([[int(logits[0, 0].argmax())]])
+        pos += 1
+    times += mine
+    per_round.append({"read_bandwidth_gbs": round(probe, 2), "median_step_seconds": float(np.median(mine))})
 s = summarize(times)
-out["decode"] = {"context": prompts[-1], "steps": steps, "seconds": s,
+out["decode"] = {"context": prompts[-1], "steps": steps * rounds, "seconds": s, "rounds": per_round,
                  "tokens_per_s": {"min": round(1 / s["max"], 3), "median": round(1 / s["median"], 3),
                                   "max": round(1 / s["min"], 3)}}
 out["rss_after_generation_mb"] = round(rss_mb(), 1)
@@ -119,6 +125,8 @@ def _decode_bytes(artifact: Path, context: int) -> int:
 
 
 def main(argv=None) -> int:
+    from glmc.measure import summarize
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--work", type=Path, required=True, help="where the artifacts are written")
@@ -130,7 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-verify", dest="verify", action="store_false",
                     help="compile without verification (it runs one layer at a time, as the reference does)")
     ap.add_argument("--prompts", default="128,1024")
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=16, help="decode steps per round")
+    ap.add_argument("--decode-rounds", type=int, default=3,
+                    help="decode rounds, each after a bandwidth probe of its own (the machine's bandwidth drifts)")
     ap.add_argument("--reuse", action="store_true", help="measure artifacts that exist instead of recompiling")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -144,7 +154,8 @@ def main(argv=None) -> int:
             flags = ["--quant", quant[:-len("-glmc")], "--int4-matmul" if quant.startswith("int4") else "--int8-matmul",
                      "glmc", *(["--int8-matmul", "glmc"] if quant.startswith("int4") else [])]
         report["compiles"][f"cpu-{quant}"] = _compile(args.checkpoint, out, [*flags, *verify], args.reuse)
-        r = subprocess.run([sys.executable, "-c", _RUNTIME, str(out), args.prompts, str(args.steps)],
+        r = subprocess.run([sys.executable, "-c", _RUNTIME, str(out), args.prompts, str(args.steps),
+                            str(args.decode_rounds)],
                            capture_output=True, text=True)
         if r.returncode != 0 or "RESULT" not in r.stdout:
             report["runtime"][quant] = {"error": (r.stderr or r.stdout).strip().splitlines()[-1]}
@@ -155,6 +166,10 @@ def main(argv=None) -> int:
         rt["decode"]["bytes_per_token"] = nbytes
         rt["decode"]["roofline_tokens_per_s"] = round(roof, 3)
         rt["decode"]["fraction_of_roofline"] = round(rt["decode"]["tokens_per_s"]["median"] / roof, 3)
+        # the same per round, against the probe taken just before that round's steps
+        fractions = [nbytes / r["median_step_seconds"] / (r["read_bandwidth_gbs"] * 1e9) for r in rt["decode"]["rounds"]]
+        rt["decode"]["fraction_of_roofline_by_round"] = {k: round(v, 3) if k != "n" else v
+                                                          for k, v in summarize(fractions).items()}
         weights = (out / "weights.safetensors").stat().st_size
         rt["weight_bytes"] = weights
         rt["rss_over_weights"] = round(rt["rss_after_generation_mb"] * 2**20 / weights, 3)
