@@ -82,6 +82,11 @@ def test_kernels_cut_into_any_number_of_tasks_give_the_same_bits(monkeypatch):
     codes, scales = _aligned(linearq.pack_codes(_codes(p)).numpy()), _aligned(linearq.pack_scales(p.scales).numpy())
     monkeypatch.setenv("TVM_NUM_THREADS", "2")
     two = linearq.Kernels([(K, N, block, 4)], 2)
+    x = aligned_empty((1, K), np.float32)
+    x[...] = 1
+    # TVM makes its pool at the first parallel call, reading TVM_NUM_THREADS then: made here
+    # with 2 workers, so that 3 below cuts the loops only, and later tests get a 2-worker pool
+    two.linear(x, two.tensor((codes, scales)), aligned_empty((1, N), np.float32), 1)
     monkeypatch.setenv("TVM_NUM_THREADS", "3")
     three = linearq.Kernels([(K, N, block, 4)], 2)
     for M in (1, 2 * linearq.ROWS + 3):
