@@ -44,12 +44,13 @@ Kernels per (K, N, group, bits):
   gemm      rows in tiles of ROWS, one sub-block at a time, its sums for ROWS rows held in
             registers over all of K (prefill, batched decode)
 
-Each kernel's parallel loop has one task per thread, over a contiguous range of its column
-blocks (gemm: (block, row tile) pairs), with its buffers allocated once per task. TVM
-allocates the buffers of a parallel loop's body from its workspace pool (TVMBackendAllocWorkspace)
-on every iteration. A task per 32-column block paid that per block: one task per thread made the
-9B-shape int4 gemv 1.08x, small-glm's int4 linears 1.19-1.25x (1, 4, 16 rows) and its int8
-lm_head 1.08-1.13x faster (medians, bench/results/linearq-tasks-cpu.json).
+Each kernel's parallel loop has one task per TVM worker (TVM_NUM_THREADS), over a contiguous
+range of its column blocks (gemm: (block, row tile) pairs), with its buffers allocated once per
+task. TVM allocates the buffers of a parallel loop's body from its workspace pool
+(TVMBackendAllocWorkspace) on every iteration, so a task per 32-column block paid that per
+block: one task per worker made the 9B-shape int4 gemv 1.08x, small-glm's int4 linears
+1.19-1.25x (1, 4, 16 rows) and its int8 lm_head 1.08-1.13x faster (medians,
+bench/results/linearq-tasks-cpu.json).
 """
 
 from __future__ import annotations
