@@ -8,10 +8,10 @@ with N clients, timing its prefill calls and decode steps.
 Per setting (the rounds alternate sequential / batched, after one untimed warm-up of each):
 total completion tokens per second; seconds in prefill calls and in decode steps, and ms per
 decode step (and, on glmc's cpu kernels, by kind of call). From those, the bound batching has
-on this workload: prefill does the same
-work whether requests come one at a time or together (the prompts' tokens, compute-bound in
-both), so throughput over sequential can be at most (prefill + decode alone) / prefill, and
-the decode steps' share says how much of the rest is left to gain. The batched steps' linears
+on this workload: prefill does the same work whether requests come one at a time or together
+(the prompts' tokens, compute-bound in both), so throughput over sequential can be at most
+(prefill + decode alone) / prefill, and the decode steps' share says how much of the rest is
+left to gain. The batched steps' linears
 are compute-bound: their GMAC/s is reported beside the machine's int8 multiply-add ceiling
 (bench/int8_peak.py), measured in the same run.
 """
