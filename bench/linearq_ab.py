@@ -25,14 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from linearq import SHAPES as LAYER_SHAPES  # noqa: E402  (bench/linearq.py: one layer's four linears)
 from report_json import emit  # noqa: E402  (bench/, the script's own directory)
 
-SHAPES = {   # (K, N): qkv, dense, gate+up, down; or the lm_head alone
-    "glm4-9b": [(4096, 4608), (4096, 4096), (4096, 27392), (13696, 4096)],
-    "small-glm": [(1024, 1536), (1024, 1024), (1024, 5632), (2816, 1024)],
-    "lm-head-small-glm": [(1024, 32000)],
-    "lm-head-glm4-9b": [(4096, 151552)],
-}
+SHAPES = {**LAYER_SHAPES, "lm-head-small-glm": [(1024, 32000)], "lm-head-glm4-9b": [(4096, 151552)]}   # (K, N)
 
 
 def _module_at(rev: str, root: Path):

@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         split.timings = kinds = {}
 
     def run(clients: int) -> dict:
-        spent.clear(), calls.clear()
+        spent.clear()
+        calls.clear()
         if kinds is not None:
             kinds.clear()
         slots, done, tokens = threading.Semaphore(clients), threading.Event(), []
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
                 "other_seconds": wall - spent["prefill"] - spent["decode"],
                 "ms_per_decode_step_by_kind": {k: v / max(1, calls["decode"]) * 1e3 for k, v in (kinds or {}).items()}}
 
-    run(1), run(args.clients)                   # warm-up: sessions, kernels, buffers
+    for clients in (1, args.clients):           # warm-up: sessions, kernels, buffers
+        run(clients)
     rounds = [(run(1), run(args.clients)) for _ in range(args.rounds)]
     engine.stop()
     from glmc.backends.cpu.linear16 import available
