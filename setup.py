@@ -8,6 +8,10 @@ lands in site-packages.
 from setuptools import setup
 
 CPU16 = ["apache-tvm==0.27.0", "apache-tvm-ffi==0.1.14.post1"]
+# glmc's cpu kernels (quantized linears by default, 16-bit weights, decode attention) are
+# x86 AVX2 code built by TVM: installed with glmc where they can run; elsewhere
+# `pip install 'glmc[cpu16]'` asks for them and int4 / int8 builds default to MatMulNBits
+X86_LINUX = "; platform_machine == 'x86_64' and sys_platform == 'linux'"
 
 setup(
     name="glmc",
@@ -35,13 +39,14 @@ setup(
         "rich>=13",
         "matplotlib>=3.7",
         "triton>=3.2",
+        *(requirement + X86_LINUX for requirement in CPU16),
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3.5", "hypothesis>=6", "peft>=0.13",
                  "openai>=1.30", "httpx>=0.27", "gguf>=0.17", *CPU16],
         "gpu": ["triton>=3.2"],
-        # --dtype bf16 / fp16 on the cpu target: TVM kernels for the 16-bit linears
-        # (apache-tvm-ffi 0.1.15.x segfaults in save_json: pinned)
+        # glmc's TVM cpu kernels on other platforms (apache-tvm-ffi 0.1.15.x segfaults in
+        # save_json: pinned)
         "cpu16": CPU16,
         "peers": ["onnxruntime-genai>=0.18", "llama-cpp-python>=0.3.36", "gguf>=0.17"],
     },

@@ -82,14 +82,16 @@ def presets():
               help="cpu KV-cache storage; fp16 halves the cache (long contexts), attention still computes in fp32.")
 @click.option("--accuracy-level", default=4, show_default=True, type=click.IntRange(0, 4),
               help="cpu int4/int8 matmuls: 4 = int8 activations inside the kernel (fast), 0 = fp32 activations.")
-@click.option("--int8-matmul", default="nbits", show_default=True, type=click.Choice(["nbits", "dynamic", "glmc"]),
-              help="cpu int8 linears: nbits (MatMulNBits, int8 activations per 128-block), dynamic "
-                   "(DynamicQuantizeMatMul for the decoder linears: one activation scale per call, shared by a batch's "
-                   "rows; integer GEMM; the lm_head keeps nbits) or glmc (glmc's TVM kernels, every int8 linear, the "
-                   "lm_head too; glmc[cpu16]).")
-@click.option("--int4-matmul", default="nbits", show_default=True, type=click.Choice(["nbits", "glmc"]),
-              help="cpu int4 linears: nbits (onnxruntime's MatMulNBits) or glmc (glmc's TVM kernels, the same "
-                   "int8-activation arithmetic; symmetric int4, group a multiple of 32; glmc[cpu16]).")
+@click.option("--int8-matmul", default="auto", show_default=True,
+              type=click.Choice(["auto", "nbits", "dynamic", "glmc"]),
+              help="cpu int8 linears: glmc (glmc's TVM kernels, every int8 linear, the lm_head too), nbits "
+                   "(MatMulNBits, int8 activations per 128-block) or dynamic (DynamicQuantizeMatMul for the decoder "
+                   "linears: one activation scale per call, shared by a batch's rows; integer GEMM; the lm_head "
+                   "keeps nbits). auto: glmc where this build and CPU can run it (AVX2, apache-tvm), else nbits.")
+@click.option("--int4-matmul", default="auto", show_default=True, type=click.Choice(["auto", "nbits", "glmc"]),
+              help="cpu int4 linears: glmc (glmc's TVM kernels, the same int8-activation arithmetic; symmetric "
+                   "int4, group a multiple of 32) or nbits (onnxruntime's MatMulNBits). auto: glmc where this "
+                   "build and CPU can run it, else nbits.")
 @click.option("--chunked-prefill/--no-chunked-prefill", default=None,
               help="GPU targets: build the extend entry point so long prompts are prefilled in (tuned) "
                    "chunks (default: on). cpu artifacts always run every step through it.")

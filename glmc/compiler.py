@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +37,7 @@ BASE_COMPILE_BYTES = 0.6 * 2**30
 # pre-packed copy of them
 VERIFY_OVER_SEGMENT = 2.0
 QUANTS = ("none", "int8", "int4")
+log = logging.getLogger(__name__)
 
 
 def _versions() -> dict:
@@ -79,8 +82,8 @@ def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
         raise GlmcError(f"--kv-cache {q.kv_cache} is a cpu option; GPU targets keep the cache in the compute dtype")
     if q.accuracy_level not in (0, 1, 2, 3, 4):
         raise GlmcError(f"--accuracy-level must be 0..4, got {q.accuracy_level!r}")
-    if q.int8_matmul not in ("nbits", "dynamic", "glmc"):
-        raise GlmcError(f"--int8-matmul must be nbits, dynamic or glmc, got {q.int8_matmul!r}")
+    if q.int8_matmul not in ("auto", "nbits", "dynamic", "glmc"):
+        raise GlmcError(f"--int8-matmul must be auto, nbits, dynamic or glmc, got {q.int8_matmul!r}")
     if q.int8_matmul == "dynamic":
         if backend.target.family != "cpu":
             raise GlmcError("--int8-matmul dynamic is a cpu option (onnxruntime's DynamicQuantizeMatMul)")
@@ -88,8 +91,8 @@ def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
             raise GlmcError("--int8-matmul dynamic needs int8 linears: --quant int8 (or an int8 lm_head)")
         if q.kv_cache != "fp32":
             raise GlmcError("--int8-matmul dynamic needs the lean step graph, which --kv-cache fp16 does not use")
-    if q.int4_matmul not in ("nbits", "glmc"):
-        raise GlmcError(f"--int4-matmul must be nbits or glmc, got {q.int4_matmul!r}")
+    if q.int4_matmul not in ("auto", "nbits", "glmc"):
+        raise GlmcError(f"--int4-matmul must be auto, nbits or glmc, got {q.int4_matmul!r}")
     for option, value, bits in (("--int4-matmul", q.int4_matmul, 4), ("--int8-matmul", q.int8_matmul, 8)):
         if value != "glmc":
             continue
@@ -105,13 +108,49 @@ def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
             raise GlmcError(f"--int4-matmul glmc needs a group size that is a multiple of 32, got {q.group_size}")
         if q.kv_cache != "fp32":
             raise GlmcError(f"{option} glmc needs the lean step graph, which --kv-cache fp16 does not use")
+        if q.accuracy_level != 4:
+            raise GlmcError(f"{option} glmc computes with int8 activations (accuracy level 4); "
+                            f"--accuracy-level {q.accuracy_level} needs {option} nbits")
         from glmc.backends.cpu.linear16 import available
+        from glmc.backends.cpu.linearq import runnable
 
         why = available()
         if why:
             raise GlmcError(f"{option} glmc {why}")
+        why = runnable()
+        if why:
+            raise GlmcError(f"{option} glmc: {why}")
     if not isinstance(calibrate, int) or calibrate < 0 or (calibrate and q.mode != "int4"):
         raise GlmcError("--calibrate N takes N >= 1 sequences and applies to --quant int4")
+
+
+def resolve_matmuls(backend, q: QuantConfig, lora_slots: int) -> QuantConfig:
+    """q with --int4-matmul / --int8-matmul auto chosen: glmc's kernels (backends/cpu/linearq.py)
+    where this build can run them, else nbits (MatMulNBits). On small-glm (2 threads, one run,
+    the builds alternating: bench/results/matmul-default-small-glm-cpu.json) they decode int4
+    1.26-1.62x and int8 1.28-1.43x faster than MatMulNBits and prefill 1.10-1.36x / 1.26-1.37x
+    faster (medians); on the GLM-4-9B shape int4 decode read 75-82% of the bandwidth probe
+    against MatMulNBits' 49-63% (bench/results/glm4-9b-cpu-int4-linearq-tasks.json)."""
+    fields = [f for f in ("int4_matmul", "int8_matmul") if getattr(q, f) == "auto"]
+    if not fields:
+        return q
+    why = _why_not_glmc_kernels(backend, q, lora_slots)
+    if why:
+        log.info("quantized linears on MatMulNBits: %s", why)
+    int4 = q.mode == "int4" and q.symmetric and q.group_size % 32 == 0
+    choice = {f: "glmc" if not why and (f == "int8_matmul" or int4) else "nbits" for f in fields}
+    return replace(q, **choice, auto=tuple(f for f in fields if choice[f] == "glmc"))
+
+
+def _why_not_glmc_kernels(backend, q: QuantConfig, lora_slots: int) -> str | None:
+    """Why no linear of this build can run on glmc's quantized kernels, or None."""
+    if backend.target.family != "cpu" or q.mode == "none":
+        return "not a quantized cpu build"
+    if q.kv_cache != "fp32" or lora_slots or q.accuracy_level != 4:
+        return "--kv-cache fp16, --lora-slots and --accuracy-level below 4 run MatMulNBits"
+    from glmc.backends.cpu.linearq import runnable
+
+    return runnable()
 
 
 def check_lora_slots(backend, slots, rank, calibrate: int, kv_cache: str) -> None:
@@ -218,8 +257,8 @@ def compile(
     lora: Sequence = (),
     lora_slots: int = 0,
     lora_rank: int = 16,
-    int8_matmul: str = "nbits",
-    int4_matmul: str = "nbits",
+    int8_matmul: str = "auto",
+    int4_matmul: str = "auto",
 ) -> Path:
     """Compile MODEL (checkpoint directory or preset name); return the artifact path.
 
@@ -230,14 +269,14 @@ def compile(
     weights as they are read (verification then checks against the merged model).
     lora_slots / lora_rank: the decoder linears take run-time adapters (Runtime.add_adapter)
     of rank <= lora_rank in that many slots, beside the (possibly quantized) base weights.
-    int8_matmul: how the cpu step graph runs int8 decoder linears: "nbits" (MatMulNBits: int8
-    activations per 128-block) or "dynamic" (DynamicQuantizeMatMul over the same per-column
-    codes: one uint8 activation scale per call, shared by a batch's rows; onnxruntime's integer
-    GEMM, faster prefill and batched decode where MatMulNBits' 8-bit kernel is slow, e.g. AVX2
-    CPUs). The lm_head keeps MatMulNBits. The third choice, "glmc", runs every int8 linear
-    (the lm_head too) on glmc's TVM kernels (backends/cpu/linearq.py), as int4_matmul="glmc"
-    does symmetric int4 linears (else "nbits", MatMulNBits): the same int8-activation
-    arithmetic, run between onnxruntime pieces of the step graph; needs glmc[cpu16].
+    int4_matmul / int8_matmul: how the cpu step graph runs int4 / int8 linears. "glmc": glmc's
+    TVM kernels (backends/cpu/linearq.py; int8: every int8 linear, the lm_head too), the same
+    int8-activation arithmetic as MatMulNBits at accuracy level 4, run between onnxruntime
+    pieces of the step graph. "nbits": onnxruntime's MatMulNBits. int8 also takes "dynamic":
+    DynamicQuantizeMatMul for the decoder linears over the same per-column codes (one uint8
+    activation scale per call, shared by a batch's rows; onnxruntime's integer GEMM: the
+    fastest prefill on AVX2 CPUs), the lm_head on MatMulNBits. "auto" (the default): glmc
+    where this build and this CPU can run it, else nbits (`resolve_matmuls`).
     """
     from glmc import checkpoint
     from glmc.calibrate import calibration_rows
@@ -254,6 +293,7 @@ def compile(
                      int4_matmul)
     check_options(backend, dtype, qc, calibrate)
     check_lora_slots(backend, lora_slots, lora_rank, calibrate, kv_cache)
+    qc = resolve_matmuls(backend, qc, lora_slots)
     adapters = read_adapters(lora, allow_pickle)
     if tune and backend.why_cannot_run_here():
         raise GlmcError(f"--tune: {backend.why_cannot_run_here()}; compile without --tune and run `glmc tune` there")
@@ -292,6 +332,11 @@ def compile(
         with staging_dir(out) as tmp:
             with stages.stage(f"lower ({target})"):
                 backend_info = backend.lower(graphs, tmp, ctx, late_entries(loaded.model, ctx, pipeline, records))
+                ran = backend_info.get("linearq", {})      # what a default choice of glmc's kernels got
+                fell = [f for f, kind in (("int4_matmul", "Linear4"), ("int8_matmul", "Linear8"))
+                        if f in qc.auto and not ran.get(kind)]
+                if fell:        # no lean step graph, or no shape the kernels take: MatMulNBits ran them
+                    qc = replace(qc, **dict.fromkeys(fell, "nbits"), auto=tuple(f for f in qc.auto if f not in fell))
                 if "lora" in backend_info:
                     backend_info["lora"]["stored"] = stored_rows(loaded, backend_info["lora"]["linears"])
             if loaded.text is not None:         # tokenizer file(s); the rest goes in the manifest

@@ -43,9 +43,11 @@ class QuantConfig:
     embedding: str = "fp32"         # fp32 | int8
     accuracy_level: int = 4         # onnxruntime MatMulNBits: 4 = int8 activations in the kernel
     kv_cache: str = "fp32"          # cpu KV-cache storage: fp32 | fp16 (attention still computes in fp32)
-    int8_matmul: str = "nbits"      # cpu int8 linears: nbits (MatMulNBits) | dynamic (DynamicQuantizeMatMul)
-                                    # | glmc (glmc's TVM kernels)
-    int4_matmul: str = "nbits"      # cpu int4 linears: nbits (MatMulNBits) | glmc (glmc's TVM kernels)
+    int8_matmul: str = "auto"       # cpu int8 linears: nbits (MatMulNBits) | dynamic (DynamicQuantizeMatMul)
+                                    # | glmc (glmc's TVM kernels) | auto (glmc where it runs, else nbits)
+    int4_matmul: str = "auto"       # cpu int4 linears: nbits (MatMulNBits) | glmc (glmc's TVM kernels) | auto
+    auto: tuple = ()                # the matmul fields compiler.resolve_matmuls chose (a lowering that cannot
+                                    # use glmc's kernels falls back to nbits there instead of refusing)
 
     @property
     def bits(self) -> int:

@@ -18,7 +18,8 @@ FIXTURE = Path(__file__).resolve().parent / "fixtures" / "glm-pystdlib"
 
 def test_dynamic_int8_runs_the_same_weights_through_the_integer_gemm(tmp_path):
     dyn = glmc.compile(FIXTURE, tmp_path / "dyn.glmc", quant="int8", int8_matmul="dynamic", max_seq_len=128)
-    nbits = glmc.compile(FIXTURE, tmp_path / "nbits.glmc", quant="int8", max_seq_len=128, verify=False)
+    nbits = glmc.compile(FIXTURE, tmp_path / "nbits.glmc", quant="int8", int8_matmul="nbits", max_seq_len=128,
+                         verify=False)
     report = json.loads((dyn / "report.json").read_text())
     assert report["verify"]["ok"] and report["verify"]["measure"] == "layer_relative_error", report["verify"]
     assert report["quantization"]["int8_matmul"] == "dynamic"

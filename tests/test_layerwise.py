@@ -10,7 +10,8 @@ import glmc
 
 
 @pytest.mark.parametrize("variant,options", [("glm4-mqa", {}), ("glm-mha-tied", {"kv_cache": "fp16"}),
-                                             ("glm-gqa", {"quant": "int8"})])
+                                             ("glm-gqa", {"quant": "int8"}),
+                                             ("glm-gqa", {"quant": "int8", "int8_matmul": "nbits"})])
 def test_layer_by_layer_run_is_the_artifact_one_layer_at_a_time(artifacts, variant, options):
     """Verification runs a CPU artifact cut at its layers (backends/cpu/layerwise.py): the
     cut graphs give the whole artifact's logits (every position, prefill, decode steps),
@@ -33,6 +34,8 @@ def test_layer_by_layer_run_is_the_artifact_one_layer_at_a_time(artifacts, varia
     make = CpuExecutor._make_session
 
     def counting(self, *a, **kw):
+        if kw.get("piece"):         # a SplitStep's onnxruntime piece (glmc kernels' linears): its step's
+            return make(self, *a, **kw)
         gc.collect()
         most[0] = max(most[0], sum(r() is not None for r in alive) + 1)
         s = make(self, *a, **kw)

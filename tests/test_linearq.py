@@ -183,7 +183,8 @@ def test_int4_glmc_artifact_matches_the_matmulnbits_one(artifacts):
     assert backend["linearq"] == {"Linear4": 9, "Linear8": 0}
     assert json.loads((path / "report.json").read_text())["quantization"]["int4_matmul"] == "glmc"
     full, steps = _all_logits(model)
-    want_full, want_steps = _all_logits(glmc.load(artifacts("glm-gqa", **opts)))
+    want_full, want_steps = _all_logits(glmc.load(artifacts("glm-gqa", int4_matmul="nbits", int8_matmul="nbits",
+                                                            **opts)))
     for b in range(len(PROMPTS)):
         assert np.abs(full[b] - want_full[b]).max() <= 0.02 * np.abs(want_full[b]).max()
     for got, want in zip(steps, want_steps):
@@ -198,7 +199,7 @@ def test_int8_glmc_artifact_matches_the_matmulnbits_one(artifacts):
     assert model.manifest["backend"]["linearq"] == {"Linear4": 0, "Linear8": 9}
     assert "com.microsoft::MatMulNBits" not in hist, hist
     full, steps = _all_logits(model)
-    want_full, want_steps = _all_logits(glmc.load(artifacts("glm-gqa", quant="int8")))
+    want_full, want_steps = _all_logits(glmc.load(artifacts("glm-gqa", quant="int8", int8_matmul="nbits")))
     for got, want in [*zip(full, want_full), *zip(steps, want_steps)]:
         assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
 
@@ -210,10 +211,11 @@ def test_int4_glmc_refusals(tmp_path, monkeypatch):
             (dict(quant="int4", group_size=16), "needs a group size that is a multiple of 32, got 16"),
             (dict(quant="int4", kv_cache="fp16"), "--int4-matmul glmc needs the lean step graph"),
             (dict(quant="int4", lora_slots=2), "--lora-slots is not built for --int4-matmul glmc"),
+            (dict(quant="int4", accuracy_level=0), "--int4-matmul glmc computes with int8 activations"),
             (dict(quant="none", int4_matmul="nbits", int8_matmul="glmc"), "--int8-matmul glmc needs int8 linears"),
             (dict(quant="int8", int4_matmul="nbits", int8_matmul="glmc", lora_slots=2),
              "--lora-slots is not built for --int8-matmul glmc"),
-            (dict(quant="int4", int4_matmul="fast"), "--int4-matmul must be nbits or glmc, got 'fast'")):
+            (dict(quant="int4", int4_matmul="fast"), "--int4-matmul must be auto, nbits or glmc, got 'fast'")):
         options = dict(dict(int4_matmul="glmc", verify=False), **options)
         with pytest.raises(GlmcError, match=message):
             glmc.compile("tiny-glm", tmp_path / "a.glmc", **options)
@@ -238,8 +240,10 @@ def test_built_kernels_are_kept_and_loaded_from_the_cache(tmp_path, monkeypatch)
     assert len(kept) == 1
     compiled = []
     monkeypatch.setattr("tvm.compile", lambda *a, **k: compiled.append(a) or pytest.fail("rebuilt"))
+    assert linearq.Kernels([(K, N, block, 4)], 2)._lib is first._lib        # this process's: made once
+    monkeypatch.setattr(tvm_build, "_BUILT", {})        # a new process: from the cache directory
     second = linearq.Kernels([(K, N, block, 4)], 2)
-    assert not compiled
+    assert not compiled and second._lib is not first._lib
     p = quantize(torch.randn(N, K), 4, block, True)
     x = aligned_empty((1, K), np.float32)
     x[...] = np.random.default_rng(0).standard_normal((1, K))
@@ -254,6 +258,23 @@ def test_built_kernels_are_kept_and_loaded_from_the_cache(tmp_path, monkeypatch)
     linearq.Kernels([(K, 2 * N, block, 4)], 2)
     assert len(list((tmp_path / "glmc" / "kernels").glob("*.so"))) == 2
     assert tvm_build.cpu_features(tvm_build.host_target(2))        # what the key holds
+
+
+def test_kernels_parse_to_the_same_tir_as_tvm_script_prim_func(monkeypatch):
+    """tvm_build.prim_func (no call-stack walk) against tvm.script's own T.prim_func, on kernels
+    whose annotations use the factory's locals."""
+    from tvm.script import tirx as T
+
+    import glmc.backends.cpu.tvm_build as tvm_build
+
+    ours = [linearq._gemv(256, 64, 32, "g", 2), linearq._gemm(256, 96, 64, "m", 3, bits=8),
+            linearq._quantize(256, 32, "q", 2)]
+    monkeypatch.setattr(linearq, "prim_func", T.prim_func)
+    theirs = [linearq._gemv(256, 64, 32, "g", 2), linearq._gemm(256, 96, 64, "m", 3, bits=8),
+              linearq._quantize(256, 32, "q", 2)]
+    for a, b in zip(ours, theirs):
+        assert a.script() == b.script()
+    assert tvm_build.prim_func.dispatch_token == "tirx"
 
 
 def test_layouts_of_one_quantization_are_written_from_one_computation(tmp_path, monkeypatch):
@@ -279,3 +300,43 @@ def test_layouts_of_one_quantization_are_written_from_one_computation(tmp_path, 
     got, p = load_file(str(tmp_path / "w.safetensors")), quantize(w, 4, 32, True)
     np.testing.assert_array_equal(got["codes"], linearq.codes_layout(p.qweight, 64, 32).numpy())
     np.testing.assert_array_equal(got["scales"], linearq.pack_scales(p.scales).numpy())
+
+
+def test_the_default_runs_quantized_linears_on_glmc_kernels_where_they_can(artifacts, monkeypatch):
+    """--int4-matmul / --int8-matmul auto (the default): glmc's kernels where the build and this
+    CPU take them, else MatMulNBits; the choice is in the report, and never an error."""
+    from glmc.backends import get_backend
+    from glmc.compiler import resolve_matmuls
+    from glmc.ir import QuantConfig
+    from glmc.target import Target
+
+    path = artifacts("glm-gqa", quant="int4", group_size=32)
+    backend = glmc.load(path).manifest["backend"]
+    assert backend["linearq"] == {"Linear4": 8, "Linear8": 1}        # 2 layers x 4, and the int8 lm_head
+    assert "com.microsoft::MatMulNBits" not in backend["op_histogram"]["step"]
+    q = json.loads((path / "report.json").read_text())["quantization"]
+    assert (q["int4_matmul"], q["int8_matmul"]) == ("glmc", "glmc")
+    # chatglm's rotary width: no lean step graph, so MatMulNBits (explicit glmc is refused there)
+    path = artifacts("chatglm", quant="int4", group_size=32)
+    assert not glmc.load(path).manifest["backend"].get("linearq")
+    q = json.loads((path / "report.json").read_text())["quantization"]
+    assert (q["int4_matmul"], q["int8_matmul"]) == ("nbits", "nbits")
+    with pytest.raises(GlmcError, match="--int4-matmul glmc needs the lean step graph"):
+        artifacts("chatglm", quant="int4", group_size=32, int4_matmul="glmc")
+
+    cpu = get_backend(Target.parse("cpu"))
+    resolve = lambda lora_slots=0, target=cpu, **q: resolve_matmuls(target, QuantConfig(**q), lora_slots)  # noqa: E731
+    assert resolve(mode="int4") == QuantConfig("int4", int4_matmul="glmc", int8_matmul="glmc",
+                                               auto=("int4_matmul", "int8_matmul"))
+    assert resolve(mode="int8", int4_matmul="nbits") == QuantConfig("int8", int4_matmul="nbits", int8_matmul="glmc",
+                                                                    auto=("int8_matmul",))
+    # int4 only where it is symmetric with groups of a multiple of 32; the int8 lm_head still
+    for q in (dict(symmetric=False), dict(group_size=16)):
+        assert (resolve(mode="int4", **q).int4_matmul, resolve(mode="int4", **q).int8_matmul) == ("nbits", "glmc")
+    for case in (dict(mode="int4", kv_cache="fp16"), dict(mode="int4", lora_slots=2), dict(mode="int8",
+                 accuracy_level=0), dict(mode="none"), dict(mode="int4", target=get_backend(Target.parse("cuda")))):
+        q = resolve(**case)
+        assert (q.int4_matmul, q.int8_matmul, q.auto) == ("nbits", "nbits", ()), case
+    assert resolve(mode="int8", int8_matmul="dynamic").int8_matmul == "dynamic"      # what a user chose stays
+    monkeypatch.setattr(linearq, "runnable", lambda threads=1: "glmc's quantized cpu kernels need AVX2")
+    assert resolve(mode="int4").int4_matmul == "nbits"

@@ -284,7 +284,9 @@ def test_int4_slots_leave_the_base_path_as_built_without_them(tmp_path):
     make_hf_model(spec).save_pretrained(tmp_path / "base")
     ad = _adapter(make_hf_model(spec), tmp_path / "a", GLM_TARGETS)
     common = dict(progress=False, max_seq_len=64, quant="int4", group_size=32)
-    plain = glmc.load(glmc.compile(tmp_path / "base", tmp_path / "p.glmc", verify=False, **common))
+    # MatMulNBits, which --lora-slots builds run
+    plain = glmc.load(glmc.compile(tmp_path / "base", tmp_path / "p.glmc", verify=False, int4_matmul="nbits",
+                                   int8_matmul="nbits", **common))
     rt = glmc.load(glmc.compile(tmp_path / "base", tmp_path / "s.glmc", lora_slots=1, lora_rank=8, **common))
     assert rt.generate([IDS, IDS[:4]], max_new_tokens=8) == plain.generate([IDS, IDS[:4]], max_new_tokens=8)
     _, none = rt.prefill([IDS])

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from glmc.backends.cpu.linear16 import aligned_empty, available
-from glmc.backends.cpu.tvm_build import build, host_target
+from glmc.backends.cpu.tvm_build import built, host_target, prim_func
 from glmc.errors import GlmcError
 
 LANES = 8           # fp32 lanes of an AVX2 vector
@@ -85,7 +85,7 @@ def _decode(H: int, Hkv: int, D: int, half: int, scale: float, name: str):
     CB = next(c for c in (4, 2, 1) if DV % c == 0)
     L = LANES
 
-    @T.prim_func
+    @prim_func
     def decode(qkv_handle: T.handle, bias_handle: T.handle, k_handle: T.handle, v_handle: T.handle,
                seq_handle: T.handle, cos_handle: T.handle, sin_handle: T.handle, out_handle: T.handle,
                w_handle: T.handle):
@@ -193,7 +193,8 @@ class Attention:
         target = host_target(threads)       # plain 8-lane vectors, no x86 intrinsics: any CPU LLVM targets
         self.H, self.Hkv, self.D = H, Hkv, D
         name = f"decode_attention_h{H}_kv{Hkv}_d{D}_r{half}_s{np.float32(scale).view(np.uint32)}"
-        self._fn = build({name: _decode(H, Hkv, D, half, float(np.float32(scale)), name)}, threads, target)[name]
+        self._fn = built(name, lambda: {name: _decode(H, Hkv, D, half, float(np.float32(scale)), name)}, threads,
+                         target)[name]
         self._wrap = tvm.runtime.from_dlpack
         self._scratch: dict[tuple, np.ndarray] = {}
 

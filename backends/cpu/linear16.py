@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from glmc.backends.cpu.tvm_build import build
+from glmc.backends.cpu.tvm_build import built
 from glmc.errors import GlmcError
 
 V = 32                 # output columns per block: the vector lanes one k step fills (fewer
@@ -160,12 +160,12 @@ class Kernels:
         for K, N in shapes:
             if block_width(N) is None:
                 raise GlmcError(f"a {dtype} cpu linear needs its output width to be a multiple of 8, got {N}")
-        funcs = {}
-        for K, N in sorted(set(shapes)):
-            funcs[_name("gemv", K, N, dtype)] = _gemv(K, N, dtype, _name("gemv", K, N, dtype))
-            funcs[_name("gemm", K, N, dtype)] = _gemm(K, N, dtype, _name("gemm", K, N, dtype))
-        self._lib = build(funcs, threads)
-        self._fn = {name: self._lib[name] for name in funcs}
+        shapes = tuple(sorted(set(shapes)))
+        names = {_name(kind, K, N, dtype): (make, K, N) for K, N in shapes for kind, make in (("gemv", _gemv),
+                                                                                              ("gemm", _gemm))}
+        self._lib = built(("linear16", dtype, shapes),
+                          lambda: {name: make(K, N, dtype, name) for name, (make, K, N) in names.items()}, threads)
+        self._fn = {name: self._lib[name] for name in names}
         self.dtype = dtype
         self._wrap = tvm.runtime.from_dlpack
 

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from glmc.backends.cpu.linear16 import ALIGN, aligned_empty, available, block_width  # noqa: F401
-from glmc.backends.cpu.tvm_build import build, cpu_features, host_target
+from glmc.backends.cpu.tvm_build import built, cpu_features, host_target, prim_func
 from glmc.errors import GlmcError
 from glmc.settings import tvm_thread_pool
 from glmc.weights import RowLayout
@@ -75,6 +75,19 @@ def x_group(K: int) -> int | None:
     """The inputs per activation scale of an int8 linear over K inputs (its weights have one
     scale per column, so any group works): 128, 64 or 32, the largest dividing K."""
     return next((g for g in (128, 64, 32) if K % g == 0), None)
+
+
+def runnable(threads: int = 1) -> str | None:
+    """Why these kernels cannot run on this machine (no TVM, a CPU without AVX2), or None."""
+    from glmc.backends.cpu import linear16
+
+    why = linear16.available()
+    if why:
+        return why
+    target = host_target(threads)
+    if "avx2" not in cpu_features(target):
+        return f"glmc's quantized cpu kernels need AVX2; this CPU ({target.attrs['mcpu']}) has none"
+    return None
 
 
 def supported(K: int, N: int, block: int, bits: int = 4) -> str | None:
@@ -133,7 +146,7 @@ def _quantize(K: int, block: int, name: str, workers: int, parallel: bool = True
     loop = T.parallel if parallel else T.serial
     tasks = workers if parallel else 1
 
-    @T.prim_func
+    @prim_func
     def quantize(x_handle: T.handle, q_handle: T.handle, sx_handle: T.handle, ss_handle: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         M = T.int32()
@@ -195,7 +208,7 @@ def _gemv(K: int, N: int, block: int, name: str, tasks: int, bits: int = 4):
     V = block_width(N)
     SB, NB, NG = V // 8, N // V, K // block
 
-    @T.prim_func
+    @prim_func
     def gemv(q_handle: T.handle, sx_handle: T.handle, ss_handle: T.handle, W: _weights(T, NB, K, SB, bits),
              s_handle: T.handle, y_handle: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
@@ -265,7 +278,7 @@ def _gemm(K: int, N: int, block: int, name: str, tasks: int, bits: int = 4):
     SB, NB, NG = V // 8, N // V, K // block
     R = ROWS
 
-    @T.prim_func
+    @prim_func
     def gemm(q_handle: T.handle, sx_handle: T.handle, ss_handle: T.handle, W: _weights(T, NB, K, SB, bits),
              s_handle: T.handle, y_handle: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
@@ -333,6 +346,29 @@ def _name(kind: str, K: int, N: int, block: int, bits: int = 4) -> str:
     return f"{kind}_q{bits}_{K}x{N}_g{block}"
 
 
+def _names(shapes) -> list[str]:
+    """The kernels of (K, N, block, bits) `shapes`: quantize (parallel and serial) per (K,
+    block), gemv and gemm per shape."""
+    names = []
+    for K, N, block, bits in shapes:
+        names += [f"quantize_{K}_g{block}", f"quantize_{K}_g{block}_serial", _name("gemv", K, N, block, bits),
+                  _name("gemm", K, N, block, bits)]
+    return list(dict.fromkeys(names))
+
+
+def _funcs(shapes, tasks: int) -> dict:
+    """name -> prim_func of `_names(shapes)`, each parallel loop cut into `tasks` tasks."""
+    funcs = {}
+    for K, N, block, bits in shapes:
+        for parallel in (True, False):
+            name = f"quantize_{K}_g{block}" + ("" if parallel else "_serial")
+            funcs.setdefault(name, _quantize(K, block, name, tasks, parallel))
+        for kind, make in (("gemv", _gemv), ("gemm", _gemm)):
+            name = _name(kind, K, N, block, bits)
+            funcs[name] = make(K, N, block, name, tasks, bits)
+    return funcs
+
+
 class Kernels:
     """The compiled kernels for a set of (K, N, block, bits) shapes (int8: block = x_group(K));
     the same calls as linear16.Kernels, a weight being the pair (codes, scales) in the layout
@@ -342,25 +378,19 @@ class Kernels:
         why = available()
         if why:
             raise GlmcError(f"this artifact has quantized linears run by glmc's kernels, which {why}")
+        why = runnable(threads)
+        if why:
+            raise GlmcError(why)
         import tvm
 
-        tasks = tvm_thread_pool(threads)       # each kernel's parallel loop: one task per worker
-        funcs = {}
-        for K, N, block, bits in sorted(set(shapes)):
+        shapes = tuple(sorted(set(shapes)))
+        for K, N, block, bits in shapes:
             why = supported(K, N, block, bits)
             if why:
                 raise GlmcError(f"an int{bits} linear of {K} x {N}, group {block}, cannot run as glmc's kernel: {why}")
-            for parallel in (True, False):
-                name = f"quantize_{K}_g{block}" + ("" if parallel else "_serial")
-                funcs.setdefault(name, _quantize(K, block, name, tasks, parallel))
-            for kind, make in (("gemv", _gemv), ("gemm", _gemm)):
-                name = _name(kind, K, N, block, bits)
-                funcs[name] = make(K, N, block, name, tasks, bits)
         target = host_target(threads)
-        if "avx2" not in cpu_features(target):
-            raise GlmcError(f"glmc's quantized cpu kernels need AVX2; this CPU ({target.attrs['mcpu']}) has none")
-        self._lib = build(funcs, threads, target)
-        self._fn = {name: self._lib[name] for name in funcs}
+        self._lib = built(("linearq", shapes), lambda: _funcs(shapes, tvm_thread_pool(threads)), threads, target)
+        self._fn = {name: self._lib[name] for name in _names(shapes)}
         self._wrap = tvm.runtime.from_dlpack
 
     def tensor(self, weight):

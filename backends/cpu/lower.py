@@ -213,10 +213,12 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
                 build_step(t, ctx.weights, ctx.model_config, level, ctx.lora_slots,
                            int8_dynamic=ctx.quant.int8_matmul == "dynamic", linear16=linear16, linear4=linear4,
                            linear8=linear8)
+            # (--int4 / --int8-matmul glmc chosen by default: no error, MatMulNBits runs them)
             for option, wanted in (("--lora-slots", ctx.lora_slots), ("--int8-matmul dynamic",
                                                                       ctx.quant.int8_matmul == "dynamic"),
-                                   (f"--dtype {ctx.dtype}", linear16), ("--int4-matmul glmc", linear4),
-                                   ("--int8-matmul glmc", linear8)):
+                                   (f"--dtype {ctx.dtype}", linear16),
+                                   ("--int4-matmul glmc", linear4 and "int4_matmul" not in ctx.quant.auto),
+                                   ("--int8-matmul glmc", linear8 and "int8_matmul" not in ctx.quant.auto)):
                 if wanted and step is None:
                     raise GlmcError(f"{option} needs the lean step graph, which this model cannot use: {declined}")
             if ctx.lora_slots:
@@ -265,8 +267,8 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
         info["step_declined"] = declined
     if linear16:
         info["linear16"] = {"dtype": linear16}
-    if linear4 or linear8:
-        hist = info["op_histogram"].get("step", {})
+    hist = info["op_histogram"].get("step", {})
+    if (linear4 or linear8) and any(hist.get(f"{GLMC}::{kind}") for kind in ("Linear4", "Linear8")):
         info["linearq"] = {kind: hist.get(f"{GLMC}::{kind}", 0) for kind in ("Linear4", "Linear8")}
     if lora:
         info["lora"] = lora

@@ -19,7 +19,7 @@ import numpy as np
 
 from glmc.backends.cpu.attention import LANES, exp8
 from glmc.backends.cpu.linear16 import available
-from glmc.backends.cpu.tvm_build import build, host_target
+from glmc.backends.cpu.tvm_build import built, host_target, prim_func
 from glmc.errors import GlmcError
 
 MAX_ROWS = 16       # rows a call takes: a decode step's batch up to this many rows (serial: at 16 rows of
@@ -31,7 +31,7 @@ def _skip_norm(H: int, eps: float, name: str):
 
     L, NV = LANES, H // LANES
 
-    @T.prim_func
+    @prim_func
     def skip_norm(x_handle: T.handle, skip_handle: T.handle, g_handle: T.handle, y_handle: T.handle,
                   s_handle: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
@@ -62,7 +62,7 @@ def _swiglu(F: int, name: str):
 
     L, NV = LANES, F // LANES
 
-    @T.prim_func
+    @prim_func
     def swiglu(x_handle: T.handle, y_handle: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         M = T.int32()
@@ -90,14 +90,14 @@ class RowKernels:
             raise GlmcError(f"glmc's row-wise cpu kernels cannot run here: {why}")
         import tvm
 
-        funcs = {}
-        for H, eps in sorted(set(norms)):
-            name = self.norm_name(H, eps)
-            funcs[name] = _skip_norm(H, eps, name)
-        for F in sorted(set(swiglus)):
-            funcs[f"swiglu_{F}"] = _swiglu(F, f"swiglu_{F}")
-        self._lib = build(funcs, threads, host_target(threads))
-        self._fn = {name: self._lib[name] for name in funcs}
+        norms, swiglus = tuple(sorted(set(norms))), tuple(sorted(set(swiglus)))
+
+        def funcs():
+            made = {self.norm_name(H, eps): _skip_norm(H, eps, self.norm_name(H, eps)) for H, eps in norms}
+            return made | {f"swiglu_{F}": _swiglu(F, f"swiglu_{F}") for F in swiglus}
+        self._lib = built(("rowwise", norms, swiglus), funcs, threads, host_target(threads))
+        self._fn = {name: self._lib[name] for name in [self.norm_name(H, eps) for H, eps in norms]
+                    + [f"swiglu_{F}" for F in swiglus]}
         self._wrap = tvm.runtime.from_dlpack
 
     @staticmethod
