@@ -132,8 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, required=True, help="where the artifacts are written")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--quants", default="int4,int8",
-                    help="int4, int8, bf16 / fp16 (cpu --dtype, glmc[cpu16]), and int4-glmc / int8-glmc (the same "
-                         "quantization on glmc's kernels: --int4-matmul glmc / --int8-matmul glmc, glmc[cpu16])")
+                    help="int4, int8 (the default kernels: glmc's where they run), bf16 / fp16 (cpu --dtype), and "
+                         "int4-glmc / int8-glmc or int4-nbits / int8-nbits (the same quantization with every int4 "
+                         "and int8 linear on glmc's kernels / on MatMulNBits)")
     ap.add_argument("--cuda", default="cuda:sm_80,sm_90", help="cross-compile target ('' to skip)")
     ap.add_argument("--no-verify", dest="verify", action="store_false",
                     help="compile without verification (it runs one layer at a time, as the reference does)")
@@ -150,9 +151,9 @@ def main(argv=None) -> int:
     for quant in [q for q in args.quants.split(",") if q]:
         out = args.work / f"cpu-{quant}.glmc"
         flags = ["--dtype", quant] if quant in ("bf16", "fp16") else ["--quant", quant]     # 16-bit: unquantized
-        if quant.endswith("-glmc"):         # int4-glmc: every int4 and int8 linear on glmc's kernels
-            flags = ["--quant", quant[:-len("-glmc")], "--int4-matmul" if quant.startswith("int4") else "--int8-matmul",
-                     "glmc", *(["--int8-matmul", "glmc"] if quant.startswith("int4") else [])]
+        base, _, kernels = quant.partition("-")
+        if kernels in ("glmc", "nbits"):    # int4-nbits: every int4 and int8 linear on MatMulNBits
+            flags = ["--quant", base, *(["--int4-matmul", kernels] if base == "int4" else []), "--int8-matmul", kernels]
         report["compiles"][f"cpu-{quant}"] = _compile(args.checkpoint, out, [*flags, *verify], args.reuse)
         r = subprocess.run([sys.executable, "-c", _RUNTIME, str(out), args.prompts, str(args.steps),
                             str(args.decode_rounds)],

@@ -25,14 +25,15 @@ from report_json import emit  # noqa: E402  (bench/, the script's own directory)
 
 CONFIGS = {
     "fp32": {},
+    # int4 / int8 on glmc's kernels where they run (the cpu default, --int4/--int8-matmul auto)
     "int4-g128": dict(quant="int4", group_size=128, lm_head="int4"),
     "int4-g32": dict(quant="int4", group_size=32, lm_head="int4"),
-    # the same int4 weights on glmc's TVM int4 kernels instead of MatMulNBits (glmc[cpu16])
-    "int4-g128-glmc": dict(quant="int4", group_size=128, lm_head="int4", int4_matmul="glmc"),
-    "int4-g32-glmc": dict(quant="int4", group_size=32, lm_head="int4", int4_matmul="glmc"),
     "int8": dict(quant="int8"),
+    # the same weights on onnxruntime's MatMulNBits / DynamicQuantizeMatMul
+    "int4-g128-nbits": dict(quant="int4", group_size=128, lm_head="int4", int4_matmul="nbits", int8_matmul="nbits"),
+    "int4-g32-nbits": dict(quant="int4", group_size=32, lm_head="int4", int4_matmul="nbits", int8_matmul="nbits"),
+    "int8-nbits": dict(quant="int8", int8_matmul="nbits"),
     "int8-dynamic": dict(quant="int8", int8_matmul="dynamic"),
-    "int8-glmc": dict(quant="int8", int8_matmul="glmc"),
     # 16-bit linears on TVM kernels (glmc[cpu16]) beside llama.cpp's F16 / BF16 and ORT GenAI's fp16
     "fp16": dict(dtype="fp16"),
     "bf16": dict(dtype="bf16"),

@@ -183,8 +183,11 @@ class Engine:
 
     def _step(self) -> None:
         B = max(self.active) + 1                 # rows past the last one in use are not computed
-        if B not in self.views:     # one view (and binding) at a time: a view's binding may hold gathered adapters
-            self.views = {B: self.cache.rows(0, B)}
+        if B not in self.views:
+            # a view per batch width, each with its decode binding (and a split step's plan, made on
+            # its second step): rows joining and leaving change the width often. With run-time
+            # adapters one view at a time: a view's binding may hold gathered adapter tables
+            self.views = {**(self.views if getattr(self.ex, "lora", None) is None else {}), B: self.cache.rows(0, B)}
         ids = np.full((B, 1), self.rt.pad_id, np.int64)
         position = np.zeros(B, np.int64)
         for b, job in self.active.items():

@@ -181,3 +181,50 @@ def test_the_switch_takes_two_values(monkeypatch):
     monkeypatch.setenv("GLMC_CPU_DECODE_KERNELS", "tvm")
     with pytest.raises(GlmcError, match="GLMC_CPU_DECODE_KERNELS='tvm': expected glmc or onnxruntime"):
         cpu_decode_kernels()
+
+
+def test_a_finished_caches_buffers_and_plan_serve_the_next_request(artifacts):
+    """new_cache hands a finished step cache's buffers, decode binding and split-step plan to
+    the next cache of the same batch size: its first decode step runs planned, its tokens and
+    logits are a fresh executor's (1e-5 of the largest |logit|: the longer earlier prompt's
+    slots past the new row's length are never read), and buffers still in use (a live cache, a view's parent) are not
+    handed on."""
+    import gc
+
+    path = artifacts("glm-gqa", quant="int4", group_size=32)        # the default: glmc's kernels
+
+    def request(ex, prompt, steps=6):
+        cache = ex.new_cache(1)
+        ids = np.array([prompt], np.int64)
+        last = ex.prefill(cache, ids, np.ones_like(ids))
+        planned = cache.step is not None and cache.step[1].plan is not None
+        tok, pos, out = int(last[0].argmax()), np.array([len(prompt)]), [last[0].copy()]
+        for _ in range(steps):
+            logits = ex.decode(cache, np.array([[tok]]), pos)[0, 0]
+            out.append(logits.copy())
+            tok, pos = int(logits.argmax()), pos + 1
+        return cache, planned, np.stack(out)
+
+    long, short = list(range(5, 45)), [7, 8, 9]
+    fresh = glmc.load(path).executor
+    _, _, want = request(fresh, short)
+    ex = glmc.load(path).executor
+    first, planned, _ = request(ex, long)
+    assert not planned
+    buffers = first.k[0]
+    second = ex.new_cache(1)
+    assert second.k[0] is not buffers                   # the first is still alive
+    del second          # finished first: the first cache, finished last, is the one kept
+    del first
+    gc.collect()
+    third, planned, got = request(ex, short)
+    assert third.k[0] is buffers and planned
+    # the fresh executor's first two steps run unplanned (onnxruntime's attention and norms):
+    # within 1e-5 of the largest |logit|; a stale slot read would move them by far more
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    view = third.rows(0, 1)
+    del third
+    gc.collect()
+    assert ex.new_cache(1).k[0] is not buffers          # the view still reads them
+    del view

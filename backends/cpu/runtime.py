@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -87,33 +88,56 @@ class KVCache:
     store_step = store_decode_kv  # a decode step's one new token per row
 
 
+class _StepBuffers:
+    """A StepCache's memory: the K / V buffers, their OrtValues and the decode step's binding
+    (with a split step's plan, runtime16.py). It outlives its cache: the executor hands it
+    to the next cache of the same batch size (`CpuExecutor.new_cache`)."""
+
+    def __init__(self, k: list, v: list):
+        self.k, self.v = k, v
+        self.kv = [a for pair in zip(k, v) for a in pair]          # k_0, v_0, k_1, ...
+        self.ort_kv = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv]
+        self.step = None            # the decode step's binding and the arrays it reads and writes
+
+
 class StepCache:
     """The step entry's cache: per layer a K and a V buffer (B, Hkv, S, D), bound as past
     and present at once (GroupQueryAttention writes the new slots in place), and each
-    row's length: its tokens sit at slots 0..length-1, positions equal to slots."""
+    row's length: its tokens sit at slots 0..length-1, positions equal to slots. Slots past
+    a row's length are never read, so buffers handed on from a finished cache (`buffers`)
+    need no clearing."""
 
-    def __init__(self, batch: int, n_layers: int, kv_heads: int, capacity: int, head_dim: int):
+    def __init__(self, batch: int, n_layers: int, kv_heads: int, capacity: int, head_dim: int,
+                 buffers: _StepBuffers | None = None):
         shape = (batch, kv_heads, capacity, head_dim)
-        # 64-byte aligned: glmc's attention kernel (backends/cpu/attention.py) works on them in place
-        self.k = [aligned_empty(shape, np.float32, zeros=True) for _ in range(n_layers)]
-        self.v = [aligned_empty(shape, np.float32, zeros=True) for _ in range(n_layers)]
-        self.kv = [a for pair in zip(self.k, self.v) for a in pair]          # k_0, v_0, k_1, ...
-        self.ort_kv = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.kv]
+        if buffers is None:
+            # 64-byte aligned: glmc's attention kernel (backends/cpu/attention.py) works on them in place
+            buffers = _StepBuffers([aligned_empty(shape, np.float32, zeros=True) for _ in range(n_layers)],
+                                   [aligned_empty(shape, np.float32, zeros=True) for _ in range(n_layers)])
+        self._buffers = buffers
+        self.k, self.v, self.kv, self.ort_kv = buffers.k, buffers.v, buffers.kv, buffers.ort_kv
         self.lengths = np.zeros(batch, np.int64)
         self.adapter_slot = np.zeros(batch, np.int64)       # each row's run-time adapter (0: none)
         self.batch, self.capacity = batch, capacity
-        self.step = None            # the decode step's binding and the arrays it reads and writes
+
+    @property
+    def step(self):
+        return self._buffers.step
+
+    @step.setter
+    def step(self, value) -> None:
+        self._buffers.step = value
 
     def rows(self, start: int, stop: int) -> "StepCache":
         """Rows [start, stop) as a cache of their own: the same memory, its own step binding (a
         server prefills the rows it admits and decodes only the rows in use)."""
         view = object.__new__(StepCache)
-        view.k, view.v = [a[start:stop] for a in self.k], [a[start:stop] for a in self.v]
-        view.kv = [a for pair in zip(view.k, view.v) for a in pair]
-        view.ort_kv = [ort.OrtValue.ortvalue_from_numpy(a) for a in view.kv]
+        view._buffers = _StepBuffers([a[start:stop] for a in self.k], [a[start:stop] for a in self.v])
+        view.k, view.v, view.kv, view.ort_kv = view._buffers.k, view._buffers.v, view._buffers.kv, view._buffers.ort_kv
         view.lengths = self.lengths[start:stop]
         view.adapter_slot = self.adapter_slot[start:stop]
-        view.batch, view.capacity, view.step = stop - start, self.capacity, None
+        view.batch, view.capacity = stop - start, self.capacity
+        view._parent = self         # its memory is the parent's: not handed on while a view lives
         return view
 
 
@@ -210,6 +234,7 @@ class CpuExecutor:
         # matmul weights. Generation runs on the extend session alone; the full-logits
         # "score" entry is for verification
         self.sessions = _LazySessions(self._make_session, backend["graphs"])
+        self._idle: dict[int, _StepBuffers] = {}     # batch size -> a finished step cache's buffers
         self.io = backend["io"]
         self.vocab_size = cfg["vocab_size"]
         # the entry prompts and steps run through: step (lean, in-place cache) or extend
@@ -386,8 +411,16 @@ class CpuExecutor:
         self.sessions[name] = self._make_session(name, profile_prefix=prefix)
 
     def new_cache(self, batch: int) -> KVCache | StepCache:
+        """A cache for `batch` rows. Step caches: the buffers of the last finished cache of that
+        batch size when there is one, with its decode binding and a split step's plan. A plan is
+        made on a binding's second decode call, and the first two calls run unplanned (small-glm
+        on glmc's kernels: 10-21 ms each against 2.4 ms planned), so without this every request
+        paid them. One finished cache's buffers per batch size are kept."""
         if self.generation == "step":
-            return StepCache(batch, self.n_layers, self.kv_heads, self.capacity, self.head_dim)
+            cache = StepCache(batch, self.n_layers, self.kv_heads, self.capacity, self.head_dim,
+                              self._idle.pop(batch, None))
+            weakref.finalize(cache, self._idle.__setitem__, batch, cache._buffers)
+            return cache
         return KVCache(batch, self.n_layers, self.kv_heads, self.capacity, self.head_dim, self.kv_dtype)
 
     # ---- the step entry ------------------------------------------------------------------
