@@ -55,13 +55,63 @@ def write_hf_checkpoint(model, tokenizer_json: str | None, out: Path) -> Path:
     model.save_pretrained(out)
     if tokenizer_json:
         (out / "tokenizer.json").write_text(tokenizer_json)
-    cfg_path = out / "config.json"
+    _name_architecture(out / "config.json")
+    return out
+
+
+def builder_view(checkpoint: Path, out: Path) -> Path:
+    """A checkpoint on disk as the builder reads it, without copying its weights: links to
+    every file but config.json, which is rewritten to name the builder's architecture and,
+    where the config leaves it unsaid, the stored weights' dtype (the builder loads with
+    transformers' default, which is fp32 without one: a 9B model would take 37.6 GB)."""
+    from glmc.safetensors_check import read_header
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in checkpoint.iterdir():
+        if f.name != "config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    if not cfg.get("dtype") and not cfg.get("torch_dtype"):
+        shard = next(iter(sorted(checkpoint.glob("*.safetensors"))), None)
+        dtypes = {h["dtype"] for k, h in read_header(shard).items() if k != "__metadata__"} if shard else set()
+        stored = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(dtypes.pop() if len(dtypes) == 1 else "")
+        if stored:
+            cfg["dtype"] = stored
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    _name_architecture(out / "config.json")
+    return out
+
+
+def _name_architecture(cfg_path: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     arch = _ARCH.get(cfg.get("model_type"))
     if arch is None:
         raise GlmcError(f"ort-genai: no builder entry for model_type {cfg.get('model_type')!r}")
     cfg["architectures"] = [arch]
     cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def build_ort_genai(hf_dir: Path, out: Path, precision: str, group_size: int | None, threads: int) -> Path:
+    """Run ONNX Runtime GenAI's builder on hf_dir (fp32, fp16, or int4 with group_size and
+    accuracy level 4) into out, and set the thread count glmc runs with."""
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+           "-p", precision, "-e", "cpu", "-c", str(out / "cache")]
+    if precision == "int4":
+        cmd += ["--extra_options", "accuracy_level=4", f"block_size={group_size}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ort-genai builder failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+    if precision == "int4":
+        import onnx
+
+        graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+        blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+        if blocks != {group_size}:
+            raise RuntimeError(f"ort-genai built block sizes {sorted(blocks)}, not the artifact's {group_size}")
+    config = json.loads((out / "genai_config.json").read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    options["intra_op_num_threads"] = threads          # the thread count glmc runs with
+    (out / "genai_config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -78,24 +128,7 @@ class OrtGenaiProvider(Provider):
         if precision is None:
             raise GlmcError(f"ort-genai: no {quant if quant != 'none' else dtype} build to compare with "
                             f"(its builder makes fp32, fp16, int4)")
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
-               "-p", precision, "-e", "cpu", "-c", str(out / "cache")]
-        if precision == "int4":
-            cmd += ["--extra_options", "accuracy_level=4", f"block_size={group_size}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"ort-genai builder failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
-        if precision == "int4":
-            import onnx
-
-            graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-            blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
-            if blocks != {group_size}:
-                raise RuntimeError(f"ort-genai built block sizes {sorted(blocks)}, not the artifact's {group_size}")
-        config = json.loads((out / "genai_config.json").read_text())
-        options = config["model"]["decoder"].setdefault("session_options", {})
-        options["intra_op_num_threads"] = threads          # the thread count glmc runs with
-        (out / "genai_config.json").write_text(json.dumps(config, indent=2))
+        build_ort_genai(hf_dir, out, precision, group_size, threads)
         self.og, self.path = og, out
         self.version = getattr(og, "__version__", "?")
         self.model = og.Model(str(out))

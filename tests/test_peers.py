@@ -26,6 +26,20 @@ def test_builder_checkpoint_names_the_architecture_it_knows(tmp_path):
         peers.write_hf_checkpoint(make_hf_model(VARIANTS["glm4-mqa"]), None, tmp_path / "hf4")
 
 
+def test_builder_view_links_the_weights_and_names_their_dtype(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    make_hf_model(VARIANTS["glm-gqa"]).to(torch.bfloat16).save_pretrained(ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.pop("dtype", None), cfg.pop("torch_dtype", None)           # as tools/make_checkpoint.py writes it
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    view = peers.builder_view(ckpt, tmp_path / "view")
+    got = json.loads((view / "config.json").read_text())
+    assert got["architectures"] == ["ChatGLMModel"] and got["dtype"] == "bfloat16"
+    weights = view / "model.safetensors"
+    assert weights.is_symlink() and weights.resolve() == (ckpt / "model.safetensors").resolve()
+    assert "dtype" not in json.loads((ckpt / "config.json").read_text())     # the checkpoint is not touched
+
+
 class _Fixed:
     name = "fixed"
 
@@ -50,12 +64,17 @@ def test_a_peer_is_checked_against_transformers_before_it_is_timed(quant):
 
 def test_a_missing_peer_is_a_row_with_its_reason(artifacts, tmp_path, monkeypatch):
     monkeypatch.setattr(peers, "available", lambda: {"ort-genai": "onnxruntime-genai is not installed"})
-    rep = benchmark.run(str(artifacts("tiny-glm", quant="int4")), tmp_path / "b", quick=True,
-                        skip=("eager", "ort-plain"), progress=False, peers=True)
+    art = artifacts("tiny-glm", quant="int4")
+    rep = benchmark.run(str(art), tmp_path / "b", quick=True, skip=("eager", "ort-plain"), progress=False, peers=True)
     assert rep["results"]["ort-genai"] == {"error": "onnxruntime-genai is not installed"}
-    # the roofline counts the bytes a step reads: int8 embedding rows are not subtracted as fp32
+    # the roofline counts the bytes a step reads: every weight but the int8 embedding table
+    # (its rows and their fp32 scales), not the weights less that table counted as fp32
+    cfg = json.loads((art / "manifest.json").read_text())["model"]["config"]
+    embedding = cfg["vocab_size"] * (cfg["hidden_size"] + 4)
+    weights = (art / "weights.safetensors").stat().st_size
     for r in rep["results"]["glmc"]["decode"].values():
-        assert r["roofline_fraction"] > 1e-3, r
+        read = r["gbs"] * 1e9 * r["seconds_per_token"]["median"]
+        assert read >= 0.999 * (weights - embedding), (read, weights, embedding)
     assert "ort-genai" in (tmp_path / "b" / "report.md").read_text()
 
 
