@@ -1,21 +1,30 @@
-"""glmc beside llama.cpp on a real-size checkpoint: decode and prefill, batch 1, this machine.
+"""glmc beside llama.cpp and ONNX Runtime GenAI on a real-size checkpoint: decode and
+prefill, batch 1, this machine.
 
     python tools/make_checkpoint.py glm4-9b /data/glm4-9b
-    glmc compile /data/glm4-9b -o /data/glm4-9b-int4.glmc --quant int4 --lm-head int4
-    python bench/big_peers.py /data/glm4-9b --artifact /data/glm4-9b-int4.glmc --work /data/peers \\
-        --out bench/results/glm4-9b-cpu-llamacpp.json
+    glmc compile /data/glm4-9b -o /data/glm4-9b-int4.glmc --quant int4
+    python bench/big_peers.py /data/glm4-9b --artifact /data/glm4-9b-int4.glmc --work /data/peers \
+        [--engines glmc,llama.cpp,ort-genai] --out bench/results/glm4-9b-cpu-peers.json
 
-The checkpoint is written as GGUF Q4_0 by glmc (glmc/gguf_export.py, one tensor in memory at
-a time; its mapping is the one tests/test_peers.py checks exact against transformers on small
-models). Each engine then runs in a child process of its own, --rounds times, alternating:
-the read-bandwidth probe, load, a 128-token prefill, and --steps greedy decode steps after a
+The peers' models are made once in --work and reused:
+- llama.cpp: the checkpoint written as GGUF Q4_0 by glmc (glmc/gguf_export.py, one tensor in
+  memory at a time; its mapping is the one tests/test_peers.py checks exact against
+  transformers on small models).
+- ONNX Runtime GenAI: its model builder on the checkpoint (glmc.peers.builder_view: the
+  shards linked, the architecture named ChatGLMModel), int4 with the artifact's group size
+  and accuracy level 4, as `glmc bench --peers` builds it on small models.
+Each engine then runs in a child process of its own, --rounds times, alternating: the
+read-bandwidth probe, load, a 128-token prefill, and --steps greedy decode steps after a
 --context-token prompt (median step). Decode's roofline fraction is the bytes a step reads
-(weights less the embedding table, plus the KV cache up to the context: glmc fp32, llama.cpp
-its default F16) over the probe's bandwidth, in the same child.
+(weights less the embedding table, plus the KV cache up to the context: glmc and ORT GenAI
+fp32, llama.cpp its default F16) over the probe's bandwidth, in the same child.
 
-There is no fp32 reference at this size, so the two engines' last-token logits on one prompt
-are compared with each other (relative RMS, top-1 agreement): a report, not a gate. Both
-quantize random weights to 4 bits, so they differ by more than on a trained model.
+There is no fp32 reference at this size, so the engines' last-token logits on one prompt are
+compared with glmc's (relative RMS, top-1 agreement): a report, not a gate. Each quantizes
+random weights to 4 bits its own way, so they differ by more than on a trained model; and
+ORT GenAI's builder drops the QKV bias (glmc/peers.py), which tools/make_checkpoint.py draws
+non-zero, so its model is not the checkpoint's function. Its step does the same work but
+for one bias add a layer, so its timings still compare.
 """
 
 from __future__ import annotations
@@ -49,6 +58,22 @@ if engine == "glmc":
     def step(s):
         s["tok"] = int(rt.executor.decode(s["cache"], np.array([[s["tok"]]]), s["pos"])[0, 0].argmax())
         s["pos"] += 1
+elif engine == "ort-genai":
+    import onnxruntime_genai as og
+    model = og.Model(path)
+    def generator(ids, room):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + room + 2, do_sample=False)
+        g = og.Generator(model, params)
+        g.append_tokens(list(ids))                 # runs the prompt
+        return g
+    def prefill(ids):
+        generator(ids, 1)
+    def start(ids):
+        g = generator(ids, steps + 8)
+        return {"g": g}, np.asarray(g.get_output("logits"))[0, -1].copy()
+    def step(s):
+        s["g"].generate_next_token()               # one run on the last token, then the greedy pick
 else:
     import llama_cpp
     llm = llama_cpp.Llama(model_path=path, n_ctx=context + steps + 16, n_threads=threads, n_threads_batch=threads,
@@ -79,10 +104,44 @@ print(json.dumps({"read_bandwidth_gbs": bw, "load_seconds": load_s, "prefill_128
 """
 
 
+def _ort_genai_embedding_bytes(model_dir: Path) -> int:
+    """Bytes of the table the ORT GenAI model's first Gather reads (its embedding)."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    inits = {t.name: t for t in graph.initializer}
+    table = next(inits[n.input[0]] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits)
+    return int(np.prod(table.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(table.data_type)).itemsize
+
+
+def _make_peer_models(args, engines: list[str], group_size: int, report: dict) -> dict[str, Path]:
+    """Each engine's model path; the peers' are written into --work on first use."""
+    paths = {"glmc": args.artifact}
+    if "llama.cpp" in engines:
+        from glmc.gguf_export import write_gguf_from_checkpoint
+
+        paths["llama.cpp"] = args.work / "model-Q4_0.gguf"
+        if not paths["llama.cpp"].is_file():
+            t0 = time.perf_counter()
+            write_gguf_from_checkpoint(args.checkpoint, paths["llama.cpp"], "Q4_0")
+            report["gguf_write_seconds"] = round(time.perf_counter() - t0, 1)
+    if "ort-genai" in engines:
+        from glmc.peers import build_ort_genai, builder_view
+
+        paths["ort-genai"] = args.work / f"ort-genai-int4-g{group_size}"
+        if not (paths["ort-genai"] / "genai_config.json").is_file():
+            t0 = time.perf_counter()
+            view = builder_view(args.checkpoint, args.work / "hf-view")
+            build_ort_genai(view, paths["ort-genai"], "int4", group_size, args.threads)
+            report["ort_genai_build_seconds"] = round(time.perf_counter() - t0, 1)
+    return paths
+
+
 def main(argv=None) -> int:
     import numpy as np
 
-    from glmc.gguf_export import write_gguf_from_checkpoint
     from glmc.measure import summarize
     from glmc.verify import _rel_rms
 
@@ -90,48 +149,56 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--artifact", type=Path, required=True)
     ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--engines", default="glmc,llama.cpp,ort-genai")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    engines = ["glmc", *[e for e in args.engines.split(",") if e and e != "glmc"]]
+    unknown = set(engines) - {"glmc", "llama.cpp", "ort-genai"}
+    if unknown:
+        ap.error(f"unknown engines {sorted(unknown)}: glmc, llama.cpp, ort-genai")
     args.work.mkdir(parents=True, exist_ok=True)
-    gguf_path = args.work / "model-Q4_0.gguf"
-    report = {"what": "glmc vs llama.cpp, batch 1, decode after a long prompt and a 128-token prefill",
+    report = {"what": f"{' vs '.join(engines)}, batch 1, decode after a long prompt and a 128-token prefill",
               "checkpoint": str(args.checkpoint), "artifact": str(args.artifact), "context": args.context,
               "steps": args.steps, "threads": args.threads, "rounds": args.rounds}
-    if not gguf_path.is_file():
-        t0 = time.perf_counter()
-        write_gguf_from_checkpoint(args.checkpoint, gguf_path, "Q4_0")
-        report["gguf_write_seconds"] = round(time.perf_counter() - t0, 1)
     manifest = json.loads((args.artifact / "manifest.json").read_text())
     cfg = manifest["model"]["config"]
+    paths = _make_peer_models(args, engines, manifest.get("group_size") or 128, report)
     L, kv, D = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv_elems = 2 * L * args.context * kv * D
 
-    import gguf
-    reader = gguf.GGUFReader(str(gguf_path))
-    emb = next(int(t.n_bytes) for t in reader.tensors if t.name == "token_embd.weight")
-    del reader
     from big_model import _decode_bytes  # noqa: E402  (bench/)
 
-    step_bytes = {"glmc": _decode_bytes(args.artifact, args.context),
-                  "llama.cpp": gguf_path.stat().st_size - emb + kv_elems * 2}
-    runs: dict[str, list] = {"glmc": [], "llama.cpp": []}
+    step_bytes = {"glmc": _decode_bytes(args.artifact, args.context)}
+    if "llama.cpp" in engines:
+        import gguf
+
+        reader = gguf.GGUFReader(str(paths["llama.cpp"]))
+        emb = next(int(t.n_bytes) for t in reader.tensors if t.name == "token_embd.weight")
+        del reader
+        step_bytes["llama.cpp"] = paths["llama.cpp"].stat().st_size - emb + kv_elems * 2
+    if "ort-genai" in engines:
+        data = sum(f.stat().st_size for f in paths["ort-genai"].glob("model.onnx*"))
+        step_bytes["ort-genai"] = data - _ort_genai_embedding_bytes(paths["ort-genai"]) + kv_elems * 4
+    runs: dict[str, list] = {e: [] for e in engines}
     logits = {}
     for r in range(args.rounds):
-        for engine, path in (("glmc", args.artifact), ("llama.cpp", gguf_path)):
+        for engine in engines:
             npy = args.work / f"logits-{engine}.npy"
-            out = subprocess.run([sys.executable, "-c", _CHILD, engine, str(path), str(args.context), str(args.steps),
-                                  str(args.threads), str(npy)], check=True, capture_output=True, text=True).stdout
-            runs[engine].append(json.loads(out.strip().splitlines()[-1]))
+            done = subprocess.run([sys.executable, "-c", _CHILD, engine, str(paths[engine]), str(args.context),
+                                   str(args.steps), str(args.threads), str(npy)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{engine} failed: {done.stderr.strip()[-2000:]}")
+            runs[engine].append(json.loads(done.stdout.strip().splitlines()[-1]))
             logits[engine] = np.load(npy)
             print(engine, r, runs[engine][-1], file=sys.stderr)
-    engines = {}
+    report["engines"] = {}
     for engine, rs in runs.items():
         med = [x["decode_step_seconds"]["median"] for x in rs]
-        engines[engine] = {
+        report["engines"][engine] = {
             "decode_tokens_per_s": summarize([1 / m for m in med]),
             "prefill_128_tokens_per_s": summarize([128 / x["prefill_128_seconds"] for x in rs]),
             "read_bandwidth_gbs": summarize([x["read_bandwidth_gbs"] for x in rs]),
@@ -140,14 +207,15 @@ def main(argv=None) -> int:
                                                    for m, x in zip(med, rs)]),
             "load_seconds": summarize([x["load_seconds"] for x in rs]),
         }
-    g, ll = runs["glmc"], runs["llama.cpp"]
-    report["engines"] = engines
-    report["glmc_over_llama_cpp_per_round"] = {
-        "decode": summarize([b["decode_step_seconds"]["median"] / a["decode_step_seconds"]["median"] for a, b in zip(g, ll)]),
-        "prefill_128": summarize([b["prefill_128_seconds"] / a["prefill_128_seconds"] for a, b in zip(g, ll)]),
-    }
-    a, b = logits["glmc"], logits["llama.cpp"]
-    report["logits_glmc_vs_llama_cpp"] = {"relative_rms": float(_rel_rms(b, a)), "same_top1": bool(a.argmax() == b.argmax())}
+    g = runs["glmc"]
+    report["glmc_over_peer_per_round"] = {peer: {
+        "decode": summarize([b["decode_step_seconds"]["median"] / a["decode_step_seconds"]["median"]
+                             for a, b in zip(g, runs[peer])]),
+        "prefill_128": summarize([b["prefill_128_seconds"] / a["prefill_128_seconds"] for a, b in zip(g, runs[peer])]),
+    } for peer in engines[1:]}
+    report["logits_vs_glmc"] = {peer: {"relative_rms": float(_rel_rms(logits[peer], logits["glmc"])),
+                                       "same_top1": bool(logits["glmc"].argmax() == logits[peer].argmax())}
+                                for peer in engines[1:]}
     emit(report, args.out)
     return 0
 

@@ -54,3 +54,9 @@ def test_shard_plan_bounds_each_shard():
     plan = mk.shard_plan(specs, itemsize=2, shard_bytes=4000)
     assert [len(s) for s in plan] == [2, 2, 2, 2, 2, 1]
     assert all(sum(2 * s[0] for _, s in shard) <= 4000 for shard in plan[:-1]) and plan[-1] == [("big", (5000,))]
+
+
+def test_special_ids_stay_inside_a_smaller_vocabulary():
+    cfg = mk.glm_config("glm4-9b", vocab=2048)        # released: pad 151329, eos [151329, 151336, 151338]
+    assert cfg.pad_token_id == 2047 and cfg.eos_token_id == [2047]
+    assert mk.glm_config("glm4-9b").eos_token_id == [151329, 151336, 151338]

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import glmc.benchmark as benchmark
 import glmc.peers as peers
@@ -38,6 +39,8 @@ def test_builder_view_links_the_weights_and_names_their_dtype(tmp_path):
     weights = view / "model.safetensors"
     assert weights.is_symlink() and weights.resolve() == (ckpt / "model.safetensors").resolve()
     assert "dtype" not in json.loads((ckpt / "config.json").read_text())     # the checkpoint is not touched
+    assert not (ckpt / "tokenizer.json").exists()
+    assert transformers.AutoTokenizer.from_pretrained(view).convert_tokens_to_ids("<eos>") == 1   # a stand-in
 
 
 class _Fixed:

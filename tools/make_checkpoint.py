@@ -55,9 +55,12 @@ def glm_config(shape: str, layers: int | None = None, hidden: int | None = None,
                        ("intermediate_size", intermediate)):
         if value is not None:
             spec[key] = value
+    last = spec["vocab_size"] - 1
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):     # ids beyond a smaller vocabulary
-        if isinstance(spec.get(key), int) and spec[key] >= spec["vocab_size"]:
-            spec[key] = spec["vocab_size"] - 1
+        if isinstance(spec.get(key), int):
+            spec[key] = min(spec[key], last)
+        elif isinstance(spec.get(key), list):
+            spec[key] = sorted({min(i, last) for i in spec[key]})
     rope = {"rope_type": "default", "rope_theta": spec.pop("rope_theta"),
             "partial_rotary_factor": spec.pop("partial_rotary_factor")}
     return transformers.GlmConfig(rope_parameters=rope, tie_word_embeddings=False, **spec)
