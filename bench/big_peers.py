@@ -21,10 +21,7 @@ fp32, llama.cpp its default F16) over the probe's bandwidth, in the same child.
 
 There is no fp32 reference at this size, so the engines' last-token logits on one prompt are
 compared with glmc's (relative RMS, top-1 agreement): a report, not a gate. Each quantizes
-random weights to 4 bits its own way, so they differ by more than on a trained model; and
-ORT GenAI's builder drops the QKV bias (glmc/peers.py), which tools/make_checkpoint.py draws
-non-zero, so its model is not the checkpoint's function. Its step does the same work but
-for one bias add a layer, so its timings still compare.
+random weights to 4 bits its own way, so they differ by more than on a trained model.
 """
 
 from __future__ import annotations

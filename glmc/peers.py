@@ -4,12 +4,10 @@ ONNX Runtime GenAI (`pip install glmc[peers]`, i.e. onnxruntime-genai): its mode
 converts the artifact's source checkpoint, written out as a Hugging Face directory, at the
 artifact's precision (fp32; int4 with the artifact's group size and accuracy level 4, which
 also makes the builder's lm_head int4). The builder has no GlmForCausalLM entry, but a GLM
-checkpoint builds as ChatGLMModel: the same packed-QKV attention and interleaved partial
-rotary. Its 0.18 builder drops the QKV bias (GroupQueryAttention gets no bias input and the
-graph has no Add for it), so its model equals the checkpoint only where those biases are zero,
-as in the presets (transformers initialises biases to zero); the correctness gate below
-refuses it otherwise. Generation goes through its own API (append_tokens,
-generate_next_token), as its users run it.
+checkpoint builds as ChatGLMModel: the same packed-QKV-with-bias attention (an all-zero bias,
+as transformers initialises the presets', is left out of its graph) and interleaved partial
+rotary. Generation goes through its own API (append_tokens, generate_next_token), as its
+users run it.
 
 Before timing, a peer's last-token logits after a prompt are compared with transformers':
 within 1e-3 (fp32) or within verify.RELATIVE_RMS (quantized), the gate glmc's own artifacts pass.
