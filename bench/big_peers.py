@@ -101,6 +101,29 @@ print(json.dumps({"read_bandwidth_gbs": bw, "load_seconds": load_s, "prefill_128
 """
 
 
+def _machine() -> dict:
+    import os
+    import platform
+
+    from glmc.measure import cpu_name
+
+    return {"cpu": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform()}
+
+
+def _versions(engines: list[str]) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = ["glmc", "onnxruntime", "apache-tvm", "torch", "transformers"]
+    packages += [{"llama.cpp": "llama-cpp-python", "ort-genai": "onnxruntime-genai"}[e] for e in engines[1:]]
+    out = {}
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def _ort_genai_embedding_bytes(model_dir: Path) -> int:
     """Bytes of the table the ORT GenAI model's first Gather reads (its embedding)."""
     import numpy as np
@@ -159,6 +182,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown engines {sorted(unknown)}: glmc, llama.cpp, ort-genai")
     args.work.mkdir(parents=True, exist_ok=True)
     report = {"what": f"{' vs '.join(engines)}, batch 1, decode after a long prompt and a 128-token prefill",
+              "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "versions": _versions(engines),
               "checkpoint": str(args.checkpoint), "artifact": str(args.artifact), "context": args.context,
               "steps": args.steps, "threads": args.threads, "rounds": args.rounds}
     manifest = json.loads((args.artifact / "manifest.json").read_text())
