@@ -143,11 +143,14 @@ def run_builder_mapped(argv: list[str]) -> None:
     device and each parameter becomes a view of a private (copy-on-write) mapping of its shard.
     Its pages are the file's, which the kernel can drop and read again, so the builder's own
     memory is what it makes: the quantized weights and one layer's transients."""
+    import importlib
     import runpy
 
-    from onnxruntime_genai.models.builders import base
+    import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path)
 
-    base.Model.load_weights = lambda self, input_path: mapped_model(Path(input_path))
+    # the builder imports its classes as the top-level package `builders`, a second copy
+    for name in ("builders.base", "onnxruntime_genai.models.builders.base"):
+        importlib.import_module(name).Model.load_weights = lambda self, input_path: mapped_model(Path(input_path))
     sys.argv = ["onnxruntime_genai.models.builder", *argv]
     runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
 
