@@ -154,7 +154,7 @@ def _make_peer_models(args, engines: list[str], group_size: int, report: dict) -
         if not (paths["ort-genai"] / "genai_config.json").is_file():
             t0 = time.perf_counter()
             view = builder_view(args.checkpoint, args.work / "hf-view")
-            build_ort_genai(view, paths["ort-genai"], "int4", group_size, args.threads, mapped=True)
+            build_ort_genai(view, paths["ort-genai"], "int4", group_size, args.threads)
             report["ort_genai_build_seconds"] = round(time.perf_counter() - t0, 1)
     return paths
 

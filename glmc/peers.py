@@ -106,17 +106,10 @@ def _name_architecture(cfg_path: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
-def build_ort_genai(hf_dir: Path, out: Path, precision: str, group_size: int | None, threads: int,
-                    mapped: bool = False) -> Path:
+def build_ort_genai(hf_dir: Path, out: Path, precision: str, group_size: int | None, threads: int) -> Path:
     """Run ONNX Runtime GenAI's builder on hf_dir (fp32, fp16, or int4 with group_size and
-    accuracy level 4) into out, and set the thread count glmc runs with.
-
-    mapped: the builder reads the checkpoint's tensors mapped from its files (run_builder_mapped)
-    instead of loading the model into memory, which it cannot do for a 9B model on a 24 GB
-    machine (OOM-killed at 24.2 GB; 22.0 GB peak for 2.87B parameters)."""
-    run = ["-c", "import sys, glmc.peers as p; p.run_builder_mapped(sys.argv[1:])"] if mapped \
-        else ["-m", "onnxruntime_genai.models.builder"]
-    cmd = [sys.executable, *run, "-i", str(hf_dir), "-o", str(out),
+    accuracy level 4) into out, and set the thread count glmc runs with."""
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
            "-p", precision, "-e", "cpu", "-c", str(out / "cache")]
     if precision == "int4":
         cmd += ["--extra_options", "accuracy_level=4", f"block_size={group_size}"]
@@ -135,62 +128,6 @@ def build_ort_genai(hf_dir: Path, out: Path, precision: str, group_size: int | N
     options["intra_op_num_threads"] = threads          # the thread count glmc runs with
     (out / "genai_config.json").write_text(json.dumps(config, indent=2))
     return out
-
-
-def run_builder_mapped(argv: list[str]) -> None:
-    """ONNX Runtime GenAI's builder (its command line, argv) with the model's weights mapped
-    from the checkpoint's safetensors files rather than loaded: the model is made on the meta
-    device and each parameter becomes a view of a private (copy-on-write) mapping of its shard.
-    Its pages are the file's, which the kernel can drop and read again, so the builder's own
-    memory is what it makes: the quantized weights and one layer's transients."""
-    import importlib
-    import runpy
-
-    import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path)
-
-    # the builder imports its classes as the top-level package `builders`, a second copy
-    for name in ("builders.base", "onnxruntime_genai.models.builders.base"):
-        importlib.import_module(name).Model.load_weights = lambda self, input_path: mapped_model(Path(input_path))
-    sys.argv = ["onnxruntime_genai.models.builder", *argv]
-    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
-
-
-def mapped_model(checkpoint: Path):
-    """transformers' causal LM of a safetensors checkpoint, its parameters views of the files."""
-    import mmap
-
-    import torch
-    import transformers
-
-    from glmc.safetensors_check import read_header
-
-    config = transformers.AutoConfig.from_pretrained(checkpoint)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-    for shard in sorted(checkpoint.glob("*.safetensors")):
-        with open(shard, "rb") as f:
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        start = 8 + int.from_bytes(data[:8], "little")
-        for name, h in read_header(shard).items():
-            if name == "__metadata__":
-                continue
-            lo, hi = h["data_offsets"]
-            dtype = dtypes[h["dtype"]]
-            t = torch.frombuffer(data, dtype=dtype, count=(hi - lo) // dtype.itemsize, offset=start + lo)
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(t.view(h["shape"]), requires_grad=False)
-    left = [n for n, p in model.named_parameters() if p.is_meta]
-    if left:
-        raise GlmcError(f"ort-genai: {len(left)} parameters are not in {checkpoint}'s safetensors (first: {left[0]})")
-    for name, module in list(model.named_modules()):     # rotary tables are made at init: make them again
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner)._modules[leaf] = type(module)(config=config)
-    left = [n for n, b in model.named_buffers() if b.is_meta]
-    if left:
-        raise GlmcError(f"ort-genai: buffers with no values on a model made on the meta device: {left}")
-    return model
 
 
 class OrtGenaiProvider(Provider):

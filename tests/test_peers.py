@@ -142,22 +142,3 @@ def test_llama_cpp_runs_the_gguf_like_transformers(tmp_path, model_type):
         with torch.no_grad():
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     assert p.greedy(ids, 5) == seq[len(ids):]
-
-
-def test_mapped_model_reads_the_checkpoints_tensors_in_place(tmp_path):
-    """The 9B builder run's model: parameters are views of the shards' mappings, equal to
-    transformers' own load; a tensor missing from the files is one clear error."""
-    from safetensors.torch import load_file, save_file
-
-    ckpt = tmp_path / "ckpt"
-    make_hf_model(VARIANTS["glm-gqa"]).to(torch.bfloat16).save_pretrained(ckpt)
-    ids = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        want = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()(ids).logits
-        got = peers.mapped_model(ckpt).eval()(ids).logits
-    assert torch.equal(got, want)
-    tensors = load_file(ckpt / "model.safetensors")
-    tensors.pop("model.norm.weight")
-    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(GlmcError, match=r"1 parameters are not in .*first: model.norm.weight"):
-        peers.mapped_model(ckpt)
