@@ -62,23 +62,13 @@ def write_hf_checkpoint(model, tokenizer_json: str | None, out: Path) -> Path:
 
 def builder_view(checkpoint: Path, out: Path) -> Path:
     """A checkpoint on disk as the builder reads it, without copying its weights: links to
-    every file but config.json, which is rewritten to name the builder's architecture and,
-    where the config leaves it unsaid, the stored weights' dtype (the builder loads with
-    transformers' default, which is fp32 without one: a 9B model would take 37.6 GB)."""
-    from glmc.safetensors_check import read_header
-
+    every file but config.json, which is written again naming the builder's architecture,
+    and a stand-in tokenizer where the checkpoint has none."""
     out.mkdir(parents=True, exist_ok=True)
     for f in checkpoint.iterdir():
         if f.name != "config.json" and not (out / f.name).exists():
             (out / f.name).symlink_to(f.resolve())
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    if not cfg.get("dtype") and not cfg.get("torch_dtype"):
-        shard = next(iter(sorted(checkpoint.glob("*.safetensors"))), None)
-        dtypes = {h["dtype"] for k, h in read_header(shard).items() if k != "__metadata__"} if shard else set()
-        stored = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(dtypes.pop() if len(dtypes) == 1 else "")
-        if stored:
-            cfg["dtype"] = stored
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "config.json").write_text((checkpoint / "config.json").read_text())
     _name_architecture(out / "config.json")
     if not (out / "tokenizer.json").exists():
         _stand_in_tokenizer(out)
