@@ -3,7 +3,7 @@ prefill, batch 1, this machine.
 
     python tools/make_checkpoint.py glm4-9b /data/glm4-9b
     glmc compile /data/glm4-9b -o /data/glm4-9b-int4.glmc --quant int4
-    python bench/big_peers.py /data/glm4-9b --artifact /data/glm4-9b-int4.glmc --work /data/peers \
+    python bench/big_peers.py /data/glm4-9b --artifact /data/glm4-9b-int4.glmc --work /data/peers \\
         [--engines glmc,llama.cpp,ort-genai] --out bench/results/glm4-9b-cpu-peers.json
 
 The peers' models are made once in --work and reused:
@@ -12,7 +12,9 @@ The peers' models are made once in --work and reused:
   transformers on small models).
 - ONNX Runtime GenAI: its model builder on the checkpoint (glmc.peers.builder_view: the
   shards linked, the architecture named ChatGLMModel), int4 with the artifact's group size
-  and accuracy level 4, as `glmc bench --peers` builds it on small models.
+  and accuracy level 4, as `glmc bench --peers` builds it on small models. Its builder holds
+  more than the model in memory: on a 24 GB machine it is OOM-killed on the full GLM-4-9B
+  (`--engines glmc,llama.cpp` there, or `tools/make_checkpoint.py --layers 8` for all three).
 Each engine then runs in a child process of its own, --rounds times, alternating: the
 read-bandwidth probe, load, a 128-token prefill, and --steps greedy decode steps after a
 --context-token prompt (median step). Decode's roofline fraction is the bytes a step reads
