@@ -93,33 +93,10 @@ def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
             raise GlmcError("--int8-matmul dynamic needs the lean step graph, which --kv-cache fp16 does not use")
     if q.int4_matmul not in ("auto", "nbits", "glmc"):
         raise GlmcError(f"--int4-matmul must be auto, nbits or glmc, got {q.int4_matmul!r}")
-    for option, value, bits in (("--int4-matmul", q.int4_matmul, 4), ("--int8-matmul", q.int8_matmul, 8)):
-        if value != "glmc":
-            continue
-        if backend.target.family != "cpu":
-            raise GlmcError(f"{option} glmc is a cpu option (glmc's quantized kernels for the CPU)")
-        if bits == 4 and q.mode != "int4":
-            raise GlmcError("--int4-matmul glmc needs --quant int4")
-        if bits == 8 and q.mode == "none":
-            raise GlmcError("--int8-matmul glmc needs int8 linears: --quant int8 (or an int8 lm_head)")
-        if bits == 4 and not q.symmetric:
-            raise GlmcError("--int4-matmul glmc runs symmetric int4; drop --asym (or use --int4-matmul nbits)")
-        if bits == 4 and q.group_size % 32:
-            raise GlmcError(f"--int4-matmul glmc needs a group size that is a multiple of 32, got {q.group_size}")
-        if q.kv_cache != "fp32":
-            raise GlmcError(f"{option} glmc needs the lean step graph, which --kv-cache fp16 does not use")
-        if q.accuracy_level != 4:
-            raise GlmcError(f"{option} glmc computes with int8 activations (accuracy level 4); "
-                            f"--accuracy-level {q.accuracy_level} needs {option} nbits")
-        from glmc.backends.cpu.linear16 import available
-        from glmc.backends.cpu.linearq import runnable
-
-        why = available()
+    for bits, value in ((4, q.int4_matmul), (8, q.int8_matmul)):
+        why = _why_not_glmc_kernels(backend, q, bits) if value == "glmc" else None
         if why:
-            raise GlmcError(f"{option} glmc {why}")
-        why = runnable()
-        if why:
-            raise GlmcError(f"{option} glmc: {why}")
+            raise GlmcError(why)
     if not isinstance(calibrate, int) or calibrate < 0 or (calibrate and q.mode != "int4"):
         raise GlmcError("--calibrate N takes N >= 1 sequences and applies to --quant int4")
 
@@ -134,23 +111,43 @@ def resolve_matmuls(backend, q: QuantConfig, lora_slots: int) -> QuantConfig:
     fields = [f for f in ("int4_matmul", "int8_matmul") if getattr(q, f) == "auto"]
     if not fields:
         return q
-    why = _why_not_glmc_kernels(backend, q, lora_slots)
-    if why:
-        log.info("quantized linears on MatMulNBits: %s", why)
-    int4 = q.mode == "int4" and q.symmetric and q.group_size % 32 == 0
-    choice = {f: "glmc" if not why and (f == "int8_matmul" or int4) else "nbits" for f in fields}
+    choice = {}
+    for f in fields:
+        bits = {"int4_matmul": 4, "int8_matmul": 8}[f]
+        why = "--lora-slots runs MatMulNBits" if lora_slots else _why_not_glmc_kernels(backend, q, bits)
+        if why:
+            log.info("%s auto: MatMulNBits (%s)", f, why)
+        choice[f] = "nbits" if why else "glmc"
     return replace(q, **choice, auto=tuple(f for f in fields if choice[f] == "glmc"))
 
 
-def _why_not_glmc_kernels(backend, q: QuantConfig, lora_slots: int) -> str | None:
-    """Why no linear of this build can run on glmc's quantized kernels, or None."""
-    if backend.target.family != "cpu" or q.mode == "none":
-        return "not a quantized cpu build"
-    if q.kv_cache != "fp32" or lora_slots or q.accuracy_level != 4:
-        return "--kv-cache fp16, --lora-slots and --accuracy-level below 4 run MatMulNBits"
+def _why_not_glmc_kernels(backend, q: QuantConfig, bits: int) -> str | None:
+    """Why this build's int`bits` linears cannot run on glmc's quantized kernels
+    (backends/cpu/linearq.py), as the error an explicit --int{bits}-matmul glmc gets, or None."""
+    option = f"--int{bits}-matmul"
+    if backend.target.family != "cpu":
+        return f"{option} glmc is a cpu option (glmc's quantized kernels for the CPU)"
+    if bits == 4 and q.mode != "int4":
+        return "--int4-matmul glmc needs --quant int4"
+    if bits == 8 and q.mode == "none":
+        return "--int8-matmul glmc needs int8 linears: --quant int8 (or an int8 lm_head)"
+    if bits == 4 and not q.symmetric:
+        return "--int4-matmul glmc runs symmetric int4; drop --asym (or use --int4-matmul nbits)"
+    if bits == 4 and q.group_size % 32:
+        return f"--int4-matmul glmc needs a group size that is a multiple of 32, got {q.group_size}"
+    if q.kv_cache != "fp32":
+        return f"{option} glmc needs the lean step graph, which --kv-cache fp16 does not use"
+    if q.accuracy_level != 4:
+        return (f"{option} glmc computes with int8 activations (accuracy level 4); "
+                f"--accuracy-level {q.accuracy_level} needs {option} nbits")
+    from glmc.backends.cpu.linear16 import available
     from glmc.backends.cpu.linearq import runnable
 
-    return runnable()
+    why = available()
+    if why:
+        return f"{option} glmc {why}"
+    why = runnable()
+    return f"{option} glmc: {why}" if why else None
 
 
 def check_lora_slots(backend, slots, rank, calibrate: int, kv_cache: str) -> None:
