@@ -242,7 +242,8 @@ def test_built_kernels_are_kept_and_loaded_from_the_cache(tmp_path, monkeypatch)
     monkeypatch.setattr("tvm.compile", lambda *a, **k: compiled.append(a) or pytest.fail("rebuilt"))
     assert linearq.Kernels([(K, N, block, 4)], 2)._lib is first._lib        # this process's: made once
     monkeypatch.setattr(tvm_build, "_BUILT", {})        # a new process: from the cache directory,
-    monkeypatch.setattr(linearq, "_funcs", lambda *a: pytest.fail("TIR made"))     # without making the TIR
+    for factory in ("_quantize", "_gemv", "_gemm"):                                  # without making the TIR
+        monkeypatch.setattr(linearq, factory, lambda *a: pytest.fail("TIR made"))
     second = linearq.Kernels([(K, N, block, 4)], 2)
     assert not compiled and second._lib is not first._lib
     p = quantize(torch.randn(N, K), 4, block, True)

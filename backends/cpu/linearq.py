@@ -55,6 +55,7 @@ bench/results/linearq-tasks-cpu.json).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -346,27 +347,19 @@ def _name(kind: str, K: int, N: int, block: int, bits: int = 4) -> str:
     return f"{kind}_q{bits}_{K}x{N}_g{block}"
 
 
-def _names(shapes) -> list[str]:
-    """The kernels of (K, N, block, bits) `shapes`: quantize (parallel and serial) per (K,
-    block), gemv and gemm per shape."""
-    names = []
-    for K, N, block, bits in shapes:
-        names += [f"quantize_{K}_g{block}", f"quantize_{K}_g{block}_serial", _name("gemv", K, N, block, bits),
-                  _name("gemm", K, N, block, bits)]
-    return list(dict.fromkeys(names))
-
-
-def _funcs(shapes, tasks: int) -> dict:
-    """name -> prim_func of `_names(shapes)`, each parallel loop cut into `tasks` tasks."""
-    funcs = {}
+def _makers(shapes, tasks: int) -> dict:
+    """name -> a function making that kernel's prim_func, for (K, N, block, bits) `shapes`:
+    quantize (parallel and serial) per (K, block), gemv and gemm per shape, each parallel loop
+    cut into `tasks` tasks. The names alone are what a load from the cache needs."""
+    makers = {}
     for K, N, block, bits in shapes:
         for parallel in (True, False):
             name = f"quantize_{K}_g{block}" + ("" if parallel else "_serial")
-            funcs.setdefault(name, _quantize(K, block, name, tasks, parallel))
+            makers[name] = functools.partial(_quantize, K, block, name, tasks, parallel)
         for kind, make in (("gemv", _gemv), ("gemm", _gemm)):
             name = _name(kind, K, N, block, bits)
-            funcs[name] = make(K, N, block, name, tasks, bits)
-    return funcs
+            makers[name] = functools.partial(make, K, N, block, name, tasks, bits)
+    return makers
 
 
 class Kernels:
@@ -389,8 +382,9 @@ class Kernels:
             if why:
                 raise GlmcError(f"an int{bits} linear of {K} x {N}, group {block}, cannot run as glmc's kernel: {why}")
         target = host_target(threads)
-        self._lib = built(("linearq", shapes), lambda: _funcs(shapes, tvm_thread_pool(threads)), threads, target)
-        self._fn = {name: self._lib[name] for name in _names(shapes)}
+        makers = _makers(shapes, tvm_thread_pool(threads))
+        self._lib = built(("linearq", shapes), lambda: {name: make() for name, make in makers.items()}, threads, target)
+        self._fn = {name: self._lib[name] for name in makers}
         self._wrap = tvm.runtime.from_dlpack
 
     def tensor(self, weight):

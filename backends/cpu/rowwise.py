@@ -15,6 +15,8 @@ than waking a thread pool. Prompts keep onnxruntime's pieces.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from glmc.backends.cpu.attention import LANES, exp8
@@ -91,13 +93,11 @@ class RowKernels:
         import tvm
 
         norms, swiglus = tuple(sorted(set(norms))), tuple(sorted(set(swiglus)))
-
-        def funcs():
-            made = {self.norm_name(H, eps): _skip_norm(H, eps, self.norm_name(H, eps)) for H, eps in norms}
-            return made | {f"swiglu_{F}": _swiglu(F, f"swiglu_{F}") for F in swiglus}
-        self._lib = built(("rowwise", norms, swiglus), funcs, threads, host_target(threads))
-        self._fn = {name: self._lib[name] for name in [self.norm_name(H, eps) for H, eps in norms]
-                    + [f"swiglu_{F}" for F in swiglus]}
+        makers = {self.norm_name(H, eps): functools.partial(_skip_norm, H, eps) for H, eps in norms} \
+            | {f"swiglu_{F}": functools.partial(_swiglu, F) for F in swiglus}
+        self._lib = built(("rowwise", norms, swiglus), lambda: {name: make(name) for name, make in makers.items()},
+                          threads, host_target(threads))
+        self._fn = {name: self._lib[name] for name in makers}
         self._wrap = tvm.runtime.from_dlpack
 
     @staticmethod
