@@ -8,6 +8,8 @@
   GLMC_CPU_DECODE_KERNELS=onnxruntime
                            cpu split steps (glmc kernels' linears) decode attention, norms
                            and activations with onnxruntime's ops, not glmc's (A/B runs)
+  GLMC_HUGE_PAGES=0        leave onnxruntime's pre-packed weights on the pages it got
+                           (glmc/hugepages.py; A/B runs)
   TVM_NUM_THREADS          TVM's thread pool (16-bit cpu linears): set here to the
                            executor's threads unless the user set it
 
@@ -29,6 +31,10 @@ def triton_interpret() -> bool:
 
 def cuda_graph_enabled() -> bool:
     return os.environ.get("GLMC_CUDA_GRAPH", "1") != "0"
+
+
+def huge_pages() -> bool:
+    return os.environ.get("GLMC_HUGE_PAGES", "1") != "0"
 
 
 def memory_limit_bytes() -> int | None:

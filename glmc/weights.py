@@ -152,6 +152,29 @@ class Transpose(Lazy):
 
 
 @dataclass(eq=False)
+class Rows(Lazy):
+    """Rows lo .. hi-1 of x (the gate or the up half of a packed [gate | up] weight)."""
+
+    x: Lazy
+    lo: int
+    hi: int
+
+    def __post_init__(self):
+        self.shape, self.dtype = (self.hi - self.lo, *self.x.shape[1:]), self.x.dtype
+
+    @property
+    def key(self):
+        return ("rows", self.x.key, self.lo, self.hi)
+
+    @property
+    def chunkable(self):
+        return self.x.chunkable
+
+    def rows(self, r0, r1):
+        return self.x.rows(self.lo + r0, self.lo + min(r1, self.shape[0]))
+
+
+@dataclass(eq=False)
 class RowLayout(Lazy):
     """A layout of x's rows: row r is made from rows r*width .. r*width+width-1 of x alone
     (`lay`), so it is written a run of such row groups at a time, from the same chunk of x as

@@ -189,6 +189,32 @@ def test_lean_step_graph_matches_the_exported_extend_graph(artifacts, checkpoint
     np.testing.assert_allclose(chunked[0], caches[0][0], atol=1e-4, rtol=0)
 
 
+def test_fp32_step_reads_gate_and_up_as_two_matmuls_and_adds_no_zero_bias(artifacts, tmp_path, reference):
+    """The fp32 step graph computes the packed [gate | up] projection as two MatMuls over its
+    halves (no Split), keeps a bias that holds anything (the variants' random QKV biases: one
+    Add per layer) and adds none where the bias is all zeros, as transformers initialises it.
+    Both match transformers within ATOL: the variants in the tests above, and here a GeLU MLP
+    with zero biases (the glm-gelu variants' rotary width keeps them off the step graph)."""
+    from tests.conftest import VARIANTS, make_hf_model
+
+    for variant in ("glm-gqa", "glm4-mqa"):
+        hist = glmc.load(artifacts(variant)).manifest["backend"]["op_histogram"]["step"]
+        L = VARIANTS[variant]["num_hidden_layers"]
+        assert "Split" not in hist and hist["MatMul"] == 5 * L + 1 and hist["Add"] == L, (variant, hist)
+    model = make_hf_model(dict(VARIANTS["glm-gqa"], hidden_act="gelu"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    model.save_pretrained(tmp_path / "zero-bias")
+    art = glmc.compile(tmp_path / "zero-bias", tmp_path / "zero-bias.glmc", verify=False, max_seq_len=64)
+    rt = glmc.load(art)
+    hist = rt.manifest["backend"]["op_histogram"]["step"]
+    assert "Add" not in hist and "Split" not in hist, hist
+    assert_matches_transformers(rt, reference(tmp_path / "zero-bias"),
+                                lambda got, want: np.testing.assert_allclose(got, want, rtol=0, atol=ATOL), steps=4)
+
+
 def test_fp16_kv_cache_halves_the_cache_and_matches_transformers(tmp_path, checkpoints, reference):
     """--kv-cache fp16 (cpu): the graph's cache inputs are fp16 (cast to fp32 after the slice of
     the slots in use), the runtime's buffers are half the size, and prefill + every teacher-forced

@@ -31,6 +31,7 @@ import onnxruntime as ort
 
 from glmc.backends.cpu.linear16 import aligned_empty
 from glmc.backends.kv import store_decode_kv, store_kv
+from glmc.hugepages import collapsed
 from glmc.modelcfg import head_dim
 from glmc.weights import release_pages
 
@@ -284,8 +285,9 @@ class CpuExecutor:
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self._dir))
         # each session pre-packs its matmul weights into memory of its own; the mapped originals
         # it has read are dropped from the resident set (still in the page cache) while it
-        # builds, so the build's peak is the packed copy, not that plus the weights file
-        with _paging_out(self._map):
+        # builds, so the build's peak is the packed copy, not that plus the weights file; once
+        # built, its packed copies are moved onto 2 MB pages (glmc/hugepages.py)
+        with _paging_out(self._map), collapsed():
             return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
 
     def layered(self, name: str):

@@ -1,0 +1,109 @@
+"""glmc/hugepages.py: what a block maps is moved onto 2 MB pages, what it left mostly empty is
+not, and GLMC_HUGE_PAGES=0 turns it off. Read back from /proc/self/smaps (Linux)."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import pytest
+
+from glmc import hugepages
+
+MB = 1 << 20
+
+
+def _usage(addr: int) -> dict:
+    """Rss and AnonHugePages (bytes) of the mapping that holds addr."""
+    out, inside = {}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                inside = lo <= addr < hi
+            elif inside and head[0] in ("Rss:", "AnonHugePages:"):
+                out[head[0][:-1]] = int(head[1]) * 1024
+    return out
+
+
+_KEEP = []
+
+
+def _private(size: int) -> int:
+    """The address of `size` bytes of an anonymous private mapping of its own (between two
+    PROT_NONE pages, so the kernel cannot merge it with a neighbour), huge pages not asked
+    for: 4 KB pages where transparent huge pages are in "madvise" mode."""
+    buf = mmap.mmap(-1, size + 2 * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    _KEEP.append(buf)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for guard in (base, base + mmap.PAGESIZE + size):
+        assert libc.mprotect(guard, mmap.PAGESIZE, 0) == 0
+    return base + mmap.PAGESIZE
+
+
+@pytest.fixture
+def collapsing():
+    why = hugepages.available()
+    if why is not None:
+        pytest.skip(f"huge pages cannot be used here: {why}")
+    probe = _private(4 * MB)
+    ctypes.memset(probe, 1, 4 * MB)
+    if not hugepages.collapse([(probe, probe + 4 * MB)]):
+        pytest.skip("this kernel refuses MADV_COLLAPSE (Linux < 6.1, or no memory for a 2 MB page)")
+
+
+def test_a_mapping_the_block_fills_is_moved_onto_huge_pages(collapsing):
+    with hugepages.collapsed():
+        buf = _private(16 * MB)
+        ctypes.memset(buf, 7, 16 * MB)
+    hugepages.settle()
+    usage = _usage(buf)
+    assert usage["AnonHugePages"] >= 14 * MB, usage             # all its whole 2 MB pages
+    assert ctypes.string_at(buf, 16 * MB) == b"\7" * (16 * MB)  # contents kept
+
+
+def test_a_mostly_empty_mapping_and_one_made_before_are_left_alone(collapsing):
+    before = _private(16 * MB)
+    ctypes.memset(before, 1, 16 * MB)
+    huge_before = _usage(before).get("AnonHugePages", 0)
+    with hugepages.collapsed():
+        sparse = _private(16 * MB)
+        ctypes.memset(sparse, 2, 4096)                          # one page of 4096
+    hugepages.settle()
+    assert _usage(sparse)["Rss"] <= 64 * 1024 and _usage(sparse).get("AnonHugePages", 0) == 0
+    assert _usage(before).get("AnonHugePages", 0) == huge_before
+
+
+def test_GLMC_HUGE_PAGES_0_turns_it_off(monkeypatch):
+    monkeypatch.setenv("GLMC_HUGE_PAGES", "0")
+    assert hugepages.available() == "GLMC_HUGE_PAGES=0"
+    with hugepages.collapsed():
+        buf = _private(8 * MB)
+        ctypes.memset(buf, 1, 8 * MB)
+    hugepages.settle()
+    assert _usage(buf).get("AnonHugePages", 0) == 0
+
+
+def test_onnxruntime_sessions_are_built_inside_it(artifacts, monkeypatch):
+    """The cpu executor builds each onnxruntime session (and so its pre-packed weights) inside
+    `collapsed()`."""
+    import contextlib
+
+    import glmc
+    import glmc.backends.cpu.runtime as runtime
+
+    built = []
+
+    @contextlib.contextmanager
+    def spy():
+        built.append("enter")
+        yield
+        built.append("exit")
+
+    monkeypatch.setattr(runtime, "collapsed", spy)
+    rt = glmc.load(artifacts("tiny-glm"))
+    rt.executor.sessions["step"]
+    assert built == ["enter", "exit"]
