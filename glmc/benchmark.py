@@ -15,7 +15,8 @@ Correctness before timing: every provider's greedy tokens are checked against ea
 source's fp32 model within the artifact's relative-RMS bound). A baseline that fails is
 reported with its error and the run goes on; glmc failing (to load, to agree, to run)
 ends the run with an error: a report without glmc's numbers would be a wrong answer.
-Timing is glmc.measure.
+Timing: glmc and the peers in turn within every repeat (measure_providers), the baselines
+one after another.
 """
 
 from __future__ import annotations
@@ -208,17 +209,51 @@ class Settings:
 
 
 def measure_provider(provider, prompt_pool: list[int], s: Settings) -> dict:
-    out = {"prefill": {}, "decode": {}}
+    return measure_providers({provider.name: provider}, prompt_pool, s)[provider.name]
+
+
+def measure_providers(providers: dict, prompt_pool: list[int], s: Settings) -> dict[str, dict]:
+    """Prefill and decode times of each provider, interleaved: every repeat of every prompt
+    length and context runs each provider in turn, the order rotating by repeat. This host's
+    read bandwidth moves between ~33 and ~55 GB/s within minutes; timed one engine after the
+    other, a move fell on one of them and decided a ratio of two engines at the same bound."""
+    from glmc import hugepages
+
+    hugepages.settle()          # glmc's sessions' pages are moved before anything is timed
+    names = list(providers)
+    out = {n: {"prefill": {}, "decode": {}} for n in names}
+
+    def rounds(run) -> dict[str, list[float]]:
+        samples = {n: [] for n in names}
+        for n in names:                                     # warm-up
+            run(providers[n])
+        for r in range(s.repeats):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                samples[n].append(run(providers[n]))
+        return samples
+
     for L in s.prompt_lengths:
         ids = prompt_pool[:L]
-        t = measure(lambda: provider.prefill(ids), repeats=s.repeats, warmup=1)
-        t.pop("samples")
-        out["prefill"][str(L)] = {"seconds": t, "tokens_per_s": L / t["median"]}
+        for n, xs in rounds(lambda p: _seconds(lambda: p.prefill(ids))).items():
+            t = summarize(xs)
+            out[n]["prefill"][str(L)] = {"seconds": t, "tokens_per_s": L / t["median"]}
     for C in s.contexts:
         ids = prompt_pool[:C]
-        per = time_decode(provider, ids, s.decode_tokens, s.repeats)
-        out["decode"][str(C)] = {"seconds_per_token": per, "tokens_per_s": 1 / per["median"]}
+
+        def decode(p):
+            state = p.start(ids)
+            return _seconds(lambda: p.steps(state, s.decode_tokens)) / max(1, s.decode_tokens)
+
+        for n, xs in rounds(decode).items():
+            per = summarize(xs)
+            out[n]["decode"][str(C)] = {"seconds_per_token": per, "tokens_per_s": 1 / per["median"]}
     return out
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 # what a baseline may fail with (an export it cannot do, a compile that breaks, a wrong
@@ -243,18 +278,20 @@ def _check_glmc(artifact: Path, manifest: dict, model, provider, pool: list[int]
         raise GlmcError(f"{artifact}: disagrees with its fp32 source ({summary(r.as_dict())}); not timing a wrong answer")
 
 
-def _measure_peers(results: dict, loaded, manifest: dict, glmc_provider, pool, settings, work: Path, say,
-                   embedding_bytes: int) -> None:
-    """Other engines (glmc/peers.py) on the artifact's source weights at its precision: built,
-    checked against transformers, measured like glmc; a peer that cannot run says why in its row."""
+def _peer_providers(loaded, manifest: dict, glmc_provider, pool, work: Path, say,
+                    embedding_bytes: int) -> tuple[dict, dict]:
+    """Other engines (glmc/peers.py) on the artifact's source weights at its precision, built
+    and checked against transformers: (providers ready to time, {name: row}). A peer's row
+    holds its check, version, precision and weight bytes, or why it cannot run."""
     from glmc.peers import LlamaCppProvider, OrtGenaiProvider, available, check_logits, write_hf_checkpoint
 
     threads = glmc_provider.rt.executor.threads
+    ready, rows = {}, {}
     for name, why in available().items():
         if why:
-            results[name] = {"error": why}
+            rows[name] = {"error": why}
             continue
-        say(f"{name}: build, check, measure")
+        say(f"{name}: build, check")
         try:
             dtype = manifest.get("dtype", "fp32") if manifest["quant"] == "none" else "fp32"
             if name == "llama.cpp":
@@ -263,11 +300,12 @@ def _measure_peers(results: dict, loaded, manifest: dict, glmc_provider, pool, s
             else:
                 hf = write_hf_checkpoint(loaded.model, loaded.tokenizer_json, work / "hf")
                 p = OrtGenaiProvider(hf, work / name, manifest["quant"], manifest.get("group_size"), threads, dtype)
-            check = check_logits(p, loaded.model, pool[:8], manifest["quant"], dtype)
-            results[name] = dict(measure_provider(p, pool, settings), check=check, version=p.version, precision=p.precision,
-                                 weight_bytes=p.weight_bytes(embedding_bytes))
+            rows[name] = dict(check=check_logits(p, loaded.model, pool[:8], manifest["quant"], dtype),
+                              version=p.version, precision=p.precision, weight_bytes=p.weight_bytes(embedding_bytes))
+            ready[name] = p
         except _BASELINE_ERRORS as e:
-            results[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
+            rows[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
+    return ready, rows
 
 
 def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progress: bool = True,
@@ -326,7 +364,13 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
         say("glmc: load, check, measure")
         glmc_provider = GlmcProvider(artifact)
         _check_glmc(artifact, manifest, model, glmc_provider, pool, want)
-        results: dict[str, dict] = {"glmc": measure_provider(glmc_provider, pool, settings)}
+        timed, peer_rows = {"glmc": glmc_provider}, {}
+        if peers:       # built first, then timed with glmc, interleaved (measure_providers)
+            ready, peer_rows = _peer_providers(loaded, manifest, glmc_provider, pool, Path(work.name), say, emb * 4)
+            timed.update(ready)
+        say(f"measuring {', '.join(timed)}")
+        measured = measure_providers(timed, pool, settings)
+        results: dict[str, dict] = {"glmc": measured.pop("glmc")}
         makers = {"eager": lambda: EagerProvider(model), "compile": lambda: CompileProvider(model),
                   "ort-plain": lambda: OrtPlainProvider(model, work.name)}
         for name in settings.baselines:
@@ -339,8 +383,8 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
                 results[name] = measure_provider(p, pool, settings)
             except _BASELINE_ERRORS as e:   # a failing baseline is reported in its row
                 results[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
-        if peers:
-            _measure_peers(results, loaded, manifest, glmc_provider, pool, settings, Path(work.name), say, emb * 4)
+        for name, row in peer_rows.items():
+            results[name] = dict(measured[name], **row) if name in measured else row
         for name, r in results.items():
             if "error" in r:
                 continue

@@ -172,3 +172,35 @@ def test_report_html_as_headless_chromium_draws_it(quick_report, tmp_path):
     old = out / "old.html"
     old.write_text("<!doctype html><meta charset='utf-8'><pre>" + markdown(rep) + "</pre>")
     assert _drawn(_chromium(), old, tmp_path / "old.png") == (0, 0)
+
+
+def test_engines_are_timed_in_turn_each_repeat_not_one_after_another():
+    """measure_providers runs every engine once per repeat of each prompt length and context,
+    the order rotating, so a change in the machine's state between repeats falls on all of
+    them (a warm-up of each first); each engine's numbers are its own calls' times."""
+    calls = []
+
+    class Fake(benchmark.Provider):
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def prefill(self, ids):
+            calls.append(("prefill", self.name))
+            time.sleep(self.seconds)
+
+        def start(self, ids):
+            return {}
+
+        def steps(self, state, n):
+            calls.append(("steps", self.name))
+            time.sleep(self.seconds * n)
+            return [0] * n
+
+    s = benchmark.Settings(prompt_lengths=[4], contexts=[8], decode_tokens=2, repeats=3, baselines=[])
+    out = benchmark.measure_providers({"a": Fake("a", 0.001), "b": Fake("b", 0.02)}, list(range(16)), s)
+    for kind in ("prefill", "steps"):
+        order = [n for k, n in calls if k == kind]
+        assert order == ["a", "b"] + ["a", "b"] + ["b", "a"] + ["a", "b"], order   # warm-up, then rotating
+    assert out["a"]["prefill"]["4"]["seconds"]["max"] < 0.015 < out["b"]["prefill"]["4"]["seconds"]["min"]
+    assert out["a"]["decode"]["8"]["seconds_per_token"]["n"] == 3
+    assert out["b"]["decode"]["8"]["seconds_per_token"]["min"] > 0.015
