@@ -92,6 +92,10 @@ def presets():
               help="cpu int4 linears: glmc (glmc's TVM kernels, the same int8-activation arithmetic; symmetric "
                    "int4, group a multiple of 32) or nbits (onnxruntime's MatMulNBits). auto: glmc where this "
                    "build and CPU can run it, else nbits.")
+@click.option("--fp32-matmul", default="auto", show_default=True, type=click.Choice(["auto", "onnxruntime", "glmc"]),
+              help="cpu linears of an unquantized fp32 build: glmc (glmc's TVM kernels over the weights in "
+                   "their block layout, read in place) or onnxruntime (its MatMul, over a pre-packed copy). "
+                   "auto: glmc where this build can run it (apache-tvm).")
 @click.option("--chunked-prefill/--no-chunked-prefill", default=None,
               help="GPU targets: build the extend entry point so long prompts are prefilled in (tuned) "
                    "chunks (default: on). cpu artifacts always run every step through it.")
@@ -110,8 +114,8 @@ def presets():
 @click.option("--lora-rank", type=int, default=16, show_default=True,
               help="The largest adapter rank the --lora-slots take.")
 def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, tune_budget, verify, fuse, calibrate,
-            asym, lm_head, embedding, kv_cache, accuracy_level, int8_matmul, int4_matmul, chunked_prefill, allow_pickle,
-            rope_ratio_as, lora, lora_scale, lora_slots, lora_rank):
+            asym, lm_head, embedding, kv_cache, accuracy_level, int8_matmul, int4_matmul, fp32_matmul, chunked_prefill,
+            allow_pickle, rope_ratio_as, lora, lora_scale, lora_slots, lora_rank):
     """Compile MODEL (a checkpoint directory or a preset name) into an artifact."""
     import json
 
@@ -128,7 +132,8 @@ def compile(model, output, target, quant, group_size, dtype, max_seq_len, tune, 
                      calibrate=calibrate, symmetric=not asym, lm_head=lm_head, accuracy_level=accuracy_level,
                      embedding=embedding, kv_cache=kv_cache, allow_pickle=allow_pickle, tune=tune, tune_budget=tune_budget,
                      chunked_prefill=chunked_prefill, rope_ratio_as=rope_ratio_as, lora=list(zip(lora, scales)),
-                     lora_slots=lora_slots, lora_rank=lora_rank, int8_matmul=int8_matmul, int4_matmul=int4_matmul)
+                     lora_slots=lora_slots, lora_rank=lora_rank, int8_matmul=int8_matmul, int4_matmul=int4_matmul,
+                     fp32_matmul=fp32_matmul)
     report = json.loads((out / "report.json").read_text())
     v = report["verify"]
     if not isinstance(v, dict):

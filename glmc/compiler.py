@@ -97,28 +97,56 @@ def check_options(backend, dtype: str, q: QuantConfig, calibrate: int) -> None:
         why = _why_not_glmc_kernels(backend, q, bits) if value == "glmc" else None
         if why:
             raise GlmcError(why)
+    if q.fp32_matmul not in ("auto", "onnxruntime", "glmc"):
+        raise GlmcError(f"--fp32-matmul must be auto, onnxruntime or glmc, got {q.fp32_matmul!r}")
+    why = _why_not_glmc_fp32(backend, dtype, q) if q.fp32_matmul == "glmc" else None
+    if why:
+        raise GlmcError(why)
     if not isinstance(calibrate, int) or calibrate < 0 or (calibrate and q.mode != "int4"):
         raise GlmcError("--calibrate N takes N >= 1 sequences and applies to --quant int4")
 
 
-def resolve_matmuls(backend, q: QuantConfig, lora_slots: int) -> QuantConfig:
+def resolve_matmuls(backend, q: QuantConfig, lora_slots: int, dtype: str = "fp32") -> QuantConfig:
     """q with --int4-matmul / --int8-matmul auto chosen: glmc's kernels (backends/cpu/linearq.py)
     where this build can run them, else nbits (MatMulNBits). On small-glm (2 threads, one run,
     the builds alternating: bench/results/matmul-default-small-glm-cpu.json) they decode int4
     1.26-1.62x and int8 1.28-1.43x faster than MatMulNBits and prefill 1.10-1.36x / 1.26-1.37x
     faster (medians); on the GLM-4-9B shape int4 decode read 75-82% of the bandwidth probe
-    against MatMulNBits' 49-63% (bench/results/glm4-9b-cpu-int4-linearq-tasks.json)."""
-    fields = [f for f in ("int4_matmul", "int8_matmul") if getattr(q, f) == "auto"]
+    against MatMulNBits' 49-63% (bench/results/glm4-9b-cpu-int4-linearq-tasks.json).
+    --fp32-matmul auto: glmc's fp32 kernels (backends/cpu/linear16.py) for an unquantized fp32
+    build where they run, else onnxruntime's MatMul (`_why_not_glmc_fp32`)."""
+    fields = [f for f in ("int4_matmul", "int8_matmul", "fp32_matmul") if getattr(q, f) == "auto"]
     if not fields:
         return q
     choice = {}
     for f in fields:
+        if f == "fp32_matmul":
+            why = "--lora-slots runs onnxruntime's MatMul" if lora_slots else _why_not_glmc_fp32(backend, dtype, q)
+            if why:
+                log.info("%s auto: onnxruntime's MatMul (%s)", f, why)
+            choice[f] = "onnxruntime" if why else "glmc"
+            continue
         bits = {"int4_matmul": 4, "int8_matmul": 8}[f]
         why = "--lora-slots runs MatMulNBits" if lora_slots else _why_not_glmc_kernels(backend, q, bits)
         if why:
             log.info("%s auto: MatMulNBits (%s)", f, why)
         choice[f] = "nbits" if why else "glmc"
     return replace(q, **choice, auto=tuple(f for f in fields if choice[f] == "glmc"))
+
+
+def _why_not_glmc_fp32(backend, dtype: str, q: QuantConfig) -> str | None:
+    """Why this build's fp32 linears cannot run on glmc's kernels (backends/cpu/linear16.py with
+    fp32 weights), as the error an explicit --fp32-matmul glmc gets, or None."""
+    if backend.target.family != "cpu":
+        return "--fp32-matmul glmc is a cpu option (glmc's kernels for the CPU)"
+    if dtype != "fp32" or q.mode != "none":
+        return "--fp32-matmul glmc runs the linears of an unquantized --dtype fp32 build"
+    if q.kv_cache != "fp32":
+        return "--fp32-matmul glmc needs the lean step graph, which --kv-cache fp16 does not use"
+    from glmc.backends.cpu.linear16 import available
+
+    why = available()
+    return f"--fp32-matmul glmc {why}" if why else None
 
 
 def _why_not_glmc_kernels(backend, q: QuantConfig, bits: int) -> str | None:
@@ -256,6 +284,7 @@ def compile(
     lora_rank: int = 16,
     int8_matmul: str = "auto",
     int4_matmul: str = "auto",
+    fp32_matmul: str = "auto",
 ) -> Path:
     """Compile MODEL (checkpoint directory or preset name); return the artifact path.
 
@@ -274,6 +303,10 @@ def compile(
     activation scale per call, shared by a batch's rows; onnxruntime's integer GEMM: the
     fastest prefill on AVX2 CPUs), the lm_head on MatMulNBits. "auto" (the default): glmc
     where this build and this CPU can run it, else nbits (`resolve_matmuls`).
+    fp32_matmul: how the cpu step graph of an unquantized fp32 build runs its linears. "glmc":
+    glmc's TVM kernels over the weights in their block layout (backends/cpu/linear16.py), read in
+    place from the artifact; "onnxruntime": its MatMul, over a pre-packed copy. "auto" (the
+    default): glmc where this build can run it.
     """
     from glmc import checkpoint
     from glmc.calibrate import calibration_rows
@@ -287,10 +320,10 @@ def compile(
         # programs' int8 gather returns fp32 rows into an fp16 program, so GPUs keep the table
         embedding = "int8" if quant != "none" and backend.target.family == "cpu" else "fp32"
     qc = QuantConfig(quant, group_size, symmetric, lm_head, embedding, accuracy_level, kv_cache, int8_matmul,
-                     int4_matmul)
+                     int4_matmul, fp32_matmul)
     check_options(backend, dtype, qc, calibrate)
     check_lora_slots(backend, lora_slots, lora_rank, calibrate, kv_cache)
-    qc = resolve_matmuls(backend, qc, lora_slots)
+    qc = resolve_matmuls(backend, qc, lora_slots, dtype)
     adapters = read_adapters(lora, allow_pickle)
     if tune and backend.why_cannot_run_here():
         raise GlmcError(f"--tune: {backend.why_cannot_run_here()}; compile without --tune and run `glmc tune` there")
@@ -334,6 +367,8 @@ def compile(
                         if f in qc.auto and not ran.get(kind)]
                 if fell:        # no lean step graph, or no shape the kernels take: MatMulNBits ran them
                     qc = replace(qc, **dict.fromkeys(fell, "nbits"), auto=tuple(f for f in qc.auto if f not in fell))
+                if "fp32_matmul" in qc.auto and not backend_info.get("linear16"):      # no lean step graph
+                    qc = replace(qc, fp32_matmul="onnxruntime", auto=tuple(f for f in qc.auto if f != "fp32_matmul"))
                 if "lora" in backend_info:
                     backend_info["lora"]["stored"] = stored_rows(loaded, backend_info["lora"]["linears"])
             if loaded.text is not None:         # tokenizer file(s); the rest goes in the manifest
@@ -454,6 +489,7 @@ def _quant_summary(report: dict, q: QuantConfig, calibrate: int) -> dict | None:
         "quant": q.mode, "group_size": q.group_size if q.mode == "int4" else None,
         "symmetric": q.symmetric, "lm_head": q.lm_head, "embedding": q.embedding, "accuracy_level": q.accuracy_level,
         "kv_cache": q.kv_cache, "int8_matmul": q.int8_matmul, "int4_matmul": q.int4_matmul,
+        "fp32_matmul": q.fp32_matmul,
         "calibration_sequences": calibrate,
         "linear_bytes_fp32": fp32, "linear_bytes_fp16": fp32 // 2, "linear_bytes_packed": packed,
         "packed_over_fp16": round(packed / max(1, fp32 // 2), 4),

@@ -46,6 +46,8 @@ class QuantConfig:
     int8_matmul: str = "auto"       # cpu int8 linears: nbits (MatMulNBits) | dynamic (DynamicQuantizeMatMul)
                                     # | glmc (glmc's TVM kernels) | auto (glmc where it runs, else nbits)
     int4_matmul: str = "auto"       # cpu int4 linears: nbits (MatMulNBits) | glmc (glmc's TVM kernels) | auto
+    fp32_matmul: str = "auto"       # cpu linears of an unquantized fp32 build: onnxruntime (MatMul) | glmc
+                                    # (glmc's TVM kernels, backends/cpu/linear16.py) | auto
     auto: tuple = ()                # the matmul fields compiler.resolve_matmuls chose (a lowering that cannot
                                     # use glmc's kernels falls back to nbits there instead of refusing)
 

@@ -1,5 +1,6 @@
 """--dtype bf16 / fp16 on the cpu target: 16-bit linear weights run by TVM kernels between
-onnxruntime pieces of the step graph (backends/cpu/linear16.py, runtime16.py).
+onnxruntime pieces of the step graph (backends/cpu/linear16.py, runtime16.py); the same kernels
+over fp32 weights (--fp32-matmul glmc, the default for fp32 builds).
 
 Tolerances:
 - the kernels against numpy on the same 16-bit weights: 1e-5 relative to the largest output
@@ -33,7 +34,7 @@ def _stored(p: torch.Tensor, dtype: str) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("K,N", [(64, 256), (100, 48), (352, 1000)])
 def test_kernels_match_numpy_on_the_16_bit_weights(dtype, K, N):
     """Both schedules (gemv up to GEMV_MAX_M rows, gemm with its padding rows), every block
@@ -46,7 +47,8 @@ def test_kernels_match_numpy_on_the_16_bit_weights(dtype, K, N):
     assert p.shape == (N // width, K, width)
     dense = p.float().permute(0, 2, 1).reshape(N, K).numpy()     # the stored weights, unpacked
     # the stored values are the weights rounded to the dtype, nothing else
-    np.testing.assert_array_equal(dense, w.to(torch.bfloat16 if dtype == "bf16" else torch.float16).float().numpy())
+    stored = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    np.testing.assert_array_equal(dense, w.to(stored).float().numpy())
     wt = kernels.tensor(_stored(p, dtype))
     for M in sorted({1, GEMV_MAX_M, GEMV_MAX_M + 1, ROWS, ROWS + 1, 2 * ROWS + 3}):
         x = aligned_empty((M + ROWS, K), np.float32)
@@ -136,3 +138,29 @@ def test_16_bit_cpu_refusals(tmp_path, monkeypatch):
     with pytest.raises(GlmcError, match=r"--dtype bf16 on the cpu target needs Apache TVM: pip install 'glmc\[cpu16\]'"):
         glmc.compile("tiny-glm", tmp_path / "c.glmc", dtype="bf16")
     assert not (tmp_path / "c.glmc").exists()
+
+
+def test_fp32_glmc_refusals_and_where_auto_takes_matmul(tmp_path, monkeypatch):
+    """--fp32-matmul glmc asked for where it cannot run: one error naming why, no artifact.
+    auto there: onnxruntime's MatMul step, no refusal."""
+    for options, message in (
+            (dict(quant="int8"), "--fp32-matmul glmc runs the linears of an unquantized --dtype fp32 build"),
+            (dict(dtype="bf16"), "--fp32-matmul glmc runs the linears of an unquantized --dtype fp32 build"),
+            (dict(kv_cache="fp16"), "--fp32-matmul glmc needs the lean step graph"),
+            (dict(lora_slots=2), "--lora-slots runs onnxruntime's MatMul: --fp32-matmul onnxruntime"),
+            (dict(fp32_matmul="fast"), "--fp32-matmul must be auto, onnxruntime or glmc, got 'fast'")):
+        options = dict(dict(fp32_matmul="glmc", verify=False), **options)
+        with pytest.raises(GlmcError, match=message):
+            glmc.compile("tiny-glm", tmp_path / "a.glmc", **options)
+        assert not (tmp_path / "a.glmc").exists()
+    for options in (dict(lora_slots=2), dict(kv_cache="fp16")):
+        art = glmc.compile("tiny-glm", tmp_path / "auto.glmc", verify=False, **options)
+        assert "linear16" not in glmc.load(art).manifest["backend"]
+    import glmc.backends.cpu.linear16 as linear16
+
+    monkeypatch.setattr(linear16, "available", lambda: "needs Apache TVM: pip install 'glmc[cpu16]' (apache-tvm)")
+    with pytest.raises(GlmcError, match=r"--fp32-matmul glmc needs Apache TVM: pip install 'glmc\[cpu16\]'"):
+        glmc.compile("tiny-glm", tmp_path / "c.glmc", fp32_matmul="glmc")
+    art = glmc.compile("tiny-glm", tmp_path / "d.glmc", verify=False)
+    hist = glmc.load(art).manifest["backend"]["op_histogram"]["step"]
+    assert "MatMul" in hist and "glmc.cpu::Linear16" not in hist, hist

@@ -88,22 +88,31 @@ def test_GLMC_HUGE_PAGES_0_turns_it_off(monkeypatch):
 
 
 def test_onnxruntime_sessions_are_built_inside_it(artifacts, monkeypatch):
-    """The cpu executor builds each onnxruntime session (and so its pre-packed weights) inside
-    `collapsed()`."""
+    """The cpu executor builds every onnxruntime session (and so its pre-packed weights) inside
+    `collapsed()`: the one step session of a MatMul build, each piece of a split step."""
     import contextlib
 
     import glmc
     import glmc.backends.cpu.runtime as runtime
 
-    built = []
+    inside, built = [], []
 
     @contextlib.contextmanager
     def spy():
-        built.append("enter")
+        inside.append(True)
         yield
-        built.append("exit")
+        inside.pop()
+
+    real = runtime.ort.InferenceSession
+
+    def session(*a, **k):
+        built.append(bool(inside))
+        return real(*a, **k)
 
     monkeypatch.setattr(runtime, "collapsed", spy)
-    rt = glmc.load(artifacts("tiny-glm"))
-    rt.executor.sessions["step"]
-    assert built == ["enter", "exit"]
+    monkeypatch.setattr(runtime.ort, "InferenceSession", session)
+    for options in ({"fp32_matmul": "onnxruntime"}, {}):
+        built.clear()
+        glmc.load(artifacts("tiny-glm", **options)).executor.sessions["step"]
+        assert built and all(built), (options, built)
+    assert len(built) > 1                   # the split step's pieces

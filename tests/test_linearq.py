@@ -328,17 +328,22 @@ def test_the_default_runs_quantized_linears_on_glmc_kernels_where_they_can(artif
 
     cpu = get_backend(Target.parse("cpu"))
     resolve = lambda lora_slots=0, target=cpu, **q: resolve_matmuls(target, QuantConfig(**q), lora_slots)  # noqa: E731
-    assert resolve(mode="int4") == QuantConfig("int4", int4_matmul="glmc", int8_matmul="glmc",
+    assert resolve(mode="int4") == QuantConfig("int4", int4_matmul="glmc", int8_matmul="glmc", fp32_matmul="onnxruntime",
                                                auto=("int4_matmul", "int8_matmul"))
     assert resolve(mode="int8", int4_matmul="nbits") == QuantConfig("int8", int4_matmul="nbits", int8_matmul="glmc",
-                                                                    auto=("int8_matmul",))
+                                                                    fp32_matmul="onnxruntime", auto=("int8_matmul",))
     # int4 only where it is symmetric with groups of a multiple of 32; the int8 lm_head still
     for q in (dict(symmetric=False), dict(group_size=16)):
         assert (resolve(mode="int4", **q).int4_matmul, resolve(mode="int4", **q).int8_matmul) == ("nbits", "glmc")
     for case in (dict(mode="int4", kv_cache="fp16"), dict(mode="int4", lora_slots=2), dict(mode="int8",
                  accuracy_level=0), dict(mode="none"), dict(mode="int4", target=get_backend(Target.parse("cuda")))):
         q = resolve(**case)
-        assert (q.int4_matmul, q.int8_matmul, q.auto) == ("nbits", "nbits", ()), case
+        assert (q.int4_matmul, q.int8_matmul) == ("nbits", "nbits") and not {"int4_matmul", "int8_matmul"} & set(q.auto)
+    # fp32 linears: glmc's kernels for an unquantized fp32 cpu build, else onnxruntime's MatMul
+    assert (resolve(mode="none").fp32_matmul, resolve(mode="none").auto) == ("glmc", ("fp32_matmul",))
+    for case in (dict(mode="none", kv_cache="fp16"), dict(mode="none", lora_slots=2),
+                 dict(mode="none", target=get_backend(Target.parse("cuda")))):
+        assert resolve(**case).fp32_matmul == "onnxruntime", case
     assert resolve(mode="int8", int8_matmul="dynamic").int8_matmul == "dynamic"      # what a user chose stays
     monkeypatch.setattr(linearq, "runnable", lambda threads=1: "glmc's quantized cpu kernels need AVX2")
     assert resolve(mode="int4").int4_matmul == "nbits"

@@ -326,8 +326,11 @@ def _linear16(b: _Builder, x, w):
     width = block_width(int(N))
     if width is None:
         raise Declined(f"a linear of output width {N}, not a multiple of 8 ({w.name})")
-    dtype = torch.bfloat16 if b.linear16 == "bf16" else torch.float16
-    weight = b.derived(w, b.linear16, lambda r: Cast(Blocks(r, width), dtype, w.target))
+    if b.linear16 == "fp32":
+        weight = b.derived(w, b.linear16, lambda r: Blocks(r, width))
+    else:
+        dtype = torch.bfloat16 if b.linear16 == "bf16" else torch.float16
+        weight = b.derived(w, b.linear16, lambda r: Cast(Blocks(r, width), dtype, w.target))
     return b.op("Linear16", [x, weight], {"n": int(N), "k": int(K)}, domain=GLMC)
 
 

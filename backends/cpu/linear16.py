@@ -1,5 +1,12 @@
-"""16-bit weight linears on the CPU: y = x W^T with W stored bf16 or fp16 and computed in
-fp32, as TVM kernels built for this machine's CPU when an artifact is loaded.
+"""16-bit and fp32 weight linears on the CPU: y = x W^T with W stored bf16, fp16 or fp32 and
+computed in fp32, as TVM kernels built for this machine's CPU when an artifact is loaded.
+
+fp32 (--fp32-matmul glmc, the default for unquantized fp32 builds): onnxruntime's MatMul
+streams its pre-packed copy of a weight more slowly at one row than these kernels stream the
+block layout. Measured on small-glm's linears, one process alternating (2026-12-07): 48.3
+against 38.2 GB/s, and 32.7 against 31.1 when the host's bandwidth sat at its low level; at
+128 rows the two matched (100.7 against 97.5 GMAC/s). The weights are read in place from the
+artifact: no pre-packed copy.
 
 onnxruntime has no fast 16-bit matmul on CPUs without AVX-512 BF16 / FP16 (measured with
 bench/cpu_16bit.py: its fp16 MatMul runs at 0.85x fp32, bf16 has no CPU kernel), and a
@@ -33,7 +40,7 @@ TILE = 16              # ... over TILE of a block's V columns at a time
 GEMV_MAX_M = 2         # up to this many rows run the gemv (each row streams the weight once)
 UNROLL = 4             # gemv: k steps unrolled in the inner loop
 ALIGN = 64             # byte alignment TVM's kernels assume for every buffer
-DTYPES = {"bf16": "uint16", "fp16": "float16"}     # stored element type (bf16 travels as its bits)
+DTYPES = {"bf16": "uint16", "fp16": "float16", "fp32": "float32"}   # stored element type (bf16 travels as its bits)
 
 def available() -> str | None:
     """Why 16-bit CPU linears cannot be built here, or None."""
@@ -63,7 +70,7 @@ def pack(w, dtype: str):
     rows, K = w.shape
     width = block_width(rows)
     blocks = w.reshape(rows // width, width, K).transpose(1, 2).contiguous()
-    return blocks.to(torch.bfloat16 if dtype == "bf16" else torch.float16)
+    return blocks.to({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
 
 
 def aligned_empty(shape, dtype, zeros: bool = False) -> np.ndarray:
@@ -149,7 +156,7 @@ def _name(kind: str, K: int, N: int, dtype: str) -> str:
 
 
 class Kernels:
-    """The compiled kernels for a set of (K, N) shapes in one 16-bit dtype; `linear(x, w, y)`."""
+    """The compiled kernels for a set of (K, N) shapes in one stored dtype; `linear(x, w, y)`."""
 
     def __init__(self, shapes, dtype: str, threads: int):
         why = available()

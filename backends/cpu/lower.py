@@ -193,10 +193,13 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
     weights = _Weights(ctx.weights, ctx.model_config.get("num_hidden_layers", 0))
     models, io = {}, {}
     declined = lora = None
-    # 16-bit weights: every linear a Linear16 node, run by TVM kernels (backends/cpu/linear16.py)
-    linear16 = ctx.dtype if ctx.dtype in ("bf16", "fp16") else None
+    # 16-bit weights, and fp32 ones with --fp32-matmul glmc: every linear a Linear16 node, run by
+    # TVM kernels (backends/cpu/linear16.py)
+    fp32_glmc = ctx.dtype == "fp32" and ctx.quant.mode == "none" and ctx.quant.fp32_matmul == "glmc"
+    linear16 = ctx.dtype if ctx.dtype in ("bf16", "fp16") else "fp32" if fp32_glmc else None
     if linear16 and ctx.lora_slots:
-        raise GlmcError(f"--lora-slots is not built for --dtype {linear16} on the cpu target yet (use fp32)")
+        raise GlmcError(f"--lora-slots is not built for --dtype {linear16} on the cpu target yet (use fp32)"
+                        if linear16 != "fp32" else "--lora-slots runs onnxruntime's MatMul: --fp32-matmul onnxruntime")
     # int4 / int8 linears on glmc's TVM kernels (backends/cpu/linearq.py)
     linear4 = ctx.quant.mode == "int4" and ctx.quant.int4_matmul == "glmc"
     linear8 = ctx.quant.mode != "none" and ctx.quant.int8_matmul == "glmc"
@@ -209,14 +212,23 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
         if t.name == "extend":
             # the generation entry: built straight from the fused graph where it can be
             # (backends/cpu/lean.py), else exported by torch.onnx as it is
-            step, declined, adapters = (None, "--kv-cache fp16", []) if ctx.quant.kv_cache == "fp16" else \
-                build_step(t, ctx.weights, ctx.model_config, level, ctx.lora_slots,
-                           int8_dynamic=ctx.quant.int8_matmul == "dynamic", linear16=linear16, linear4=linear4,
-                           linear8=linear8)
+            def lean(linear16):
+                return (None, "--kv-cache fp16", []) if ctx.quant.kv_cache == "fp16" else \
+                    build_step(t, ctx.weights, ctx.model_config, level, ctx.lora_slots,
+                               int8_dynamic=ctx.quant.int8_matmul == "dynamic", linear16=linear16, linear4=linear4,
+                               linear8=linear8)
+
+            step, declined, adapters = lean(linear16)
+            if step is None and fp32_glmc and "fp32_matmul" in ctx.quant.auto:
+                # glmc's fp32 kernels chosen by default, and a linear they cannot take (an output
+                # width not a multiple of 8): the lean step on onnxruntime's MatMul instead
+                linear16 = None
+                step, declined, adapters = lean(None)
             # (--int4 / --int8-matmul glmc chosen by default: no error, MatMulNBits runs them)
             for option, wanted in (("--lora-slots", ctx.lora_slots), ("--int8-matmul dynamic",
                                                                       ctx.quant.int8_matmul == "dynamic"),
-                                   (f"--dtype {ctx.dtype}", linear16),
+                                   (f"--dtype {ctx.dtype}", linear16 and linear16 != "fp32"),
+                                   ("--fp32-matmul glmc", fp32_glmc and "fp32_matmul" not in ctx.quant.auto),
                                    ("--int4-matmul glmc", linear4 and "int4_matmul" not in ctx.quant.auto),
                                    ("--int8-matmul glmc", linear8 and "int8_matmul" not in ctx.quant.auto)):
                 if wanted and step is None:
