@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from report_json import emit  # noqa: E402  (bench/, the script's own directory)
 
 CONFIGS = {
-    "fp32": {},
+    "fp32": {},                 # linears on glmc's fp32 kernels (the cpu default, --fp32-matmul auto)
     # int4 / int8 on glmc's kernels where they run (the cpu default, --int4/--int8-matmul auto)
     "int4-g128": dict(quant="int4", group_size=128, lm_head="int4"),
     "int4-g32": dict(quant="int4", group_size=32, lm_head="int4"),
@@ -33,6 +33,7 @@ CONFIGS = {
     "int4-g128-nbits": dict(quant="int4", group_size=128, lm_head="int4", int4_matmul="nbits", int8_matmul="nbits"),
     "int4-g32-nbits": dict(quant="int4", group_size=32, lm_head="int4", int4_matmul="nbits", int8_matmul="nbits"),
     "int8-nbits": dict(quant="int8", int8_matmul="nbits"),
+    "fp32-onnxruntime": dict(fp32_matmul="onnxruntime"),      # the same fp32 weights on onnxruntime's MatMul
     "int8-dynamic": dict(quant="int8", int8_matmul="dynamic"),
     # 16-bit linears on TVM kernels (glmc[cpu16]) beside llama.cpp's F16 / BF16 and ORT GenAI's fp16
     "fp16": dict(dtype="fp16"),

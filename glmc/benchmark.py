@@ -208,6 +208,9 @@ class Settings:
     extra: dict = field(default_factory=dict)
 
 
+SWITCH_PAUSE_S = 0.25
+
+
 def measure_provider(provider, prompt_pool: list[int], s: Settings) -> dict:
     return measure_providers({provider.name: provider}, prompt_pool, s)[provider.name]
 
@@ -216,7 +219,9 @@ def measure_providers(providers: dict, prompt_pool: list[int], s: Settings) -> d
     """Prefill and decode times of each provider, interleaved: every repeat of every prompt
     length and context runs each provider in turn, the order rotating by repeat. This host's
     read bandwidth moves between ~33 and ~55 GB/s within minutes; timed one engine after the
-    other, a move fell on one of them and decided a ratio of two engines at the same bound."""
+    other, a move fell on one of them and decided a ratio of two engines at the same bound.
+    Before an engine's call, a pause of `SWITCH_PAUSE_S` lets the previous engine's threads
+    stop spinning (TVM's, onnxruntime's and llama.cpp's pools poll for work after a call)."""
     from glmc import hugepages
 
     hugepages.settle()          # glmc's sessions' pages are moved before anything is timed
@@ -229,6 +234,8 @@ def measure_providers(providers: dict, prompt_pool: list[int], s: Settings) -> d
             run(providers[n])
         for r in range(s.repeats):
             for n in names[r % len(names):] + names[:r % len(names)]:
+                if len(names) > 1:
+                    time.sleep(SWITCH_PAUSE_S)
                 samples[n].append(run(providers[n]))
         return samples
 

@@ -19,9 +19,11 @@ The kernel copies the pages as it collapses them, ~440-600 MB/s here (a 600 MB f
 session: ~1 s), so a worker thread does it after the block, while the model already runs;
 `settle()` waits for it (tests, benchmarks that time the steady state).
 
-Measured on small-glm's fp32 decode step, 10 rounds alternating with ONNX Runtime GenAI in
-one process, three runs: 7.5-10% faster than the same session without (bench/results/
-hugepages-small-glm-cpu.json).
+Measured on small-glm's fp32 decode step on onnxruntime's MatMul (--fp32-matmul onnxruntime),
+10 rounds of 32 steps alternating in one process with the same artifact loaded with
+GLMC_HUGE_PAGES=0, four runs: 3.6-10% faster (medians; an exploratory script, not kept).
+glmc's own kernels read their weights in place from the artifact's mapping and gained
+nothing from 2 MB pages in the same kind of run (0.995x for small-glm int4).
 """
 
 from __future__ import annotations

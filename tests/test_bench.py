@@ -174,7 +174,7 @@ def test_report_html_as_headless_chromium_draws_it(quick_report, tmp_path):
     assert _drawn(_chromium(), old, tmp_path / "old.png") == (0, 0)
 
 
-def test_engines_are_timed_in_turn_each_repeat_not_one_after_another():
+def test_engines_are_timed_in_turn_each_repeat_not_one_after_another(monkeypatch):
     """measure_providers runs every engine once per repeat of each prompt length and context,
     the order rotating, so a change in the machine's state between repeats falls on all of
     them (a warm-up of each first); each engine's numbers are its own calls' times."""
@@ -196,6 +196,7 @@ def test_engines_are_timed_in_turn_each_repeat_not_one_after_another():
             time.sleep(self.seconds * n)
             return [0] * n
 
+    monkeypatch.setattr(benchmark, "SWITCH_PAUSE_S", 0.0)
     s = benchmark.Settings(prompt_lengths=[4], contexts=[8], decode_tokens=2, repeats=3, baselines=[])
     out = benchmark.measure_providers({"a": Fake("a", 0.001), "b": Fake("b", 0.02)}, list(range(16)), s)
     for kind in ("prefill", "steps"):
