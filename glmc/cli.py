@@ -95,7 +95,8 @@ def presets():
 @click.option("--fp32-matmul", default="auto", show_default=True, type=click.Choice(["auto", "onnxruntime", "glmc"]),
               help="cpu linears of an unquantized fp32 build: glmc (glmc's TVM kernels over the weights in "
                    "their block layout, read in place) or onnxruntime (its MatMul, over a pre-packed copy). "
-                   "auto: glmc where this build can run it (apache-tvm).")
+                   "auto: glmc where this build can run it (apache-tvm) and the model has 128 MiB of fp32 "
+                   "linear weights or more.")
 @click.option("--chunked-prefill/--no-chunked-prefill", default=None,
               help="GPU targets: build the extend entry point so long prompts are prefilled in (tuned) "
                    "chunks (default: on). cpu artifacts always run every step through it.")

@@ -306,7 +306,8 @@ def compile(
     fp32_matmul: how the cpu step graph of an unquantized fp32 build runs its linears. "glmc":
     glmc's TVM kernels over the weights in their block layout (backends/cpu/linear16.py), read in
     place from the artifact; "onnxruntime": its MatMul, over a pre-packed copy. "auto" (the
-    default): glmc where this build can run it.
+    default): glmc where this build can run it and the linears are large enough to gain
+    (backends/cpu/lower.py: FP32_KERNELS_MIN_BYTES).
     """
     from glmc import checkpoint
     from glmc.calibrate import calibration_rows

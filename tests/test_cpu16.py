@@ -161,6 +161,17 @@ def test_fp32_glmc_refusals_and_where_auto_takes_matmul(tmp_path, monkeypatch):
     monkeypatch.setattr(linear16, "available", lambda: "needs Apache TVM: pip install 'glmc[cpu16]' (apache-tvm)")
     with pytest.raises(GlmcError, match=r"--fp32-matmul glmc needs Apache TVM: pip install 'glmc\[cpu16\]'"):
         glmc.compile("tiny-glm", tmp_path / "c.glmc", fp32_matmul="glmc")
-    art = glmc.compile("tiny-glm", tmp_path / "d.glmc", verify=False)
+    art = glmc.compile("tiny-glm", tmp_path / "d.glmc", verify=False, max_seq_len=64)
     hist = glmc.load(art).manifest["backend"]["op_histogram"]["step"]
     assert "MatMul" in hist and "glmc.cpu::Linear16" not in hist, hist
+    monkeypatch.undo()
+    # with apache-tvm: auto still takes MatMul below FP32_KERNELS_MIN_BYTES of linears (tiny-glm's
+    # ~5 MB), glmc's kernels from there up; glmc asked for runs them whatever the size
+    import glmc.backends.cpu.lower as lower
+
+    for options, kernels in ((dict(), False), (dict(fp32_matmul="glmc"), True)):
+        art = glmc.compile("tiny-glm", tmp_path / "e.glmc", verify=False, max_seq_len=64, **options)
+        assert ("linear16" in glmc.load(art).manifest["backend"]) == kernels, options
+    monkeypatch.setattr(lower, "FP32_KERNELS_MIN_BYTES", 1 << 20)
+    art = glmc.compile("tiny-glm", tmp_path / "f.glmc", verify=False, max_seq_len=64)
+    assert glmc.load(art).manifest["backend"]["linear16"] == {"dtype": "fp32"}

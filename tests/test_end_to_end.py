@@ -189,28 +189,33 @@ def test_lean_step_graph_matches_the_exported_extend_graph(artifacts, checkpoint
     np.testing.assert_allclose(chunked[0], caches[0][0], atol=1e-4, rtol=0)
 
 
-def test_fp32_step_graphs_on_either_kernel_add_no_zero_bias(artifacts, checkpoints, tmp_path, reference):
-    """fp32 builds run their linears on glmc's kernels by default: every linear one Linear16 node
-    (the packed [gate | up] one included), no MatMul; a model with a linear they cannot take
-    (glm4-mqa's vocabulary of 515, not a multiple of 8) gets the MatMul step, as if
-    --fp32-matmul onnxruntime had been asked for. With --fp32-matmul onnxruntime the packed
-    [gate | up] projection is two MatMuls over its halves (no Split). Either keeps a bias that
-    holds anything (the variants' random QKV biases: one Add per layer) and adds none where the
-    bias is all zeros, as transformers initialises it. The default artifacts match transformers
-    in the tests above; the MatMul ones do here, within ATOL, a GeLU MLP with zero biases too
-    (the glm-gelu variants' rotary width keeps them off the step graph)."""
+def test_fp32_step_graphs_on_either_kernel_add_no_zero_bias(artifacts, checkpoints, tmp_path, reference, monkeypatch):
+    """fp32 builds on glmc's kernels (--fp32-matmul glmc; auto from FP32_KERNELS_MIN_BYTES of
+    linears up, so not these small models): every linear one Linear16 node (the packed
+    [gate | up] one included), no MatMul, matching transformers. auto on a model with a linear
+    they cannot take (glm4-mqa's vocabulary of 515, not a multiple of 8) gets the MatMul step.
+    On MatMul the packed [gate | up] projection is two MatMuls over its halves (no Split).
+    Either keeps a bias that holds anything (the variants' random QKV biases: one Add per
+    layer) and adds none where the bias is all zeros, as transformers initialises it; a GeLU
+    MLP with zero biases is checked on both (the glm-gelu variants' rotary width keeps them off
+    the step graph). All within ATOL of transformers."""
+    import glmc.backends.cpu.lower as lower
     from tests.conftest import VARIANTS, make_hf_model
 
     close = lambda got, want: np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)   # noqa: E731
     L = VARIANTS["glm-gqa"]["num_hidden_layers"]
-    hist = glmc.load(artifacts("glm-gqa")).manifest["backend"]["op_histogram"]["step"]
+    rt = glmc.load(artifacts("glm-gqa", fp32_matmul="glmc"))
+    hist = rt.manifest["backend"]["op_histogram"]["step"]
     assert "MatMul" not in hist and hist["glmc.cpu::Linear16"] == 4 * L + 1 and hist["Add"] == L, hist
-    for variant, options in (("glm-gqa", {"fp32_matmul": "onnxruntime"}), ("glm4-mqa", {})):
+    assert_matches_transformers(rt, reference(checkpoints("glm-gqa")), close, steps=4)
+    for variant in ("glm-gqa", "glm4-mqa"):                         # the default here: MatMul
         L = VARIANTS[variant]["num_hidden_layers"]
-        rt = glmc.load(artifacts(variant, **options))
+        rt = glmc.load(artifacts(variant))
         hist = rt.manifest["backend"]["op_histogram"]["step"]
         assert "Split" not in hist and hist["MatMul"] == 5 * L + 1 and hist["Add"] == L, (variant, hist)
-        assert_matches_transformers(rt, reference(checkpoints(variant)), close, steps=4)
+    monkeypatch.setattr(lower, "FP32_KERNELS_MIN_BYTES", 0)
+    art = glmc.compile(checkpoints("glm4-mqa"), tmp_path / "mqa.glmc", verify=False, max_seq_len=64)
+    assert "glmc.cpu::Linear16" not in glmc.load(art).manifest["backend"]["op_histogram"]["step"]
     model = make_hf_model(dict(VARIANTS["glm-gqa"], hidden_act="gelu"))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -223,6 +228,7 @@ def test_fp32_step_graphs_on_either_kernel_add_no_zero_bias(artifacts, checkpoin
         rt = glmc.load(art)
         hist = rt.manifest["backend"]["op_histogram"]["step"]
         assert "Add" not in hist and ("Split" not in hist or kernels == "glmc"), (kernels, hist)
+        assert ("glmc.cpu::Linear16" in hist) == (kernels == "glmc"), (kernels, hist)
         assert_matches_transformers(rt, reference(tmp_path / "zero-bias"), close, steps=4)
 
 

@@ -111,7 +111,7 @@ def test_onnxruntime_sessions_are_built_inside_it(artifacts, monkeypatch):
 
     monkeypatch.setattr(runtime, "collapsed", spy)
     monkeypatch.setattr(runtime.ort, "InferenceSession", session)
-    for options in ({"fp32_matmul": "onnxruntime"}, {}):
+    for options in ({"fp32_matmul": "onnxruntime"}, {"fp32_matmul": "glmc"}):
         built.clear()
         glmc.load(artifacts("tiny-glm", **options)).executor.sessions["step"]
         assert built and all(built), (options, built)

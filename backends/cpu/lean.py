@@ -489,6 +489,16 @@ _HANDLERS = {
 }
 
 
+def fp32_linear_bytes(traced: Traced) -> int:
+    """The bytes of the fp32 weights of a traced graph's linears (aten.linear)."""
+    total = 0
+    for n in traced.gm.graph.nodes:
+        if n.op == "call_function" and n.target == _aten.linear.default and n.args[1].op == "get_attr":
+            w = operator.attrgetter(n.args[1].target)(traced.gm)
+            total += w.numel() * 4 if w.dtype == torch.float32 else 0
+    return total
+
+
 def build_step(traced: Traced, book, config: dict, accuracy_level: int,
                lora_slots: tuple[int, int] | None = None, int8_dynamic: bool = False,
                linear16: str | None = None, linear4: bool = False,

@@ -1,7 +1,8 @@
 """16-bit and fp32 weight linears on the CPU: y = x W^T with W stored bf16, fp16 or fp32 and
 computed in fp32, as TVM kernels built for this machine's CPU when an artifact is loaded.
 
-fp32 (--fp32-matmul glmc, the default for unquantized fp32 builds): onnxruntime's MatMul
+fp32 (--fp32-matmul glmc, the default for unquantized fp32 builds with 128 MiB of linears or
+more): onnxruntime's MatMul
 streams its pre-packed copy of a weight more slowly at one row than these kernels stream the
 block layout. Measured on small-glm's linears, one process alternating (2026-12-07): 48.3
 against 38.2 GB/s, and 32.7 against 31.1 when the host's bandwidth sat at its low level; at

@@ -26,7 +26,7 @@ import torch
 from onnxscript._framework_apis.torch_2_8 import optimize
 from torch.onnx._internal.exporter._core import TorchTensor
 
-from glmc.backends.cpu.lean import GLMC, build_step
+from glmc.backends.cpu.lean import GLMC, build_step, fp32_linear_bytes
 from glmc.backends.cpu.ops import OPSET, translation_table
 from glmc.errors import GlmcError
 from glmc.ir import PassContext
@@ -183,6 +183,15 @@ class _Weights:
         return ranges
 
 
+# --fp32-matmul auto runs fp32 linears on glmc's kernels from this many bytes of fp32 linear
+# weights up. Below it the pieces and kernel calls a split step adds to each decode step cost
+# more than the kernels gain: tiny-glm (5 MB of linears) decoded 3462 tok/s on them against
+# 5616 on MatMul, small-glm (461 MiB) 1.05-1.27x faster than the best peer against MatMul's
+# 0.86-1.01x. Between those two points the crossover is an estimate (a step's ~0.5 ms of
+# pieces against a gain of 10-20% of its streaming time), not a measurement.
+FP32_KERNELS_MIN_BYTES = 128 << 20
+
+
 def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, late=None) -> dict:
     """The entries as ONNX graphs over one weights file. The step graph, where it can be built,
     is the only one: it gives every position's logits too (the runtime asks for all rows).
@@ -218,6 +227,8 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
                                int8_dynamic=ctx.quant.int8_matmul == "dynamic", linear16=linear16, linear4=linear4,
                                linear8=linear8)
 
+            if fp32_glmc and "fp32_matmul" in ctx.quant.auto and fp32_linear_bytes(t) < FP32_KERNELS_MIN_BYTES:
+                linear16 = None         # a small model: MatMul decodes it faster (FP32_KERNELS_MIN_BYTES)
             step, declined, adapters = lean(linear16)
             if step is None and fp32_glmc and "fp32_matmul" in ctx.quant.auto:
                 # glmc's fp32 kernels chosen by default, and a linear they cannot take (an output
