@@ -88,8 +88,9 @@ def test_GLMC_HUGE_PAGES_0_turns_it_off(monkeypatch):
 
 
 def test_onnxruntime_sessions_are_built_inside_it(artifacts, monkeypatch):
-    """The cpu executor builds every onnxruntime session (and so its pre-packed weights) inside
-    `collapsed()`: the one step session of a MatMul build, each piece of a split step."""
+    """The cpu executor builds a step session (and so its pre-packed weights) inside
+    `collapsed()`; not the pieces of a split step, whose linears' weights are glmc's, read in
+    place (reading /proc for each of a 9B model's 160 pieces would slow its load)."""
     import contextlib
 
     import glmc
@@ -111,8 +112,7 @@ def test_onnxruntime_sessions_are_built_inside_it(artifacts, monkeypatch):
 
     monkeypatch.setattr(runtime, "collapsed", spy)
     monkeypatch.setattr(runtime.ort, "InferenceSession", session)
-    for options in ({"fp32_matmul": "onnxruntime"}, {"fp32_matmul": "glmc"}):
+    for options, want in (({"fp32_matmul": "onnxruntime"}, True), ({"fp32_matmul": "glmc"}, False)):
         built.clear()
         glmc.load(artifacts("tiny-glm", **options)).executor.sessions["step"]
-        assert built and all(built), (options, built)
-    assert len(built) > 1                   # the split step's pieces
+        assert built and set(built) == {want}, (options, built)

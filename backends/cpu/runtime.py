@@ -286,8 +286,10 @@ class CpuExecutor:
         # each session pre-packs its matmul weights into memory of its own; the mapped originals
         # it has read are dropped from the resident set (still in the page cache) while it
         # builds, so the build's peak is the packed copy, not that plus the weights file; once
-        # built, its packed copies are moved onto 2 MB pages (glmc/hugepages.py)
-        with _paging_out(self._map), collapsed():
+        # built, its packed copies are moved onto 2 MB pages (glmc/hugepages.py). Not a split
+        # step's pieces: their linears' weights are glmc's kernels', read in place, and a piece
+        # holds little else
+        with _paging_out(self._map), contextlib.nullcontext() if piece else collapsed():
             return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
 
     def layered(self, name: str):
