@@ -121,8 +121,8 @@ class _Worker:
                 # may have left its room to something else)
                 now = anonymous_mappings()
                 self.collapsed += collapse([r for r in ranges if _mostly_resident(r, now.get(r))])
-            except OSError:
-                pass
+            except (OSError, ValueError):     # best effort: the pages stay as they were; the
+                pass                          # thread lives on, so settle() never waits forever
             finally:
                 self.todo.task_done()
 
