@@ -20,10 +20,11 @@ session: ~1 s), so a worker thread does it after the block, while the model alre
 `settle()` waits for it (tests, benchmarks that time the steady state).
 
 Measured on small-glm's fp32 decode step on onnxruntime's MatMul (--fp32-matmul onnxruntime),
-10 rounds of 32 steps alternating in one process with the same artifact loaded with
-GLMC_HUGE_PAGES=0, four runs: 3.6-10% faster (medians; an exploratory script, not kept).
-glmc's own kernels read their weights in place from the artifact's mapping and gained
-nothing from 2 MB pages in the same kind of run (0.995x for small-glm int4).
+10 rounds of 32 steps alternating in one process with the same artifact loaded without it,
+four runs (three with an exploratory version of this module, one against GLMC_HUGE_PAGES=0;
+the scripts are not kept): 3.6-10% faster at the median. glmc's own kernels read their
+weights in place from the artifact's mapping; copied onto 2 MB pages they gained nothing in
+the same kind of run (small-glm int4: 0.995x).
 """
 
 from __future__ import annotations
