@@ -120,17 +120,13 @@ def resolve_matmuls(backend, q: QuantConfig, lora_slots: int, dtype: str = "fp32
         return q
     choice = {}
     for f in fields:
-        if f == "fp32_matmul":
-            why = "--lora-slots runs onnxruntime's MatMul" if lora_slots else _why_not_glmc_fp32(backend, dtype, q)
-            if why:
-                log.info("%s auto: onnxruntime's MatMul (%s)", f, why)
-            choice[f] = "onnxruntime" if why else "glmc"
-            continue
-        bits = {"int4_matmul": 4, "int8_matmul": 8}[f]
-        why = "--lora-slots runs MatMulNBits" if lora_slots else _why_not_glmc_kernels(backend, q, bits)
+        other, runs = ("onnxruntime", "onnxruntime's MatMul") if f == "fp32_matmul" else ("nbits", "MatMulNBits")
+        why = (f"--lora-slots runs {runs}" if lora_slots else
+               _why_not_glmc_fp32(backend, dtype, q) if f == "fp32_matmul" else
+               _why_not_glmc_kernels(backend, q, {"int4_matmul": 4, "int8_matmul": 8}[f]))
         if why:
-            log.info("%s auto: MatMulNBits (%s)", f, why)
-        choice[f] = "nbits" if why else "glmc"
+            log.info("%s auto: %s (%s)", f, runs, why)
+        choice[f] = other if why else "glmc"
     return replace(q, **choice, auto=tuple(f for f in fields if choice[f] == "glmc"))
 
 

@@ -57,17 +57,21 @@ def available() -> str | None:
     return None
 
 
+def _anonymous(fields: list[str]) -> tuple[int, int] | None:
+    """(start, end) of a mapping's line of /proc/self/maps or smaps, split on whitespace at most
+    5 times, where the mapping is anonymous (no file: no path, or the heap); else None."""
+    path = fields[5].strip() if len(fields) > 5 else ""
+    if path not in ("", "[heap]"):
+        return None
+    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+    return lo, hi
+
+
 def anonymous_ranges() -> set[tuple[int, int]]:
     """(start, end) of each anonymous mapping of this process (/proc/self/maps: cheap to read,
     where smaps took 15-30 ms in a process with torch, TVM and onnxruntime loaded)."""
-    out = set()
     with open("/proc/self/maps") as f:
-        for line in f:
-            head = line.split(None, 5)
-            if len(head) < 6 or head[5].strip() in ("", "[heap]"):
-                lo, hi = (int(x, 16) for x in head[0].split("-"))
-                out.add((lo, hi))
-    return out
+        return {r for r in (_anonymous(line.split(None, 5)) for line in f) if r is not None}
 
 
 def anonymous_mappings() -> dict[tuple[int, int], int]:
@@ -75,11 +79,9 @@ def anonymous_mappings() -> dict[tuple[int, int], int]:
     out, current = {}, None
     with open("/proc/self/smaps") as f:
         for line in f:
-            head = line.split(None, 6)
+            head = line.split(None, 5)
             if "-" in head[0] and not head[0].endswith(":"):         # a mapping's first line
-                path = head[5].strip() if len(head) > 5 else ""
-                lo, hi = (int(x, 16) for x in head[0].split("-"))
-                current = (lo, hi) if path in ("", "[heap]") else None
+                current = _anonymous(head)
             elif current is not None and head[0] == "Rss:":
                 out[current] = int(head[1]) * 1024
     return out

@@ -205,6 +205,7 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
     # 16-bit weights, and fp32 ones with --fp32-matmul glmc: every linear a Linear16 node, run by
     # TVM kernels (backends/cpu/linear16.py)
     fp32_glmc = ctx.dtype == "fp32" and ctx.quant.mode == "none" and ctx.quant.fp32_matmul == "glmc"
+    fp32_auto = fp32_glmc and "fp32_matmul" in ctx.quant.auto          # chosen by default, not asked for
     linear16 = ctx.dtype if ctx.dtype in ("bf16", "fp16") else "fp32" if fp32_glmc else None
     if linear16 and ctx.lora_slots:
         raise GlmcError(f"--lora-slots is not built for --dtype {linear16} on the cpu target yet (use fp32)"
@@ -227,10 +228,10 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
                                int8_dynamic=ctx.quant.int8_matmul == "dynamic", linear16=linear16, linear4=linear4,
                                linear8=linear8)
 
-            if fp32_glmc and "fp32_matmul" in ctx.quant.auto and fp32_linear_bytes(t) < FP32_KERNELS_MIN_BYTES:
+            if fp32_auto and fp32_linear_bytes(t) < FP32_KERNELS_MIN_BYTES:
                 linear16 = None         # a small model: MatMul decodes it faster (FP32_KERNELS_MIN_BYTES)
             step, declined, adapters = lean(linear16)
-            if step is None and fp32_glmc and "fp32_matmul" in ctx.quant.auto:
+            if step is None and fp32_auto:
                 # glmc's fp32 kernels chosen by default, and a linear they cannot take (an output
                 # width not a multiple of 8): the lean step on onnxruntime's MatMul instead
                 linear16 = None
@@ -239,7 +240,7 @@ def lower(traced: list[Traced], out_dir: str | os.PathLike, ctx: PassContext, la
             for option, wanted in (("--lora-slots", ctx.lora_slots), ("--int8-matmul dynamic",
                                                                       ctx.quant.int8_matmul == "dynamic"),
                                    (f"--dtype {ctx.dtype}", linear16 and linear16 != "fp32"),
-                                   ("--fp32-matmul glmc", fp32_glmc and "fp32_matmul" not in ctx.quant.auto),
+                                   ("--fp32-matmul glmc", fp32_glmc and not fp32_auto),
                                    ("--int4-matmul glmc", linear4 and "int4_matmul" not in ctx.quant.auto),
                                    ("--int8-matmul glmc", linear8 and "int8_matmul" not in ctx.quant.auto)):
                 if wanted and step is None:
