@@ -103,19 +103,20 @@ def test_unsupported_shapes_are_refused():
         attention.Attention(6, 4, 64, 16, 0.125, threads=1)
 
 
-def test_row_kernels_match_numpy():
+@pytest.mark.parametrize("M", [5, rowwise.MAX_ROWS + 21])     # the serial kernels, the parallel twins (prompts)
+def test_row_kernels_match_numpy(M):
     rng = np.random.default_rng(2)
     kernels = rowwise.RowKernels([(64, 1e-5), (24, 1e-6)], [48], threads=2)
     for H, eps in ((64, 1e-5), (24, 1e-6)):
-        x, skip, gamma = (_aligned(rng.standard_normal(shape).astype(np.float32)) for shape in ((5, H), (5, H), (H,)))
-        y, s = _aligned(np.zeros((5, H), np.float32)), _aligned(np.zeros((5, H), np.float32))
+        x, skip, gamma = (_aligned(rng.standard_normal(shape).astype(np.float32)) for shape in ((M, H), (M, H), (H,)))
+        y, s = _aligned(np.zeros((M, H), np.float32)), _aligned(np.zeros((M, H), np.float32))
         kernels.skip_norm(x, skip, gamma, y, s, eps)()
         want_s = x.astype(np.float64) + skip
         want = want_s / np.sqrt((want_s ** 2).mean(-1, keepdims=True) + eps) * gamma
         assert np.abs(y - want).max() <= 1e-6 * np.abs(want).max()
         assert np.abs(s - want_s).max() <= 1e-6 * np.abs(want_s).max()
-    x = _aligned((rng.standard_normal((5, 96)) * 4).astype(np.float32))     # sigmoid's tails too
-    y = _aligned(np.zeros((5, 48), np.float32))
+    x = _aligned((rng.standard_normal((M, 96)) * 4).astype(np.float32))     # sigmoid's tails too
+    y = _aligned(np.zeros((M, 48), np.float32))
     kernels.swiglu(x, y)()
     a, b = x[:, :48].astype(np.float64), x[:, 48:]
     want = a / (1 + np.exp(-a)) * b
@@ -153,11 +154,13 @@ def test_split_step_decodes_with_the_kernels(artifacts, monkeypatch):
 def test_a_prompt_gives_its_freed_memory_back(artifacts, monkeypatch):
     """After a call of more than TRIM_ROWS rows the split step hands glibc's freed heap back
     (its pieces run without an arena: small-glm held 1265 MB after a 2000-token prompt, 812
-    with this); decode steps do not pay for it."""
+    with this); decode steps and shorter prompts (up to 512 tokens: 3 ms of a 128-token small-glm
+    prompt's 70, re-faulting the pages included) do not pay for it."""
     from glmc.backends.cpu import runtime16
 
     calls = []
     monkeypatch.setattr(runtime16, "release_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(runtime16, "TRIM_ROWS", 16)         # the test model holds fewer slots than the default
     model = glmc.load(artifacts("glm-gqa", dtype="bf16"))
     prompt = [list(range(5, 5 + runtime16.TRIM_ROWS + 6))]
     cache, last = model.prefill(prompt)
@@ -228,3 +231,25 @@ def test_a_finished_caches_buffers_and_plan_serve_the_next_request(artifacts):
     gc.collect()
     assert ex.new_cache(1).k[0] is not buffers          # the view still reads them
     del view
+
+
+def test_prompts_run_the_norms_and_swiglus_as_kernels(artifacts, monkeypatch):
+    """A prompt (more rows than the serial kernels take) runs its norm and SwiGLU pieces as
+    the parallel kernels: the prompt logits of a ragged batch and a long single prompt
+    within 1e-4 of the largest |logit| of the same artifact on onnxruntime's ops."""
+    from glmc.backends.cpu import runtime16
+
+    path = artifacts("glm-gqa", dtype="bf16")
+    prompts = [[list(range(5, 45)), list(range(50, 71))], [list(range(7, 70))]]
+    runs, run = {}, runtime16.SplitStep._run_rowwise
+    for mode in ("onnxruntime", "glmc"):
+        monkeypatch.setenv("GLMC_CPU_DECODE_KERNELS", mode)
+        ran = []
+        monkeypatch.setattr(runtime16.SplitStep, "_run_rowwise",
+                            lambda self, step, *a: ran.append(run(self, step, *a)) or ran[-1])
+        model = glmc.load(path)
+        runs[mode] = [model.prefill(batch)[1] for batch in prompts], sum(made is not None for made in ran)
+    (want, plain), (got, kernels) = runs["onnxruntime"], runs["glmc"]
+    assert plain == 0 and kernels == 2 * 5        # per prompt: 2 layers' 2 norms and SwiGLU, minus the first norm
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max()

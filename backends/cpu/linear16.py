@@ -28,6 +28,7 @@ shape, both parallel over the column blocks:
 
 from __future__ import annotations
 
+import math
 
 import numpy as np
 
@@ -78,7 +79,7 @@ def aligned_empty(shape, dtype, zeros: bool = False) -> np.ndarray:
     """An uninitialised (`zeros`: zeroed, its pages untouched until used) array whose data
     starts on an ALIGN-byte boundary."""
     dtype = np.dtype(dtype)
-    n = int(np.prod(shape)) * dtype.itemsize
+    n = math.prod(shape) * dtype.itemsize
     raw = (np.zeros if zeros else np.empty)(n + ALIGN, np.uint8)
     off = (-raw.ctypes.data) % ALIGN
     return raw[off:off + n].view(dtype).reshape(shape)

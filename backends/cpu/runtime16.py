@@ -16,12 +16,15 @@ kernels read 64-byte-aligned rows; onnxruntime hands out its own buffers).
 A planned decode call (one token per row, the cache bound as past and present) also runs
 the pieces that are exactly an attention (with its bias Add), a residual add + RMS norm or a
 SwiGLU on glmc's kernels (backends/cpu/attention.py, rowwise.py): each such piece's `kernel`
-plans the call, or declines and the piece's session runs it (prompts, verification).
+plans the call, or declines and the piece's session runs it (verification). An unplanned
+call (a prompt) runs its norms and SwiGLUs as the kernels too (`_run_rowwise`), each output
+in a buffer with the padding rows of the linears that read it, which they read in place.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +43,7 @@ from glmc.settings import cpu_decode_kernels
 LINEAR, PIECES = "glmc.cpu linears (TVM)", "onnxruntime pieces"      # profile_decode's kinds
 ATTENTION = "glmc.cpu attention (TVM)"
 ROWWISE = "glmc.cpu norms and activations (TVM)"
-TRIM_ROWS = 64      # a call with more rows than this (a prompt) gives its freed memory back after it
+TRIM_ROWS = 512     # a call with more rows than this (a long prompt) gives its freed memory back after it
 KERNELS = {"Linear16": linear16, "Linear4": linearq, "Linear8": linearq}     # node type -> its kernels' module
 
 
@@ -84,11 +87,11 @@ class _Attention:
 
 def _rows(shapes: dict, names) -> int | None:
     """The rows of values `names` (all made by earlier steps, fp32, the same leading shape)
-    when a row-wise kernel takes them (<= rowwise.MAX_ROWS), else None."""
+    when a row-wise kernel takes them, else None."""
     if any(x not in shapes or shapes[x][1] != np.float32 for x in names):
         return None
-    M = {int(np.prod(shapes[x][0][:-1])) for x in names}
-    return next(iter(M)) if len(M) == 1 and next(iter(M)) <= rowwise.MAX_ROWS else None
+    M = {math.prod(shapes[x][0][:-1]) for x in names}
+    return next(iter(M)) if len(M) == 1 else None
 
 
 @dataclass(eq=False)
@@ -102,6 +105,10 @@ class _SkipNorm:
     s: str | None           # None: no later step reads the sum
     kernels: object = None  # rowwise.RowKernels
     kind = ROWWISE
+
+    def made(self, shapes: dict) -> dict:
+        """The shapes of what it makes from its inputs' `shapes`."""
+        return {y: shapes[self.x] for y in (self.y, self.s) if y}
 
     def plan(self, binding: _Binding, shapes: dict, given: dict, buffer):
         M = _rows(shapes, [self.x, self.skip, self.y] + ([self.s] if self.s else []))
@@ -120,6 +127,10 @@ class _SwiGLU:
     width: int              # of y (x has twice as many columns)
     kernels: object = None
     kind = ROWWISE
+
+    def made(self, shapes: dict) -> dict:
+        shape, dtype = shapes[self.x]
+        return {self.y: ((*shape[:-1], self.width), dtype)}
 
     def plan(self, binding: _Binding, shapes: dict, given: dict, buffer):
         M = _rows(shapes, [self.x, self.y])
@@ -282,6 +293,9 @@ class SplitStep:
                 arrays.append(w)
             s.kernels = kernels[s.kind]
             s.w = s.kernels.tensor(arrays[0] if s.kind == "Linear16" else tuple(arrays))
+        self._linear_readers: dict[str, list] = {}
+        for s in linears:
+            self._linear_readers.setdefault(s.x, []).append(s)
         self._scratch: dict[int, np.ndarray] = {}
         self.timings: dict[str, float] | None = None     # set to {} to profile: seconds by kind of step
 
@@ -382,15 +396,20 @@ class SplitStep:
             return
         values = dict(binding.inputs)
         held = binding.held = []     # the bindings of pieces that made an output of the call
-        arrays = {}                  # a linear's output -> its array
+        arrays = {}                  # a value a kernel made -> its array
+        full = {}                    # ... -> its buffer, with the padding rows of the linears that read it
         shapes = {} if binding.shapes is None else None
         wanted = set(binding.outputs)
         rows = 0                     # the most rows a linear took: a prompt's
         for i, step in enumerate(self.steps):
+            t0 = time.perf_counter()
             if isinstance(step, _Linear):
-                rows = max(rows, int(np.prod(values[step.x].shape()[:-1])))
-                values[step.y], arrays[step.y] = self._linear(step, values[step.x], binding.outputs.get(step.y))
-                read, made = (step.x,), (step.y,)
+                rows = max(rows, math.prod(values[step.x].shape()[:-1]))
+                values[step.y], arrays[step.y], full[step.y] = self._linear(step, values[step.x],
+                                                                            binding.outputs.get(step.y), full.get(step.x))
+                read, made, kind = (step.x,), (step.y,), LINEAR
+            elif (made := self._run_rowwise(step, values, arrays, full, binding)) is not None:
+                read, kind = step.inputs, ROWWISE
             else:
                 b = step.session.io_binding()
                 for x in step.inputs:
@@ -405,13 +424,16 @@ class SplitStep:
                 values.update(zip(step.outputs, b.get_outputs()))
                 if wanted.intersection(step.outputs):
                     held.append(b)
-                read, made = step.inputs, step.outputs
+                read, made, kind = step.inputs, step.outputs, PIECES
+            if self.timings is not None:
+                self.timings[kind] = self.timings.get(kind, 0.0) + time.perf_counter() - t0
             if shapes is not None:
                 shapes.update((y, (tuple(values[y].shape()), _dtype(values[y]))) for y in made)
             for x in read:          # a value no later step reads is let go (a long prompt's are large)
                 if self._last_read.get(x) == i and x not in wanted and x not in binding.inputs:
                     values.pop(x, None)
                     arrays.pop(x, None)
+                    full.pop(x, None)
         # a linear's unbound output is returned as its array: numpy() of an OrtValue made from an
         # array is a view that does not keep the array alive
         binding.results = [binding.outputs[y] if binding.outputs[y] is not None else
@@ -422,7 +444,7 @@ class SplitStep:
         else:
             binding.plan = self._plan(binding)
         if rows > TRIM_ROWS:
-            del values, arrays
+            del values, arrays, full
             release_freed_memory()
 
     def _plan(self, binding: _Binding):
@@ -437,7 +459,7 @@ class SplitStep:
         def buffer(name: str, rows: int | None = None) -> np.ndarray:
             if name not in arrays:
                 shape, dtype = shapes[name]
-                M = int(np.prod(shape[:-1]))
+                M = math.prod(shape[:-1])
                 full = aligned_empty((max(M, rows or M), shape[-1] if shape else 1), dtype)
                 arrays[name] = full
                 ort_values[name] = ort.OrtValue.ortvalue_from_numpy(full[:M].reshape(shape))
@@ -448,14 +470,14 @@ class SplitStep:
             if isinstance(step, _Linear):
                 if step.x in binding.inputs or step.x in given:
                     return None         # (no such graph: a linear reads what a piece made)
-                padded[step] = step.padded_rows(int(np.prod(shapes[step.x][0][:-1])))
+                padded[step] = step.padded_rows(math.prod(shapes[step.x][0][:-1]))
                 rows[step.x] = max(rows.get(step.x, 0), padded[step])
         for x, n in rows.items():       # a kernel's input first: its buffer has the padding rows
             buffer(x, n)
         calls = []              # (kind, call): what a run calls, in order
         for step in self.steps:
             if isinstance(step, _Linear):
-                M, x = int(np.prod(shapes[step.x][0][:-1])), arrays[step.x]
+                M, x = math.prod(shapes[step.x][0][:-1]), arrays[step.x]
                 out = given.get(step.y)
                 if out is not None and padded[step] == M and out.data_ptr() % ALIGN == 0:
                     y = _view(out, (M, step.N))
@@ -483,7 +505,7 @@ class SplitStep:
                     buffer(y)
                     b.bind_ortvalue_output(y, ort_values[y])
             calls.append((PIECES, lambda b=b, sess=step.session: sess.run_with_iobinding(b)))
-        binding.results = [given[y] if y in given else _Array(arrays[y][:int(np.prod(shapes[y][0][:-1]))]
+        binding.results = [given[y] if y in given else _Array(arrays[y][:math.prod(shapes[y][0][:-1])]
                                                                .reshape(shapes[y][0]))
                            for y in binding.outputs]
         keep = (arrays, ort_values)
@@ -497,24 +519,65 @@ class SplitStep:
                 call()
         return run
 
-    def _linear(self, step: _Linear, x: ort.OrtValue, given: ort.OrtValue | None):
-        """y = x W^T -> (y as an OrtValue: `given` where bound, its array)."""
+    def _linear(self, step: _Linear, x: ort.OrtValue, given: ort.OrtValue | None, x_full: np.ndarray | None):
+        """y = x W^T -> (y as an OrtValue: `given` where bound; its array; its buffer with the
+        padding rows, None where bound). x_full: x's buffer with padding rows, where a kernel
+        made x; else the kernel reads x in place where it is fp32, aligned and needs no
+        padding rows, or a copy."""
         shape = x.shape()
-        M = int(np.prod(shape[:-1]))
+        M = math.prod(shape[:-1])
         padded = step.padded_rows(M)
-        xs = self._rows(step.K, padded)
-        xs[:M] = x.numpy().reshape(M, step.K)
+        fp32 = _dtype(x) == np.float32
+        if x_full is not None and x_full.shape[0] >= padded:
+            xs = x_full
+        elif x_full is None and padded == M and fp32 and x.data_ptr() % ALIGN == 0:
+            xs = _view(x, (M, step.K))
+        else:
+            xs = self._rows(step.K, padded)
+            xs[:M] = x_full[:M] if x_full is not None else _view(x, (M, step.K)) if fp32 else \
+                x.numpy().reshape(M, step.K)
         if given is not None and padded == M and given.data_ptr() % ALIGN == 0:
             y = _view(given, (M, step.N))       # a bound output (the logits): written in place
             step.kernels.linear(xs, step.w, y, M)
-            return given, y
-        y = aligned_empty((padded, step.N), np.float32)
-        step.kernels.linear(xs, step.w, y, M)
-        y = y[:M].reshape(*shape[:-1], step.N)
+            return given, y, None
+        y_full = aligned_empty((padded, step.N), np.float32)
+        step.kernels.linear(xs, step.w, y_full, M)
+        y = y_full[:M].reshape(*shape[:-1], step.N)
         if given is not None:
             _view(given, y.shape)[...] = y
-            return given, y
-        return ort.OrtValue.ortvalue_from_numpy(y), y
+            return given, y, None
+        return ort.OrtValue.ortvalue_from_numpy(y), y, y_full
+
+    def _run_rowwise(self, step, values: dict, arrays: dict, full: dict, binding: _Binding) -> list | None:
+        """A norm or SwiGLU piece of an unplanned call (a prompt's) run as glmc's kernel: the
+        names it made (their arrays in `arrays` and `full`, OrtValues over them in `values`),
+        or None where its session runs it (no such kernel, an output bound, not fp32)."""
+        kernel = step.kernel
+        if not isinstance(kernel, (_SkipNorm, _SwiGLU)) or any(y in binding.outputs for y in step.outputs):
+            return None
+        shapes = {x: (tuple(values[x].shape()), _dtype(values[x])) for x in step.inputs}
+        made = kernel.made(shapes)
+        shapes |= made
+        if _rows(shapes, list(shapes)) is None:
+            return None
+
+        def buffer(name: str, rows: int | None = None) -> np.ndarray:
+            shape = shapes[name][0]
+            M = math.prod(shape[:-1])
+            if name not in full:
+                full[name] = aligned_empty((self._padded_rows(name, M), shape[-1]), np.float32) if name in made \
+                    else _aligned(_view(values[name], (M, shape[-1])))
+            return full[name]
+
+        kernel.plan(binding, shapes, {}, buffer)()
+        for y, (shape, _) in made.items():
+            arrays[y] = full[y][:math.prod(shape[:-1])].reshape(shape)
+            values[y] = ort.OrtValue.ortvalue_from_numpy(arrays[y])
+        return list(made)
+
+    def _padded_rows(self, name: str, M: int) -> int:
+        """The rows a buffer of value `name` needs: M, or more for the linears that read it."""
+        return max([M] + [s.padded_rows(M) for s in self._linear_readers.get(name, ())])
 
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -579,6 +642,6 @@ def _aligned(a: np.ndarray) -> np.ndarray:
 
 def _view(value: ort.OrtValue, shape) -> np.ndarray:
     """A numpy view of an fp32 OrtValue's memory (onnxruntime's numpy() copies)."""
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     buf = (ctypes.c_float * n).from_address(value.data_ptr())
     return np.frombuffer(buf, np.float32, n).reshape(shape)
