@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import glmc
-from glmc.backends.cpu.linear16 import GEMV_MAX_M, ROWS, Kernels, aligned_empty, block_width, pack
+from glmc.backends.cpu.linear16 import GEMV_MAX_M, TILES, Kernels, aligned_empty, block_width, pack
 from glmc.errors import GlmcError
 from glmc.verify import TOLERANCES
 from glmc.weights import Blocks, Const, write_safetensors
@@ -50,6 +50,7 @@ def test_kernels_match_numpy_on_the_16_bit_weights(dtype, K, N):
     stored = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     np.testing.assert_array_equal(dense, w.to(stored).float().numpy())
     wt = kernels.tensor(_stored(p, dtype))
+    ROWS = TILES[dtype][0]
     for M in sorted({1, GEMV_MAX_M, GEMV_MAX_M + 1, ROWS, ROWS + 1, 2 * ROWS + 3}):
         x = aligned_empty((M + ROWS, K), np.float32)
         x[...] = torch.randn(M + ROWS, K, generator=g).numpy()

@@ -69,6 +69,29 @@ def test_kernel_matches_the_fp64_reference(H, Hkv, D, half, bias):
     _close(*got, want, want_k, want_v)
 
 
+@pytest.mark.parametrize("H,Hkv,D,half", SHAPES)
+@pytest.mark.parametrize("C", [1, 37])
+def test_prompt_kernel_matches_token_by_token_decode_in_fp64(H, Hkv, D, half, C):
+    """The prompt kernel's C tokens per row (row 0 from slot 0, row 1 ending at the cache's
+    last slot; 37 tokens: several query tiles and a partial one, several key tiles) against
+    the fp64 reference run one token at a time: the same outputs and cache (bounds as above)."""
+    rng = np.random.default_rng(4)
+    B, S, W = 2, 90, (H + 2 * Hkv) * D
+    qkv = (rng.standard_normal((B, C, W)) * 2).astype(np.float32)
+    b = rng.standard_normal(W).astype(np.float32)
+    k, v = (rng.standard_normal((B, Hkv, S, D)).astype(np.float32) for _ in range(2))
+    angle = rng.uniform(0, 2 * np.pi, (S, half))
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    seq = np.array([C - 1, S - 1], np.int32)
+    got_k, got_v, out = _aligned(k), _aligned(v), _aligned(np.zeros((B, C, H * D), np.float32))
+    attention.Attention(H, Hkv, D, half, D ** -0.5, threads=2).prompt(
+        _aligned(qkv), _aligned(b), got_k, got_v, _aligned(seq), _aligned(cos), _aligned(sin), out)
+    want_k, want_v = k.copy(), v.copy()
+    want = np.stack([attention.reference(qkv[:, c], b, want_k, want_v, seq - C + 1 + c, cos, sin, H, D ** -0.5)
+                     for c in range(C)], axis=1)
+    _close(out, got_k, got_v, want, want_k, want_v)
+
+
 def _gqa(H, Hkv, D, half, qkv, k, v, seq, cos, sin):
     """onnxruntime's GroupQueryAttention on the same step: packed QKV, the cache shared in place."""
     sess = ort.InferenceSession(attention.groupquery_model(H, Hkv, D, half, D ** -0.5),
@@ -233,23 +256,38 @@ def test_a_finished_caches_buffers_and_plan_serve_the_next_request(artifacts):
     del view
 
 
-def test_prompts_run_the_norms_and_swiglus_as_kernels(artifacts, monkeypatch):
-    """A prompt (more rows than the serial kernels take) runs its norm and SwiGLU pieces as
-    the parallel kernels: the prompt logits of a ragged batch and a long single prompt
-    within 1e-4 of the largest |logit| of the same artifact on onnxruntime's ops."""
+def test_prompts_run_attention_norms_and_swiglus_as_kernels(artifacts, monkeypatch):
+    """A prompt runs its attention as the prompt kernel (all of a row's tokens at once) and its
+    norm and SwiGLU pieces as the parallel row-wise kernels (more rows than the serial ones
+    take): the prompt logits of a ragged batch and of a long single prompt within 1e-4 of the
+    largest |logit| of the same artifact on onnxruntime's ops, and so are the logits of decode
+    steps that read the cache the prompt kernel wrote."""
     from glmc.backends.cpu import runtime16
 
     path = artifacts("glm-gqa", dtype="bf16")
     prompts = [[list(range(5, 45)), list(range(50, 71))], [list(range(7, 70))]]
-    runs, run = {}, runtime16.SplitStep._run_rowwise
+    wrapped = {name: getattr(runtime16.SplitStep, name) for name in ("_run_rowwise", "_run_attention")}
+    runs = {}
     for mode in ("onnxruntime", "glmc"):
         monkeypatch.setenv("GLMC_CPU_DECODE_KERNELS", mode)
-        ran = []
-        monkeypatch.setattr(runtime16.SplitStep, "_run_rowwise",
-                            lambda self, step, *a: ran.append(run(self, step, *a)) or ran[-1])
+        ran = {name: [] for name in wrapped}
+        for name, run in wrapped.items():
+            monkeypatch.setattr(runtime16.SplitStep, name, lambda self, step, *a, name=name, run=run:
+                                ran[name].append(run(self, step, *a)) or ran[name][-1])
         model = glmc.load(path)
-        runs[mode] = [model.prefill(batch)[1] for batch in prompts], sum(made is not None for made in ran)
+        logits = []
+        for batch in prompts:
+            cache, last = model.prefill(batch)
+            logits.append(last)
+            position = np.array([len(p) for p in batch])
+            for token in (11, 12, 13):
+                logits.append(model.executor.decode(cache, np.full((len(batch), 1), token), position)[:, 0].copy())
+                position = position + 1
+        runs[mode] = logits, {name: sum(made is not None for made in got) for name, got in ran.items()}
     (want, plain), (got, kernels) = runs["onnxruntime"], runs["glmc"]
-    assert plain == 0 and kernels == 2 * 5        # per prompt: 2 layers' 2 norms and SwiGLU, minus the first norm
+    assert plain == {"_run_rowwise": 0, "_run_attention": 0}
+    # per prompt: 2 layers' attention; their 2 norms and SwiGLU, minus the first norm (the
+    # embedding's piece); decode steps 1-2 run unplanned too: their attention and norms as well
+    assert kernels == {"_run_rowwise": 2 * 5 * 3, "_run_attention": 2 * 2 * 3}
     for g, w in zip(got, want):
         assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max()

@@ -31,6 +31,7 @@ import numpy as np
 from glmc.backends.cpu.linear16 import aligned_empty, available
 from glmc.backends.cpu.tvm_build import built, host_target, prim_func
 from glmc.errors import GlmcError
+from glmc.settings import tvm_thread_pool
 
 LANES = 8           # fp32 lanes of an AVX2 vector
 TILE = 32           # cache slots per tile of the weighted sum of V
@@ -180,6 +181,154 @@ def _decode(H: int, Hkv: int, D: int, half: int, scale: float, name: str):
     return decode
 
 
+PROMPT_ROWS = 64    # prompt kernel: query rows (tokens x the group's heads) per work item ...
+PROMPT_TILE = 32    # ... and cache slots per tile of its scores
+
+
+def _prompt(H: int, Hkv: int, D: int, half: int, scale: float, name: str, tasks: int):
+    """Attention of C new tokens per row (a prompt, a chunk): the new keys (rotated) and
+    values into the cache first, then per work item (row b, KV head g, QT consecutive tokens)
+    the QT x G query rows against the cache's slots up to its last token in tiles of TK
+    slots: scores as a small gemm over the tile's keys transposed (RB rows x TK slots in
+    registers), the causal mask, an online softmax (running max and sum per query row, the
+    output rescaled when the max moves), and the weighted sum of the tile's values."""
+    from tvm.script import tirx as T
+
+    G, W, DV = H // Hkv, (H + 2 * Hkv) * D, D // LANES
+    KO, VO = H * D, (H + Hkv) * D
+    QT = max(1, PROMPT_ROWS // G)           # tokens per work item
+    RQ, TK = QT * G, PROMPT_TILE
+    TV = TK // LANES
+    RB = 2 if G % 2 == 0 else 1             # score rows held in registers at once
+    CB = next(c for c in (4, 2, 1) if DV % c == 0)
+    L = LANES
+    NEG = -3.0e38
+
+    @prim_func
+    def prompt(qkv_handle: T.handle, bias_handle: T.handle, k_handle: T.handle, v_handle: T.handle,
+               seq_handle: T.handle, cos_handle: T.handle, sin_handle: T.handle, out_handle: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        B = T.int32()
+        C = T.int32()
+        S = T.int32()
+        P = T.int32()
+        QKV = T.match_buffer(qkv_handle, (B, C, W), "float32")
+        BIAS = T.match_buffer(bias_handle, (W,), "float32")
+        KC = T.match_buffer(k_handle, (B, Hkv, S, D), "float32")
+        VC = T.match_buffer(v_handle, (B, Hkv, S, D), "float32")
+        SEQ = T.match_buffer(seq_handle, (B,), "int32")
+        COS = T.match_buffer(cos_handle, (P, half), "float32")
+        SIN = T.match_buffer(sin_handle, (P, half), "float32")
+        OUT = T.match_buffer(out_handle, (B, C, H * D), "float32")
+        # the new keys (rotated) and values into the cache: every work item below reads them
+        for t in T.parallel(tasks):
+            for bc in T.serial(t * (B * C) // tasks, (t + 1) * (B * C) // tasks):
+                b = bc // C
+                c = bc % C
+                pos = SEQ[b] - C + 1 + c
+                for g in range(Hkv):
+                    for i in range(half):
+                        x0 = QKV[b, c, KO + g * D + 2 * i] + BIAS[KO + g * D + 2 * i]
+                        x1 = QKV[b, c, KO + g * D + 2 * i + 1] + BIAS[KO + g * D + 2 * i + 1]
+                        KC[b, g, pos, 2 * i] = x0 * COS[pos, i] - x1 * SIN[pos, i]
+                        KC[b, g, pos, 2 * i + 1] = x1 * COS[pos, i] + x0 * SIN[pos, i]
+                    for d in range(2 * half, D):
+                        KC[b, g, pos, d] = QKV[b, c, KO + g * D + d] + BIAS[KO + g * D + d]
+                    for d in range(D):
+                        VC[b, g, pos, d] = QKV[b, c, VO + g * D + d] + BIAS[VO + g * D + d]
+        # work items dealt round-robin: the causal mask makes later tokens' items longer
+        for t in T.parallel(tasks):
+            q = T.alloc_buffer((RQ, D), "float32")
+            o = T.alloc_buffer((RQ, D), "float32")
+            sc = T.alloc_buffer((RQ, TK), "float32")
+            kt = T.alloc_buffer((D, TK), "float32")
+            mx = T.alloc_buffer((RQ,), "float32")
+            total = T.alloc_buffer((RQ,), "float32")
+            acc = T.alloc_buffer((RB * TK,), "float32", scope="local")
+            pv = T.alloc_buffer((RB * CB * L,), "float32", scope="local")
+            red = T.alloc_buffer((L,), "float32", scope="local")
+            for i in T.serial((B * Hkv * ((C + QT - 1) // QT) + tasks - 1 - t) // tasks):
+                w = t + i * tasks
+                b = w // (Hkv * ((C + QT - 1) // QT))
+                g = w // ((C + QT - 1) // QT) % Hkv
+                c0 = w % ((C + QT - 1) // QT) * QT
+                nq = T.min(QT, C - c0)
+                p0 = SEQ[b] - C + 1 + c0
+                # the item's queries, rotated and scaled; their running max, sum and output
+                for qi in range(nq):
+                    for h in range(G):
+                        for j in range(half):
+                            x0 = QKV[b, c0 + qi, (g * G + h) * D + 2 * j] + BIAS[(g * G + h) * D + 2 * j]
+                            x1 = QKV[b, c0 + qi, (g * G + h) * D + 2 * j + 1] + BIAS[(g * G + h) * D + 2 * j + 1]
+                            q[qi * G + h, 2 * j] = (x0 * COS[p0 + qi, j] - x1 * SIN[p0 + qi, j]) * T.float32(scale)
+                            q[qi * G + h, 2 * j + 1] = (x1 * COS[p0 + qi, j] + x0 * SIN[p0 + qi, j]) * T.float32(scale)
+                        for d in range(2 * half, D):
+                            q[qi * G + h, d] = (QKV[b, c0 + qi, (g * G + h) * D + d] + BIAS[(g * G + h) * D + d]) \
+                                * T.float32(scale)
+                        mx[qi * G + h] = T.float32(NEG)
+                        total[qi * G + h] = T.float32(0)
+                        for cv in range(DV):
+                            o[qi * G + h, T.ramp(cv * L, 1, L)] = T.broadcast(T.float32(0), L)
+                for tile in range((p0 + nq - 1) // TK + 1):
+                    t0 = tile * TK
+                    nk = T.min(TK, p0 + nq - t0)
+                    for j in range(TK):             # the tile's keys, transposed (zeros past the last)
+                        if j < nk:
+                            for d in range(D):
+                                kt[d, j] = KC[b, g, t0 + j, d]
+                        else:
+                            for d in range(D):
+                                kt[d, j] = T.float32(0)
+                    for rb in range(nq * G // RB):   # scores: RB rows x TK slots in registers
+                        for x in T.unroll(RB * TV):
+                            acc[T.ramp(x * L, 1, L)] = T.broadcast(T.float32(0), L)
+                        for d in range(D):
+                            for x in T.unroll(RB * TV):
+                                acc[T.ramp(x * L, 1, L)] = acc[T.ramp(x * L, 1, L)] \
+                                    + T.broadcast(q[rb * RB + x // TV, d], L) * kt[d, T.ramp(x % TV * L, 1, L)]
+                        for x in T.unroll(RB * TV):
+                            sc[rb * RB + x // TV, T.ramp(x % TV * L, 1, L)] = acc[T.ramp(x * L, 1, L)]
+                    for r in range(nq * G):         # causal mask, online softmax
+                        red[T.ramp(0, 1, L)] = T.broadcast(T.float32(NEG), L)
+                        for v in range(TV):
+                            masked = T.Select(T.ramp(t0 + v * L, 1, L) <= T.broadcast(p0 + r // G, L),
+                                              sc[r, T.ramp(v * L, 1, L)], T.broadcast(T.float32(NEG), L))
+                            sc[r, T.ramp(v * L, 1, L)] = masked
+                            red[T.ramp(0, 1, L)] = T.max(red[T.ramp(0, 1, L)], masked)
+                        top = T.max(mx[r], T.max(T.max(T.max(red[0], red[1]), T.max(red[2], red[3])),
+                                                 T.max(T.max(red[4], red[5]), T.max(red[6], red[7]))))
+                        alpha = T.exp(mx[r] - top)
+                        red[T.ramp(0, 1, L)] = T.broadcast(T.float32(0), L)
+                        for v in range(TV):
+                            e = T.Select(T.ramp(t0 + v * L, 1, L) <= T.broadcast(p0 + r // G, L),
+                                         exp8(T, sc[r, T.ramp(v * L, 1, L)] - T.broadcast(top, L)),
+                                         T.broadcast(T.float32(0), L))
+                            sc[r, T.ramp(v * L, 1, L)] = e
+                            red[T.ramp(0, 1, L)] = red[T.ramp(0, 1, L)] + e
+                        total[r] = total[r] * alpha + (red[0] + red[1] + red[2] + red[3] + red[4] + red[5] + red[6]
+                                                       + red[7])
+                        mx[r] = top
+                        for cv in range(DV):
+                            o[r, T.ramp(cv * L, 1, L)] = o[r, T.ramp(cv * L, 1, L)] * T.broadcast(alpha, L)
+                    for rb in range(nq * G // RB):   # the weighted sum of the tile's values
+                        for cb in range(DV // CB):
+                            for x in T.unroll(RB * CB):
+                                pv[T.ramp(x * L, 1, L)] = o[rb * RB + x // CB, T.ramp((cb * CB + x % CB) * L, 1, L)]
+                            for j in range(nk):
+                                for x in T.unroll(RB * CB):
+                                    pv[T.ramp(x * L, 1, L)] = pv[T.ramp(x * L, 1, L)] \
+                                        + T.broadcast(sc[rb * RB + x // CB, j], L) \
+                                        * VC[b, g, t0 + j, T.ramp((cb * CB + x % CB) * L, 1, L)]
+                            for x in T.unroll(RB * CB):
+                                o[rb * RB + x // CB, T.ramp((cb * CB + x % CB) * L, 1, L)] = pv[T.ramp(x * L, 1, L)]
+                for r in range(nq * G):
+                    for cv in range(DV):
+                        OUT[b, c0 + r // G, T.ramp((g * G + r % G) * D + cv * L, 1, L)] = o[r, T.ramp(cv * L, 1, L)] \
+                            * T.broadcast(T.float32(1) / total[r], L)
+
+    return prompt
+
+
 class Attention:
     """The decode kernel for one attention shape: heads H, KV heads Hkv, head_dim D, rotary
     pairs `half`, score scale `scale`, built for this CPU and `threads` threads."""
@@ -192,9 +341,13 @@ class Attention:
 
         target = host_target(threads)       # plain 8-lane vectors, no x86 intrinsics: any CPU LLVM targets
         self.H, self.Hkv, self.D = H, Hkv, D
-        name = f"decode_attention_h{H}_kv{Hkv}_d{D}_r{half}_s{np.float32(scale).view(np.uint32)}"
-        self._fn = built(name, lambda: {name: _decode(H, Hkv, D, half, float(np.float32(scale)), name)}, threads,
-                         target)[name]
+        shape = f"h{H}_kv{Hkv}_d{D}_r{half}_s{np.float32(scale).view(np.uint32)}"
+        name, prompt = f"decode_attention_{shape}", f"prompt_attention_{shape}"
+        scale = float(np.float32(scale))
+        lib = built(name, lambda: {name: _decode(H, Hkv, D, half, scale, name),
+                                   prompt: _prompt(H, Hkv, D, half, scale, prompt, tvm_thread_pool(threads))},
+                    threads, target)
+        self._fn, self._prompt = lib[name], lib[prompt]
         self._wrap = tvm.runtime.from_dlpack
         self._scratch: dict[tuple, np.ndarray] = {}
 
@@ -224,6 +377,18 @@ class Attention:
         def call(keep=(bias, weights)):
             fn(*args)
         return call
+
+
+    def prompt(self, qkv: np.ndarray, bias: np.ndarray | None, k_cache: np.ndarray, v_cache: np.ndarray,
+               seqlens: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray) -> None:
+        """C tokens per row at once: qkv (B, C, (H + 2 Hkv) D), row b's tokens at cache slots
+        seqlens[b] - C + 1 .. seqlens[b] (each attending to the slots up to its own), out (B, C,
+        H D); the rest as `bound`."""
+        if bias is None:
+            bias = aligned_empty((qkv.shape[-1],), np.float32)
+            bias[...] = 0
+        wrap = self._wrap
+        self._prompt(*(wrap(a) for a in (qkv, bias, k_cache, v_cache, seqlens, cos, sin, out)))
 
 
 def reference(qkv, bias, k_cache, v_cache, seqlens, cos, sin, H: int, scale: float) -> np.ndarray:

@@ -22,8 +22,17 @@ its V values per k to fp32 (bf16: a 16-bit shift; fp16: F16C's vcvtph2ps) and ke
 (rows x V) sums in registers (V = 32 is four 8-wide fp32 vectors). Two schedules per
 shape, both parallel over the column blocks:
   gemv  any M, one row at a time: each block read once per row (decode, M <= GEMV_MAX_M)
-  gemm  M a multiple of ROWS: each converted weight vector feeds ROWS rows (prefill,
-        batched decode); sums held for ROWS x TILE outputs, so the register file holds them
+  gemm  M a multiple of the tile's rows: each converted weight vector feeds those rows
+        (prefill, batched decode); sums held for a rows x columns tile (TILES), so the
+        register file holds them
+
+The gemm's tile by stored dtype (TILES): fp32 3 rows x 32 columns, 16-bit 6 x 16. With 6 x
+16, fp32 read half of each 128-byte weight row per pass over k, so a block's first pass
+missed twice as often, and 32 rows padded to 36; 3 x 32 reads whole rows. Measured on
+small-glm's 40 decoder linears, weights cold, 2 threads (GMAC/s at 12 / 32 / 128 / 512 rows):
+fp32 58 / 78 / 103 / 110 at 6 x 16, 67 / 90 / 104 / 109 at 3 x 32. bf16 and fp16 convert each
+weight vector once per tile, so 3 x 32 costs them (bf16 76 / 85 / 103 / 108 at 6 x 16, 69 /
+76 / 81 / 83 at 3 x 32).
 """
 
 from __future__ import annotations
@@ -37,8 +46,8 @@ from glmc.errors import GlmcError
 
 V = 32                 # output columns per block: the vector lanes one k step fills (fewer
                        # where the output width is not a multiple of 32: `block_width`)
-ROWS = 6               # gemm register tile: ROWS x TILE sums (12 ymm registers at TILE 16) ...
-TILE = 16              # ... over TILE of a block's V columns at a time
+TILES = {"fp32": (3, 32), "bf16": (6, 16), "fp16": (6, 16)}     # gemm register tile: rows x columns of a
+                       # block (12 ymm registers of sums), by stored dtype
 GEMV_MAX_M = 2         # up to this many rows run the gemv (each row streams the weight once)
 UNROLL = 4             # gemv: k steps unrolled in the inner loop
 ALIGN = 64             # byte alignment TVM's kernels assume for every buffer
@@ -59,9 +68,11 @@ def block_width(N: int) -> int | None:
     return next((w for w in (V, 16, 8) if N % w == 0), None)
 
 
-def padded_rows(M: int) -> int:
-    """The rows a call of M rows computes: M for the gemv, M rounded up to ROWS for the gemm."""
-    return M if M <= GEMV_MAX_M else -(-M // ROWS) * ROWS
+def padded_rows(M: int, dtype: str) -> int:
+    """The rows a call of M rows computes: M for the gemv, M rounded up to the dtype's tile
+    rows for the gemm."""
+    rows = TILES[dtype][0]
+    return M if M <= GEMV_MAX_M else -(-M // rows) * rows
 
 
 def pack(w, dtype: str):
@@ -127,13 +138,14 @@ def _gemm(K: int, N: int, dtype: str, name: str):
     from tvm import s_tir, te
 
     width = block_width(N)
-    tile = min(TILE, width)
+    rows, tile = TILES[dtype]
+    tile = min(tile, width)
     Mq = te.var("mq")
-    X = te.placeholder((Mq, ROWS, K), "float32", name="X")         # rows grouped ROWS at a time
+    X = te.placeholder((Mq, rows, K), "float32", name="X")         # rows grouped a tile's rows at a time
     W = te.placeholder((N // width, K, width), DTYPES[dtype], name="W")
     w = _weight(W, dtype)
     k = te.reduce_axis((0, K), "k")
-    Y = te.compute((Mq, ROWS, N), lambda mo, mi, n: te.sum(X[mo, mi, k] * w(n // width, k, n % width), axis=k),
+    Y = te.compute((Mq, rows, N), lambda mo, mi, n: te.sum(X[mo, mi, k] * w(n // width, k, n % width), axis=k),
                    name="Y")
     s = s_tir.Schedule(te.create_prim_func([X, W, Y]).with_attr("global_symbol", name))
     block = s.get_sblock("Y")
@@ -185,17 +197,20 @@ class Kernels:
     def bound(self, x: np.ndarray, w, y: np.ndarray, M: int):
         """The call y[:M] = x[:M] @ W^T as a function of no arguments, its views made once. x (>= M',
         K) and y (>= M', N): ALIGN-aligned fp32 buffers; w a `tensor` view of the packed weight
-        (N / width, K, width). M' is M up to GEMV_MAX_M (gemv), else M rounded up to ROWS (gemm: the
-        padding rows are computed and ignored)."""
+        (N / width, K, width). M' = padded_rows(M) (gemm: the padding rows are computed and
+        ignored)."""
         K, N = x.shape[1], y.shape[1]
         if M <= GEMV_MAX_M:
             fn, xt, yt = self._fn[_name("gemv", K, N, self.dtype)], self._wrap(x[:M]), self._wrap(y[:M])
         else:
-            Mp = padded_rows(M)
+            Mp, rows = padded_rows(M, self.dtype), TILES[self.dtype][0]
             fn = self._fn[_name("gemm", K, N, self.dtype)]
-            xt = self._wrap(x[:Mp].reshape(Mp // ROWS, ROWS, K))
-            yt = self._wrap(y[:Mp].reshape(Mp // ROWS, ROWS, N))
+            xt = self._wrap(x[:Mp].reshape(Mp // rows, rows, K))
+            yt = self._wrap(y[:Mp].reshape(Mp // rows, rows, N))
         return lambda: fn(xt, w, yt)
+
+    def padded_rows(self, M: int) -> int:
+        return padded_rows(M, self.dtype)
 
     def linear(self, x: np.ndarray, w, y: np.ndarray, M: int) -> None:
         """y[:M] = x[:M] @ W^T (see `bound`)."""

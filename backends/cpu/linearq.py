@@ -422,6 +422,10 @@ class Kernels:
             fn(*args)
         return call
 
+    @staticmethod
+    def padded_rows(M: int) -> int:
+        return padded_rows(M)
+
     def linear(self, x: np.ndarray, w, y: np.ndarray, M: int) -> None:
         """y[:M] = x[:M] @ W^T (see `bound`)."""
         self.bound(x, w, y, M)()

@@ -17,8 +17,10 @@ A planned decode call (one token per row, the cache bound as past and present) a
 the pieces that are exactly an attention (with its bias Add), a residual add + RMS norm or a
 SwiGLU on glmc's kernels (backends/cpu/attention.py, rowwise.py): each such piece's `kernel`
 plans the call, or declines and the piece's session runs it (verification). An unplanned
-call (a prompt) runs its norms and SwiGLUs as the kernels too (`_run_rowwise`), each output
-in a buffer with the padding rows of the linears that read it, which they read in place.
+call (a prompt) runs them as kernels too: its norms and SwiGLUs (`_run_rowwise`), and its
+attention as the prompt kernel (`_run_attention`: all of a row's new tokens at once, causal),
+each output in a buffer with the padding rows of the linears that read it, which they read in
+place.
 """
 
 from __future__ import annotations
@@ -62,24 +64,35 @@ class _Attention:
     kernel: object          # attention.Attention
     kind = ATTENTION
 
+    def cache(self, binding: _Binding, given: dict) -> tuple | None:
+        """The KV cache as (k, v) arrays where it is bound as past and present at once
+        (aligned, fp32) and seqlens is int32, else None (onnxruntime runs the piece)."""
+        past = [binding.inputs.get(x) for x in self.past]
+        present = [given.get(x) for x in self.present]
+        seqlens = binding.inputs.get(self.seqlens)
+        if None in past or None in present or seqlens is None \
+                or any(p.data_ptr() != q.data_ptr() or p.data_ptr() % ALIGN for p, q in zip(past, present)) \
+                or _dtype(past[0]) != np.float32 or _dtype(seqlens) != np.int32:
+            return None
+        return tuple(_view(p, tuple(p.shape())) for p in past)
+
+    def slots(self, binding: _Binding, B: int) -> np.ndarray:
+        """A view of the call's seqlens (B,): each row's last slot."""
+        return np.frombuffer((ctypes.c_int32 * B).from_address(binding.inputs[self.seqlens].data_ptr()), np.int32, B)
+
     def plan(self, binding: _Binding, shapes: dict, given: dict, buffer):
         """The kernel's call for a planned run of one token per row whose cache is bound as
         past and present at once (the executor's decode step), or None (onnxruntime runs it)."""
         shape = shapes.get(self.qkv, ((),))[0]
-        past = [binding.inputs.get(x) for x in self.past]
-        present = [given.get(x) for x in self.present]
-        seqlens = binding.inputs.get(self.seqlens)
-        if len(shape) != 3 or shape[1] != 1 or None in past or None in present or seqlens is None \
-                or any(p.data_ptr() != q.data_ptr() or p.data_ptr() % ALIGN for p, q in zip(past, present)) \
-                or _dtype(past[0]) != np.float32 or _dtype(seqlens) != np.int32:
+        cache = self.cache(binding, given)
+        if len(shape) != 3 or shape[1] != 1 or cache is None:
             return None
         B = shape[0]
-        k, v = (_view(p, tuple(p.shape())) for p in past)
-        slots = (ctypes.c_int32 * B).from_address(seqlens.data_ptr())
+        k, v = cache
         seq = aligned_empty((B,), np.int32)
         run = self.kernel.bound(buffer(self.qkv)[:B], self.bias, k, v, seq, self.cos, self.sin, buffer(self.out)[:B])
 
-        def call(slots=np.frombuffer(slots, np.int32, B), seq=seq, run=run):
+        def call(slots=self.slots(binding, B), seq=seq, run=run):
             seq[:] = slots
             run()
         return call
@@ -162,7 +175,7 @@ class _Linear:
     kernels: object = None  # the Kernels that run it
 
     def padded_rows(self, M: int) -> int:
-        return KERNELS[self.kind].padded_rows(M)
+        return self.kernels.padded_rows(M)
 
 
 class _Binding:
@@ -387,14 +400,14 @@ class SplitStep:
         """An aligned (>= rows, K) input buffer, reused: a kernel's input is dead once it ran."""
         buf = self._scratch.get(K)
         if buf is None or buf.shape[0] < rows:
-            buf = self._scratch[K] = aligned_empty((max(rows, linear16.ROWS), K), np.float32)
+            buf = self._scratch[K] = aligned_empty((rows, K), np.float32)
         return buf
 
     def run_with_iobinding(self, binding: _Binding) -> None:
         if binding.plan is not None:
             binding.plan()
             return
-        values = dict(binding.inputs)
+        values = dict(binding.inputs)   # name -> OrtValue (a kernel's output: made when a piece reads it)
         held = binding.held = []     # the bindings of pieces that made an output of the call
         arrays = {}                  # a value a kernel made -> its array
         full = {}                    # ... -> its buffer, with the padding rows of the linears that read it
@@ -404,15 +417,23 @@ class SplitStep:
         for i, step in enumerate(self.steps):
             t0 = time.perf_counter()
             if isinstance(step, _Linear):
-                rows = max(rows, math.prod(values[step.x].shape()[:-1]))
-                values[step.y], arrays[step.y], full[step.y] = self._linear(step, values[step.x],
-                                                                            binding.outputs.get(step.y), full.get(step.x))
+                x = arrays.get(step.x)
+                x = values[step.x] if x is None else x
+                given = binding.outputs.get(step.y)
+                arrays[step.y], full[step.y] = self._linear(step, x, given, full.get(step.x))
+                if given is not None:
+                    values[step.y] = given
+                rows = max(rows, math.prod(arrays[step.y].shape[:-1]))
                 read, made, kind = (step.x,), (step.y,), LINEAR
             elif (made := self._run_rowwise(step, values, arrays, full, binding)) is not None:
                 read, kind = step.inputs, ROWWISE
+            elif (made := self._run_attention(step, values, arrays, full, binding)) is not None:
+                read, kind = step.inputs, ATTENTION
             else:
                 b = step.session.io_binding()
                 for x in step.inputs:
+                    if x not in values:
+                        values[x] = ort.OrtValue.ortvalue_from_numpy(arrays[x])
                     b.bind_ortvalue_input(x, values[x])
                 for y in step.outputs:
                     given = binding.outputs.get(y)
@@ -428,7 +449,8 @@ class SplitStep:
             if self.timings is not None:
                 self.timings[kind] = self.timings.get(kind, 0.0) + time.perf_counter() - t0
             if shapes is not None:
-                shapes.update((y, (tuple(values[y].shape()), _dtype(values[y]))) for y in made)
+                shapes.update((y, (arrays[y].shape, arrays[y].dtype) if y in arrays else
+                               (tuple(values[y].shape()), _dtype(values[y]))) for y in made)
             for x in read:          # a value no later step reads is let go (a long prompt's are large)
                 if self._last_read.get(x) == i and x not in wanted and x not in binding.inputs:
                     values.pop(x, None)
@@ -519,43 +541,47 @@ class SplitStep:
                 call()
         return run
 
-    def _linear(self, step: _Linear, x: ort.OrtValue, given: ort.OrtValue | None, x_full: np.ndarray | None):
-        """y = x W^T -> (y as an OrtValue: `given` where bound; its array; its buffer with the
-        padding rows, None where bound). x_full: x's buffer with padding rows, where a kernel
-        made x; else the kernel reads x in place where it is fp32, aligned and needs no
-        padding rows, or a copy."""
-        shape = x.shape()
+    def _linear(self, step: _Linear, x, given: ort.OrtValue | None, x_full: np.ndarray | None):
+        """y = x W^T for x an array (a kernel made it) or an OrtValue -> (y's array: in `given`
+        where bound; its buffer with the padding rows, None where bound). x_full: x's buffer
+        with padding rows, where a kernel made x; else the kernel reads x in place where it is
+        fp32, aligned and needs no padding rows, or a copy."""
+        if isinstance(x, np.ndarray):
+            shape, fp32, at = x.shape, x.dtype == np.float32, x.ctypes.data
+        else:
+            shape, fp32, at = tuple(x.shape()), _dtype(x) == np.float32, x.data_ptr()
         M = math.prod(shape[:-1])
         padded = step.padded_rows(M)
-        fp32 = _dtype(x) == np.float32
         if x_full is not None and x_full.shape[0] >= padded:
             xs = x_full
-        elif x_full is None and padded == M and fp32 and x.data_ptr() % ALIGN == 0:
-            xs = _view(x, (M, step.K))
+        elif padded == M and fp32 and at % ALIGN == 0 and (isinstance(x, np.ndarray) and x.flags.c_contiguous
+                                                           or x_full is None):
+            xs = x.reshape(M, step.K) if isinstance(x, np.ndarray) else _view(x, (M, step.K))
         else:
             xs = self._rows(step.K, padded)
-            xs[:M] = x_full[:M] if x_full is not None else _view(x, (M, step.K)) if fp32 else \
+            xs[:M] = x.reshape(M, step.K) if isinstance(x, np.ndarray) else _view(x, (M, step.K)) if fp32 else \
                 x.numpy().reshape(M, step.K)
         if given is not None and padded == M and given.data_ptr() % ALIGN == 0:
             y = _view(given, (M, step.N))       # a bound output (the logits): written in place
             step.kernels.linear(xs, step.w, y, M)
-            return given, y, None
+            return y.reshape(*shape[:-1], step.N), None
         y_full = aligned_empty((padded, step.N), np.float32)
         step.kernels.linear(xs, step.w, y_full, M)
         y = y_full[:M].reshape(*shape[:-1], step.N)
         if given is not None:
             _view(given, y.shape)[...] = y
-            return given, y, None
-        return ort.OrtValue.ortvalue_from_numpy(y), y, y_full
+            return y, None
+        return y, y_full
 
     def _run_rowwise(self, step, values: dict, arrays: dict, full: dict, binding: _Binding) -> list | None:
         """A norm or SwiGLU piece of an unplanned call (a prompt's) run as glmc's kernel: the
-        names it made (their arrays in `arrays` and `full`, OrtValues over them in `values`),
-        or None where its session runs it (no such kernel, an output bound, not fp32)."""
+        names it made (their arrays in `arrays` and `full`), or None where its session runs
+        it (no such kernel, an output bound, not fp32)."""
         kernel = step.kernel
         if not isinstance(kernel, (_SkipNorm, _SwiGLU)) or any(y in binding.outputs for y in step.outputs):
             return None
-        shapes = {x: (tuple(values[x].shape()), _dtype(values[x])) for x in step.inputs}
+        shapes = {x: (arrays[x].shape, arrays[x].dtype) if x in arrays else (tuple(values[x].shape()), _dtype(values[x]))
+                  for x in step.inputs}
         made = kernel.made(shapes)
         shapes |= made
         if _rows(shapes, list(shapes)) is None:
@@ -566,14 +592,37 @@ class SplitStep:
             M = math.prod(shape[:-1])
             if name not in full:
                 full[name] = aligned_empty((self._padded_rows(name, M), shape[-1]), np.float32) if name in made \
-                    else _aligned(_view(values[name], (M, shape[-1])))
+                    else _aligned(arrays[name].reshape(M, shape[-1]) if name in arrays
+                                  else _view(values[name], (M, shape[-1])))
             return full[name]
 
         kernel.plan(binding, shapes, {}, buffer)()
         for y, (shape, _) in made.items():
             arrays[y] = full[y][:math.prod(shape[:-1])].reshape(shape)
-            values[y] = ort.OrtValue.ortvalue_from_numpy(arrays[y])
         return list(made)
+
+    def _run_attention(self, step, values: dict, arrays: dict, full: dict, binding: _Binding) -> list | None:
+        """An attention piece of an unplanned call (a prompt's tokens) run as glmc's prompt
+        kernel: the names it made (the output in `arrays` and `full`; the cache, written in
+        place, as the bound presents), or None where its session runs it (no such kernel, the
+        cache not bound in place, the packed projection not a kernel's fp32 output)."""
+        spec = step.kernel
+        if not isinstance(spec, _Attention):
+            return None
+        qkv, cache = arrays.get(spec.qkv), spec.cache(binding, binding.outputs)
+        if cache is None or qkv is None or qkv.ndim != 3 or qkv.dtype != np.float32 or not qkv.flags.c_contiguous \
+                or qkv.ctypes.data % ALIGN or qkv.shape[0] != cache[0].shape[0]:
+            return None
+        B, C = qkv.shape[:2]
+        seq = aligned_empty((B,), np.int32)
+        seq[:] = spec.slots(binding, B)
+        width = spec.kernel.H * spec.kernel.D
+        out = full[spec.out] = aligned_empty((self._padded_rows(spec.out, B * C), width), np.float32)
+        arrays[spec.out] = out[:B * C].reshape(B, C, width)
+        spec.kernel.prompt(qkv, spec.bias, *cache, seq, spec.cos, spec.sin, arrays[spec.out])
+        for name in spec.present:
+            values[name] = binding.outputs[name]
+        return [spec.out, *spec.present]
 
     def _padded_rows(self, name: str, M: int) -> int:
         """The rows a buffer of value `name` needs: M, or more for the linears that read it."""
