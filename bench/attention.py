@@ -3,12 +3,15 @@ GroupQueryAttention: the op alone, and a whole model's decode step with all of g
 decode kernels against onnxruntime's ops.
 
     python bench/attention.py [--shapes glm4-9b,small-glm] [--contexts 32,256,1024,2048]
+                              [--prompt]
                               [--artifact A.glmc --decode-contexts 128,1024 --steps 16]
                               [--rounds 3] [--threads 2] [--out bench/results/attention-cpu.json]
 
 The op alone: one decode step (B = 1) of a layer's attention, `--layers` layers' caches
 cycled so each call reads its cache from memory; microseconds per call (min/median/max
-over 9 timed passes per round, all rounds).
+over 9 timed passes per round, all rounds). With --prompt, a prompt of each `--contexts`
+length instead (all its tokens in one call, the cache filled from slot 0): glmc's prompt
+kernel against the same operator.
 
 A whole model (--artifact, an `--int4-matmul glmc` / `--int8-matmul glmc` / 16-bit cpu
 artifact: its split step is where the kernel runs): --steps greedy decode steps from
@@ -61,33 +64,42 @@ def _op_child(args) -> dict:
     angle = rng.uniform(0, 6.3, (S, half))
     cos, sin = array((S, half)), array((S, half))
     cos[...], sin[...] = np.cos(angle), np.sin(angle)
-    qkv, out = array((1, (H + 2 * Hkv) * D)), array((1, H * D))
-    seq = aligned_empty((1,), np.int32)
-    if args.engine == "glmc":
-        kernel = attention.Attention(H, Hkv, D, half, D ** -0.5, args.threads)
-        calls = [kernel.bound(qkv, None, k, v, seq, cos, sin, out) for k, v in caches]
-    else:
+    seq, tot = aligned_empty((1,), np.int32), np.zeros((), np.int32)
+    kernel = attention.Attention(H, Hkv, D, half, D ** -0.5, args.threads) if args.engine == "glmc" else None
+    if kernel is None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
         sess = ort.InferenceSession(attention.groupquery_model(H, Hkv, D, half, D ** -0.5), opts,
                                     providers=["CPUExecutionProvider"])
-        tot = np.zeros((), np.int32)
+
+    def bound(C: int) -> list:
+        """One call per layer of C tokens (a decode step's one, or a prompt's C)."""
+        qkv, out = array((1, C, (H + 2 * Hkv) * D)), array((1, C, H * D))
+        if kernel is not None and args.prompt:
+            return [lambda k=k, v=v: kernel.prompt(qkv, None, k, v, seq, cos, sin, out) for k, v in caches]
+        if kernel is not None:
+            return [kernel.bound(qkv[0], None, k, v, seq, cos, sin, out[0]) for k, v in caches]
         calls = []
         for k, v in caches:
             b = sess.io_binding()
-            for name, a in (("qkv", qkv.reshape(1, 1, -1)), ("seq", seq), ("tot", tot), ("cos", cos), ("sin", sin)):
+            for name, a in (("qkv", qkv), ("seq", seq), ("tot", tot), ("cos", cos), ("sin", sin)):
                 b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(a))
-            b.bind_ortvalue_output("o", ort.OrtValue.ortvalue_from_numpy(out.reshape(1, 1, -1)))
+            b.bind_ortvalue_output("o", ort.OrtValue.ortvalue_from_numpy(out))
             for pair, a in ((("pk", "k"), k), (("pv", "v"), v)):
                 value = ort.OrtValue.ortvalue_from_numpy(a)
                 b.bind_ortvalue_input(pair[0], value)
                 b.bind_ortvalue_output(pair[1], value)
             calls.append(lambda b=b: sess.run_with_iobinding(b))
+        return calls
+
+    if not args.prompt:
+        calls = bound(1)
     times = {}
     for ctx in contexts:
-        seq[0] = ctx
-        if args.engine != "glmc":
-            tot[...] = ctx + 1
+        if args.prompt:         # a prompt of ctx tokens from slot 0: its last at ctx - 1
+            calls, seq[0], tot[...] = bound(ctx), ctx - 1, ctx
+        else:
+            seq[0], tot[...] = ctx, ctx + 1
         samples = []
         for i in range(11):
             t0 = time.perf_counter()
@@ -158,6 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="glm4-9b,small-glm")
     ap.add_argument("--contexts", default="32,256,1024,2048")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--prompt", action="store_true", help="time prompts of the --contexts lengths, not decode steps")
     ap.add_argument("--artifact", type=Path)
     ap.add_argument("--decode-contexts", default="128,1024")
     ap.add_argument("--steps", type=int, default=16)
@@ -175,13 +188,14 @@ def main(argv=None) -> int:
 
     from glmc.measure import cpu_name
 
-    report = {"what": "one decode step's attention: glmc's TVM kernel vs onnxruntime's GroupQueryAttention",
+    report = {"what": ("a prompt's" if args.prompt else "one decode step's")
+              + " attention: glmc's TVM kernel vs onnxruntime's GroupQueryAttention",
               "machine": {"cpu": cpu_name(), "platform": platform.platform(), "threads": args.threads},
               "versions": {"onnxruntime": onnxruntime.__version__, "tvm": tvm.__version__},
               "rounds": args.rounds, "op": {}, "model": None}
     for shape in [s for s in args.shapes.split(",") if s]:
         base = [sys.executable, __file__, "--shape", shape, "--contexts", args.contexts, "--layers",
-                str(args.layers), "--threads", str(args.threads), "--engine"]
+                str(args.layers), "--threads", str(args.threads)] + ["--prompt"] * args.prompt + ["--engine"]
         runs = _rounds(args, {"glmc": (base + ["glmc"], {}), "onnxruntime": (base + ["ort"], {})})
         us = _summary(runs, "us_per_call")
         report["op"][shape] = {"heads_kv_heads_head_dim_rotary_pairs": SHAPES[shape], "us_per_call": us,

@@ -420,9 +420,9 @@ def reference(qkv, bias, k_cache, v_cache, seqlens, cos, sin, H: int, scale: flo
 
 def groupquery_model(H: int, Hkv: int, D: int, half: int, scale: float) -> bytes:
     """The onnxruntime node the kernel stands in for, as a one-node model (tests and
-    bench/attention.py compare the two): GroupQueryAttention over packed QKV qkv (B, 1, W),
+    bench/attention.py compare the two): GroupQueryAttention over packed QKV qkv (B, C, W),
     the cache pk / pv (B, Hkv, S, D) bound as past and present k / v, seq (B,) int32, tot
-    () int32, cos / sin (positions, half) -> o (B, 1, H D)."""
+    () int32, cos / sin (positions, half) -> o (B, C, H D)."""
     from onnx import TensorProto, helper
 
     f = TensorProto.FLOAT
@@ -430,12 +430,12 @@ def groupquery_model(H: int, Hkv: int, D: int, half: int, scale: float) -> bytes
                             ["o", "k", "v"], domain="com.microsoft", num_heads=H, kv_num_heads=Hkv, scale=scale,
                             do_rotary=1, rotary_interleaved=1)
     cache = ["B", Hkv, "S", D]
-    ins = [helper.make_tensor_value_info("qkv", f, ["B", 1, (H + 2 * Hkv) * D]),
+    ins = [helper.make_tensor_value_info("qkv", f, ["B", "C", (H + 2 * Hkv) * D]),
            helper.make_tensor_value_info("pk", f, cache), helper.make_tensor_value_info("pv", f, cache),
            helper.make_tensor_value_info("seq", TensorProto.INT32, ["B"]),
            helper.make_tensor_value_info("tot", TensorProto.INT32, []),
            helper.make_tensor_value_info("cos", f, ["P", half]), helper.make_tensor_value_info("sin", f, ["P", half])]
-    outs = [helper.make_tensor_value_info("o", f, ["B", 1, H * D]), helper.make_tensor_value_info("k", f, cache),
+    outs = [helper.make_tensor_value_info("o", f, ["B", "C", H * D]), helper.make_tensor_value_info("k", f, cache),
             helper.make_tensor_value_info("v", f, cache)]
     graph = helper.make_graph([node], "groupquery", ins, outs)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
