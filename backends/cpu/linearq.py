@@ -45,7 +45,8 @@ Kernels per (K, N, group, bits):
             tile's rows held in registers over all of K (prefill, batched decode). 8 rows share
             each weight vector's load and unpacking: small-glm's decoder linears, weights
             cold, 2 threads, one process alternating, 8 rows over 4: 1.07x / 1.08x / 1.08x at
-            32 / 128 / 512 rows (medians; 225 -> 241, 239 -> 259, 238 -> 257 GMAC/s)
+            32 / 128 / 512 rows (medians; 225 -> 241, 239 -> 259, 238 -> 257 GMAC/s; a one-off
+            script); whole prompts: bench/results/prefill-gemm8-ab-small-glm.json
 
 Each kernel's parallel loop has one task per TVM worker (TVM_NUM_THREADS), over a contiguous
 range of its column blocks (gemm: (block, row tile) pairs), with its buffers allocated once per
