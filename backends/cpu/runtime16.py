@@ -554,8 +554,7 @@ class SplitStep:
         padded = step.padded_rows(M)
         if x_full is not None and x_full.shape[0] >= padded:
             xs = x_full
-        elif padded == M and fp32 and at % ALIGN == 0 and (isinstance(x, np.ndarray) and x.flags.c_contiguous
-                                                           or x_full is None):
+        elif padded == M and fp32 and at % ALIGN == 0 and (not isinstance(x, np.ndarray) or x.flags.c_contiguous):
             xs = x.reshape(M, step.K) if isinstance(x, np.ndarray) else _view(x, (M, step.K))
         else:
             xs = self._rows(step.K, padded)
