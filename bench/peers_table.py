@@ -2,7 +2,8 @@
 another in one process: the table of issue 14, from `glmc.benchmark.run(..., peers=True)`.
 
     pip install 'glmc[peers]'
-    python bench/peers_table.py small-glm --out bench/results/peers-small-glm.json
+    python bench/peers_table.py small-glm [--configs fp32,int4-g128,...] [--repeats 3]
+                                [--out bench/results/peers-small-glm.json]
 
 Each configuration compiles MODEL, builds the peers at the matching precision (ORT GenAI:
 int4 with the same block size, accuracy level 4, lm_head int4 on both sides, no int8 build;
@@ -62,13 +63,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default="small-glm")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--repeats", type=int, help="timed repeats per prompt length and context (default 3)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     report = {"model": args.model, "configs": {}}
     for name in args.configs.split(","):
         with tempfile.TemporaryDirectory() as d:
             rep = run(args.model, Path(d), skip=("eager", "compile", "ort-plain"), progress=False,
-                      compile_options=CONFIGS[name], peers=True)
+                      compile_options=CONFIGS[name], peers=True, repeats=args.repeats)
         report.setdefault("machine", rep["machine"])
         rows = {k: _row(v) for k, v in rep["results"].items()}
         glmc = rep["results"]["glmc"]

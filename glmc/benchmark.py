@@ -316,7 +316,8 @@ def _peer_providers(loaded, manifest: dict, glmc_provider, pool, work: Path, say
 
 
 def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progress: bool = True,
-        compile_options: dict | None = None, peers: bool = False) -> dict:
+        compile_options: dict | None = None, peers: bool = False, repeats: int | None = None) -> dict:
+    """repeats: timed repeats per prompt length and context (default 3, quick 2)."""
     import glmc
     from glmc.artifact import read_manifest
     from glmc.backends import get_backend
@@ -326,7 +327,7 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
         prompt_lengths=[8, 32] if quick else [32, 128, 512],
         contexts=[16] if quick else [32, 256, 1024],
         decode_tokens=8 if quick else 16,
-        repeats=2 if quick else 3,
+        repeats=repeats or (2 if quick else 3),
         baselines=[b for b in (["eager", "ort-plain"] if quick else ["eager", "compile", "ort-plain"]) if b not in skip],
         quick=quick,
     )

@@ -11,10 +11,19 @@ and this kernel 0.27 ms (bench/attention.py, bench/results/attention-glm4-9b-cpu
 layers' worth of the difference is ~26 ms of a ~250 ms int4 decode step. With G = 16 query
 heads per cached row the step is compute-bound (~1M 8-lane FMAs per layer at 1024), not
 bound by the 2.1 MB it reads. The kernel runs where glmc's linears run: in the split step
-(backends/cpu/runtime16.py), for calls of one token per row; prompts (several tokens per
-row) keep onnxruntime's kernel.
+(backends/cpu/runtime16.py), for planned calls of one token per row.
 
-Per (row b, KV head g), one task of a parallel loop, with p = seqlens_k[b], G = H / Hkv:
+Prompts (C new tokens per row) run a second kernel, `_prompt`: the keys and values into the
+cache, then per (row, KV head, PROMPT_ROWS query rows) scores as a small gemm over tiles of
+transposed keys, the causal mask, an online softmax and the tile's values weighted in. Only
+the causal half is computed, each key and value read once per work item for all the heads
+sharing it. The operator alone, each engine in its own process, glmc over onnxruntime
+(bench/attention.py --prompt, bench/results/attention-prompt-cpu.json): small-glm shape
+0.92x / 1.13x / 1.59x at 32 / 128 / 512 tokens, GLM-4-9B shape 1.60x / 1.93x / 1.32x; inside
+glmc's step, where onnxruntime's threads do not spin, its attention, norms and SwiGLU pieces
+took 16-24 ms of a 128-token small-glm int4 prompt, glmc's kernels 7-9 ms.
+
+The decode kernel, per (row b, KV head g) one task of a parallel loop, with p = seqlens_k[b], G = H / Hkv:
   k, v  = the new key and value (+ bias), k rotated at position p -> cache slot p
   q[h]  = query head g * G + h (+ bias), rotated at p, times `scale`          (h < G)
   s[h, t] = q[h] . K[t]       for t <= p: each K[t] loaded once, used by all G heads
