@@ -46,7 +46,7 @@ LINEAR, PIECES = "glmc.cpu linears (TVM)", "onnxruntime pieces"      # profile_d
 ATTENTION = "glmc.cpu attention (TVM)"
 ROWWISE = "glmc.cpu norms and activations (TVM)"
 TRIM_ROWS = 512     # a call with more rows than this (a long prompt) gives its freed memory back after it
-KERNELS = {"Linear16": linear16, "Linear4": linearq, "Linear8": linearq}     # node type -> its kernels' module
+KERNELS = frozenset({"Linear16", "Linear4", "Linear8"})     # the node types glmc's linear kernels run
 
 
 @dataclass(eq=False)
@@ -478,24 +478,23 @@ class SplitStep:
         arrays: dict[str, np.ndarray] = {}          # value -> its buffer (rows padded for a kernel)
         ort_values: dict[str, ort.OrtValue] = dict(binding.inputs)
 
-        def buffer(name: str, rows: int | None = None) -> np.ndarray:
+        def buffer(name: str, rows: int = 0) -> np.ndarray:
+            """Value `name`'s buffer, made on first use with the padding rows of the linears that
+            read it (and `rows`: a linear's output, the rows its kernel writes)."""
             if name not in arrays:
                 shape, dtype = shapes[name]
                 M = math.prod(shape[:-1])
-                full = aligned_empty((max(M, rows or M), shape[-1] if shape else 1), dtype)
+                full = aligned_empty((max(self._padded_rows(name, M), rows), shape[-1] if shape else 1), dtype)
                 arrays[name] = full
                 ort_values[name] = ort.OrtValue.ortvalue_from_numpy(full[:M].reshape(shape))
             return arrays[name]
 
-        padded, rows = {}, {}   # linear -> the rows its kernel computes; its input -> the most any reader needs
+        padded = {}             # linear -> the rows its kernel computes
         for step in self.steps:
             if isinstance(step, _Linear):
                 if step.x in binding.inputs or step.x in given:
                     return None         # (no such graph: a linear reads what a piece made)
                 padded[step] = step.padded_rows(math.prod(shapes[step.x][0][:-1]))
-                rows[step.x] = max(rows.get(step.x, 0), padded[step])
-        for x, n in rows.items():       # a kernel's input first: its buffer has the padding rows
-            buffer(x, n)
         calls = []              # (kind, call): what a run calls, in order
         for step in self.steps:
             if isinstance(step, _Linear):
@@ -586,7 +585,7 @@ class SplitStep:
         if _rows(shapes, list(shapes)) is None:
             return None
 
-        def buffer(name: str, rows: int | None = None) -> np.ndarray:
+        def buffer(name: str) -> np.ndarray:
             shape = shapes[name][0]
             M = math.prod(shape[:-1])
             if name not in full:
