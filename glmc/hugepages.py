@@ -8,7 +8,9 @@ at the median (one process, alternating, 2026-12-07). With transparent huge page
 numpy asks for its large arrays; onnxruntime does not for the copies it pre-packs its
 MatMul weights into.
 
-`collapsed()` wraps a block (an onnxruntime session being built): the anonymous mappings
+Two ways in. `placed()` copies arrays into one mapping asked for 2 MB pages: glmc's cpu
+kernels' weights (backends/cpu/runtime.py, `_kernel_weights`), which otherwise stream from
+the artifact's file mapping, whose page-cache pages are 4 KB ones. `collapsed()` wraps a block (an onnxruntime session being built): the anonymous mappings
 the block made, where mostly populated, are then collapsed into 2 MB pages with
 MADV_COLLAPSE (Linux 6.1+). That moves pages, not data: addresses and contents stay. A
 mapping that is mostly unpopulated (a thread's stack, an arena's free room) is left
@@ -22,9 +24,17 @@ session: ~1 s), so a worker thread does it after the block, while the model alre
 Measured on small-glm's fp32 decode step on onnxruntime's MatMul (--fp32-matmul onnxruntime),
 10 rounds of 32 steps alternating in one process with the same artifact loaded without it,
 four runs (three with an exploratory version of this module, one against GLMC_HUGE_PAGES=0;
-the scripts are not kept): 3.6-10% faster at the median. glmc's own kernels read their
-weights in place from the artifact's mapping; copied onto 2 MB pages they gained nothing in
-the same kind of run (small-glm int4: 0.995x).
+the scripts are not kept): 3.6-10% faster at the median.
+
+Measured for `placed()` with bench/kernel_weights_ab.py (2026-12-07; one process, the
+artifact loaded twice, decode steps alternating with the copies and with the mapping;
+ratios of step time, mapping over copies): small-glm fp32 1.04-1.13x with the host's
+bandwidth at its low level (~35 GB/s), where the copies' steps ran at 0.89-0.99 of the
+measured bandwidth and the mapping's at 0.83-0.90; small-glm int4 0.97-1.12x (median
+1.07x); GLM-4-9B int4 0.99-1.05x at the low level (both at the bandwidth), 1.03-1.12x at the
+high one (~60 GB/s: 0.87-1.00 of it against 0.83-0.90). The kernels alone, small-glm fp32's
+33 linears back to back at the high level: 1.16-1.22x. (An earlier run of this kind had
+found nothing for int4, 0.995x: per-weight copies, not 2 MB-aligned, at an unrecorded level.)
 """
 
 from __future__ import annotations
@@ -152,6 +162,39 @@ def collapsed():
         new = [r for r in new if _mostly_resident(r, resident.get(r))]
     if new:
         _worker.put(new)
+
+
+def placed(arrays: list, align: int = 64) -> list | None:
+    """Copies of `arrays` (numpy), each starting on an `align`-byte boundary, packed in one
+    anonymous mapping that starts on a 2 MB boundary and asks for 2 MB pages (MADV_HUGEPAGE
+    at fault time; the worker collapses whatever the faults did not get). None where glmc
+    does not ask for huge pages here (`available`). The copies are writable; the mapping
+    lives as long as any of them."""
+    import mmap
+
+    import numpy as np
+
+    if available() is not None or not arrays:
+        return None
+    offsets, n = [], 0
+    for a in arrays:
+        n = -(-n // align) * align
+        offsets.append(n)
+        n += a.nbytes
+    size = -(-n // HUGE) * HUGE
+    region = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = np.frombuffer(region, np.uint8)
+    start = -whole.ctypes.data % HUGE
+    region.madvise(mmap.MADV_HUGEPAGE, start, size)
+    body = whole[start:start + size]
+    out = []
+    for a, at in zip(arrays, offsets):
+        copy = body[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
+        copy[...] = a
+        out.append(copy)
+    lo = body.ctypes.data
+    _worker.put([(lo, lo + size)])
+    return out
 
 
 def settle() -> int:

@@ -89,8 +89,8 @@ def test_GLMC_HUGE_PAGES_0_turns_it_off(monkeypatch):
 
 def test_onnxruntime_sessions_are_built_inside_it(artifacts, monkeypatch):
     """The cpu executor builds a step session (and so its pre-packed weights) inside
-    `collapsed()`; not the pieces of a split step, whose linears' weights are glmc's, read in
-    place (reading /proc for each of a 9B model's 160 pieces would slow its load)."""
+    `collapsed()`; not the pieces of a split step, whose linears' weights are glmc's kernels',
+    copied by `placed()` (reading /proc for each of a 9B model's 160 pieces would slow its load)."""
     import contextlib
 
     import glmc
@@ -116,3 +116,81 @@ def test_onnxruntime_sessions_are_built_inside_it(artifacts, monkeypatch):
         built.clear()
         glmc.load(artifacts("tiny-glm", **options)).executor.sessions["step"]
         assert built and set(built) == {want}, (options, built)
+
+
+def test_placed_copies_are_equal_aligned_writable_and_on_huge_pages(collapsing):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((300, 257)).astype(np.float32), rng.integers(0, 255, (5001,), np.uint8),
+              rng.standard_normal((2048, 1024)).astype(np.float32)]          # 0.3 MB, 5001 B, 8 MB
+    copies = hugepages.placed(arrays)
+    hugepages.settle()
+    for a, c in zip(arrays, copies):
+        assert c.dtype == a.dtype and c.shape == a.shape and np.array_equal(c, a)
+        assert c.ctypes.data % 64 == 0 and c.flags.writeable and not np.shares_memory(a, c)
+    start = copies[0].ctypes.data
+    assert start % (2 * MB) == 0
+    end = copies[-1].ctypes.data + copies[-1].nbytes
+    assert _usage(start)["AnonHugePages"] >= (end - start) // (2 * MB) * 2 * MB     # every whole 2 MB page
+
+
+def test_placed_copies_nothing_with_GLMC_HUGE_PAGES_0(monkeypatch):
+    import numpy as np
+
+    monkeypatch.setenv("GLMC_HUGE_PAGES", "0")
+    assert hugepages.placed([np.ones(1000, np.float32)]) is None
+
+
+def _kernel_weights(rt) -> list:
+    """(the array each of the step's kernel linears reads, the mapped array it was loaded from)."""
+    import torch
+
+    from glmc.backends.cpu.runtime16 import _Linear
+
+    ex = rt.executor
+    step = ex.sessions[ex.generation]
+    inits = ex._backend["initializers"][ex.generation]
+    return [(torch.utils.dlpack.from_dlpack(s.w).numpy(), ex._weights[inits[s.weights[0]]])
+            for s in step.steps if isinstance(s, _Linear)]
+
+
+def _greedy(rt, ids, n: int = 4):
+    import numpy as np
+
+    cache, last = rt.prefill([ids])
+    logits, tok, pos = [last[0].copy()], int(last[0].argmax()), np.array([len(ids)])
+    for _ in range(n):
+        out = rt.executor.decode(cache, np.array([[tok]]), pos)[0, 0]
+        logits.append(out.copy())
+        tok, pos = int(out.argmax()), pos + 1
+    return np.stack(logits)
+
+
+def test_glmc_kernels_read_copies_that_decode_exactly_as_the_mapping(artifacts, monkeypatch, collapsing):
+    """An fp32 artifact on glmc's kernels: each linear's kernel reads a copy of its weight on 2 MB
+    pages, not the artifact's mapping; the logits equal, bit for bit, those of the same artifact
+    read from the mapping (GLMC_HUGE_PAGES=0) or where memory is too short for the copies."""
+    import numpy as np
+
+    import glmc
+
+    path = artifacts("tiny-glm", fp32_matmul="glmc")
+    ids = [5, 17, 300, 42, 9, 1000, 3]
+    rt = glmc.load(path)
+    want = _greedy(rt, ids)
+    read = _kernel_weights(rt)
+    assert read and len(rt.executor._placed) == len(read)
+    for kernel, mapped in read:
+        assert np.array_equal(kernel, mapped) and not np.shares_memory(kernel, rt.executor._map)
+    hugepages.settle()
+    first = min(kernel.ctypes.data for kernel, _ in read)
+    assert first % (2 * MB) == 0 and _usage(first)["AnonHugePages"] > 0
+    for env, value in (("GLMC_HUGE_PAGES", "0"), ("GLMC_MEMORY_LIMIT_GB", "0.0001")):
+        with monkeypatch.context() as m:
+            m.setenv(env, value)
+            other = glmc.load(path)
+            got = _greedy(other, ids)
+            assert not other.executor._placed, env
+            assert all(np.shares_memory(kernel, other.executor._map) for kernel, _ in _kernel_weights(other)), env
+        np.testing.assert_array_equal(got, want)

@@ -6,8 +6,9 @@ more): onnxruntime's MatMul
 streams its pre-packed copy of a weight more slowly at one row than these kernels stream the
 block layout. Measured on small-glm's linears, one process alternating (2026-12-07): 48.3
 against 38.2 GB/s, and 32.7 against 31.1 when the host's bandwidth sat at its low level; at
-128 rows the two matched (100.7 against 97.5 GMAC/s). The weights are read in place from the
-artifact: no pre-packed copy.
+128 rows the two matched (100.7 against 97.5 GMAC/s). The kernels read one copy of the
+artifact's weights, on 2 MB pages where the system has them (glmc/hugepages.py), as stored:
+no re-packing.
 
 onnxruntime has no fast 16-bit matmul on CPUs without AVX-512 BF16 / FP16 (measured with
 bench/cpu_16bit.py: its fp16 MatMul runs at 0.85x fp32, bf16 has no CPU kernel), and a

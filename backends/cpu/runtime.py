@@ -31,9 +31,14 @@ import onnxruntime as ort
 
 from glmc.backends.cpu.linear16 import aligned_empty
 from glmc.backends.kv import store_decode_kv, store_kv
-from glmc.hugepages import collapsed
+from glmc.hugepages import collapsed, placed
 from glmc.modelcfg import head_dim
 from glmc.weights import release_pages
+
+
+KERNEL_COPY_SHARE = 0.5    # glmc kernels' weights are copied onto 2 MB pages where they take at most
+                           # this share of the memory available (the rest: the page cache's copy
+                           # while loading, activations); a larger model streams from its mapping
 
 
 def default_threads() -> int:
@@ -229,6 +234,7 @@ class CpuExecutor:
         # the weights file mapped once (read-only, paged in on use), shared by every session
         self._map, self._weights = mapped_arrays(artifact_dir / backend["weights"], private=self._split)
         self._ort_weights = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in self._weights.items()}
+        self._placed: dict[str, np.ndarray] = {}    # weights key -> its copy for glmc's kernels (_kernel_weights)
         self._dir = artifact_dir
         self._backend = backend
         # sessions are created on first use: each holds its own pre-packed copy of the
@@ -246,6 +252,24 @@ class CpuExecutor:
             self._present = [x for x in io["outputs"] if x.startswith("present_")]
         self.lora = _AdapterTables(backend["lora"]) if backend.get("lora") else None
 
+    def _kernel_weights(self, names: dict) -> dict:
+        """{initializer name: array} for glmc kernels' weights (names: initializer name -> weights
+        key): copies on 2 MB pages, made once per weight and shared by every entry, where
+        huge pages are available and the copies take at most KERNEL_COPY_SHARE of the memory
+        available; else the mapped arrays. (A kernel streams its weights from 2 MB pages faster
+        than from the file's page-cache pages: see glmc/hugepages.py.)"""
+        from glmc.checkpoint import available_memory_bytes
+
+        todo = list(dict.fromkeys(k for k in names.values() if k not in self._placed))
+        need = sum(self._weights[k].nbytes for k in todo)
+        have = available_memory_bytes()
+        if todo and (have is None or need <= KERNEL_COPY_SHARE * have):
+            copies = placed([self._weights[k] for k in todo])
+            if copies is not None:
+                self._placed.update(zip(todo, copies))
+                release_pages(self._map)        # the copied pages leave the resident set
+        return {i: self._placed.get(k, self._weights[k]) for i, k in names.items()}
+
     def _make_session(self, name: str, profile_prefix: str | None = None, model: bytes | None = None,
                       initializers=None, piece: bool = False):
         """A session of entry `name` (or of `model`, a part of it, reading only `initializers`)
@@ -261,7 +285,11 @@ class CpuExecutor:
                                  lambda sub, names: self._make_session(name, model=sub, initializers=set(names),
                                                                        piece=True),
                                  {i: self._weights[k] for i, k in inits.items()},
-                                 self._linear16["dtype"] if self._linear16 else None, self.threads)
+                                 self._linear16["dtype"] if self._linear16 else None, self.threads,
+                                 # an entry's kernels read copies; verification's layers
+                                 # (parts) read the mapping, so its peak stays one layer's
+                                 place=None if part is not None else
+                                 lambda names: self._kernel_weights({i: inits[i] for i in names}))
         opts = ort.SessionOptions()
         if profile_prefix is not None:
             opts.enable_profiling = True

@@ -221,9 +221,11 @@ class SplitStep:
 
     make_session(model_bytes, initializer names) -> an onnxruntime session over the
     artifact's mapped weights; weights: initializer name -> its mapped array; dtype: the
-    16-bit linears' (None without them)."""
+    16-bit linears' (None without them); place(names) -> {name: array}: where the linears'
+    weights are read from (the executor's copies on 2 MB pages), else the mapped arrays."""
 
-    def __init__(self, source: Path | onnx.ModelProto, make_session, weights: dict, dtype: str | None, threads: int):
+    def __init__(self, source: Path | onnx.ModelProto, make_session, weights: dict, dtype: str | None, threads: int,
+                 place=None):
         model = onnx.load(str(source), load_external_data=False) if isinstance(source, Path) else source
         graph = model.graph
         self._opsets = [o for o in model.opset_import if o.domain != GLMC]
@@ -297,11 +299,12 @@ class SplitStep:
             kernels["Linear4"] = kernels["Linear8"] = linearq.Kernels(
                 [(s.K, s.N, s.block, 4 if s.kind == "Linear4" else 8) for s in quantized], threads)
         self._kept = []
+        placed = place([name for s in linears for name in s.weights]) if place is not None else weights
         for s in linears:
             arrays = []
             for name in s.weights:
-                w = _aligned(weights[name])     # a copy of an entry the file could not place aligned
-                if w is not weights[name]:
+                w = _aligned(placed[name])      # a copy of an entry the file could not place aligned
+                if w is not placed[name]:
                     self._kept.append(w)
                 arrays.append(w)
             s.kernels = kernels[s.kind]
