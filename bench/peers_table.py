@@ -10,7 +10,9 @@ int4 with the same block size, accuracy level 4, lm_head int4 on both sides, no 
 llama.cpp: F32 / F16 / BF16 / Q8_0 / Q4_0, Q4_0 in blocks of 32 whatever glmc's group size;
 ORT GenAI also fp16, no bf16), checks each
 against transformers and times prefill and decode (min / median / max over repeats).
-Ratios are glmc over each peer, measured in the same run.
+Ratios are glmc over each peer, measured in the same run: the ratio of the medians, and the
+ratios of the repeats paired up (min / median / max; the engines run in turn within each
+repeat, so both sides of a paired ratio saw the host in the same state).
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def main(argv=None) -> int:
                             for L in glmc["prefill"]},
                 "decode": {C: round(glmc["decode"][C]["tokens_per_s"] / peer["decode"][C]["tokens_per_s"], 3)
                            for C in glmc["decode"]},
+                # each repeat's peer time over glmc's in the same repeat (glmc.benchmark.paired_ratios)
+                **{k: rep["speedup_glmc_over"][peer_name][k] for k in ("prefill_paired", "decode_paired")},
             }
         report["configs"][name] = {"compile_options": CONFIGS[name], "results": rows,
                                    "glmc_over_peer": ratios, "settings": rep["settings"]}

@@ -119,13 +119,19 @@ def _tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             b, ours = res[baseline][kind][at][field], g[kind][at][field]
             return f"[{b['min'] / ours['max']:.2f}, {b['max'] / ours['min']:.2f}]"
 
+        def paired(r, kind, at):
+            """The repeats' paired ratios (a peer timed in turn with glmc), where the report has them."""
+            p = r.get(f"{kind}_paired", {}).get(at)
+            return f"; paired {p['median']:.2f}x [{p['min']:.2f}, {p['max']:.2f}]" if p else ""
+
         rows = []
         for name, r in report["speedup_glmc_over"].items():
-            rows.append([name, ", ".join(f"{L}: {v:.2f}x {spread(name, 'prefill', L, 'seconds')}"
+            rows.append([name, ", ".join(f"{L}: {v:.2f}x {spread(name, 'prefill', L, 'seconds')}{paired(r, 'prefill', L)}"
                                          for L, v in r["prefill"].items()),
                          ", ".join(f"ctx {C}: {v:.2f}x {spread(name, 'decode', C, 'seconds_per_token')}"
-                                   for C, v in r["decode"].items())])
-        tables.append(("glmc speedup (ratio of medians [lowest, highest the repeats allow], measured in this run)",
+                                   f"{paired(r, 'decode', C)}" for C, v in r["decode"].items())])
+        tables.append(("glmc speedup (ratio of medians [lowest, highest the repeats allow]; for peers timed in "
+                       "turn with glmc, the ratios of the repeats paired: median [min, max]; measured in this run)",
                        ["baseline", "prefill", "decode"], rows))
     bd = report.get("decode_op_breakdown_ms", {})
     if bd and "error" not in bd:

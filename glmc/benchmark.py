@@ -16,7 +16,8 @@ source's fp32 model within the artifact's relative-RMS bound). A baseline that f
 reported with its error and the run goes on; glmc failing (to load, to agree, to run)
 ends the run with an error: a report without glmc's numbers would be a wrong answer.
 Timing: glmc and the peers in turn within every repeat (measure_providers), the baselines
-one after another.
+one after another. Beside each peer's ratio of medians, the ratios of its repeats paired
+with glmc's (`paired_ratios`: min / median / max).
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ def measure_providers(providers: dict, prompt_pool: list[int], s: Settings) -> d
     for L in s.prompt_lengths:
         ids = prompt_pool[:L]
         for n, xs in rounds(lambda p: _seconds(lambda: p.prefill(ids))).items():
-            t = summarize(xs)
+            t = dict(summarize(xs), samples=xs)         # samples: by repeat, as `paired_ratios` reads them
             out[n]["prefill"][str(L)] = {"seconds": t, "tokens_per_s": L / t["median"]}
     for C in s.contexts:
         ids = prompt_pool[:C]
@@ -252,9 +253,21 @@ def measure_providers(providers: dict, prompt_pool: list[int], s: Settings) -> d
             return _seconds(lambda: p.steps(state, s.decode_tokens)) / max(1, s.decode_tokens)
 
         for n, xs in rounds(decode).items():
-            per = summarize(xs)
+            per = dict(summarize(xs), samples=xs)
             out[n]["decode"][str(C)] = {"seconds_per_token": per, "tokens_per_s": 1 / per["median"]}
     return out
+
+
+def paired_ratios(baseline: dict, ours: dict) -> dict | None:
+    """min / median / max over repeats of baseline's time over ours in the same repeat (two
+    `measure_providers` timings with samples): the engines ran one right after the other
+    within a repeat, so a move of this host's bandwidth between repeats falls on both sides
+    of each ratio, where the ratio of the two medians can set one engine's fast repeats
+    against the other's slow ones. None where the samples are missing or do not pair up."""
+    b, o = baseline.get("samples"), ours.get("samples")
+    if not b or not o or len(b) != len(o):
+        return None
+    return summarize([x / y for x, y in zip(b, o)])
 
 
 def _seconds(fn) -> float:
@@ -416,6 +429,13 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
                 "decode": {C: results["glmc"]["decode"][C]["tokens_per_s"] / r["decode"][C]["tokens_per_s"]
                            for C in results["glmc"]["decode"]},
             }
+            if name in timed:       # timed in turn with glmc: its repeats pair up with glmc's
+                ratios[name]["prefill_paired"] = {
+                    L: paired_ratios(r["prefill"][L]["seconds"], results["glmc"]["prefill"][L]["seconds"])
+                    for L in results["glmc"]["prefill"]}
+                ratios[name]["decode_paired"] = {
+                    C: paired_ratios(r["decode"][C]["seconds_per_token"], results["glmc"]["decode"][C]["seconds_per_token"])
+                    for C in results["glmc"]["decode"]}
         say("profiling one decode step")
         backend = get_backend(manifest["target"])
         why = backend.why_cannot_run_here()

@@ -27,14 +27,12 @@ four runs (three with an exploratory version of this module, one against GLMC_HU
 the scripts are not kept): 3.6-10% faster at the median.
 
 Measured for `placed()` with bench/kernel_weights_ab.py (2026-12-07; one process, the
-artifact loaded twice, decode steps alternating with the copies and with the mapping;
-ratios of step time, mapping over copies): small-glm fp32 1.04-1.13x with the host's
-bandwidth at its low level (~35 GB/s), where the copies' steps ran at 0.89-0.99 of the
-measured bandwidth and the mapping's at 0.83-0.90; small-glm int4 0.97-1.12x (median
-1.07x); GLM-4-9B int4 0.99-1.05x at the low level (both at the bandwidth), 1.03-1.12x at the
-high one (~60 GB/s: 0.87-1.00 of it against 0.83-0.90). The kernels alone, small-glm fp32's
-33 linears back to back at the high level: 1.16-1.22x. (An earlier run of this kind had
-found nothing for int4, 0.995x: per-weight copies, not 2 MB-aligned, at an unrecorded level.)
+artifact loaded twice, decode steps alternating with the copies and with the mapping; the
+mapping's step time over the copies', 12 rounds): small-glm fp32 median 1.08x (1.06-1.11x in
+7 of the 9 rounds with the host's bandwidth at ~35 GB/s, 1.12-1.25x at ~65), small-glm int4 1.13x [0.99, 1.33],
+GLM-4-9B int4 1.09x [0.96, 1.28]: bench/results/kernel-weights-ab-*.json. (An earlier run
+of this kind had found nothing for int4, 0.995x: per-weight copies, not 2 MB-aligned, at an
+unrecorded bandwidth level.)
 """
 
 from __future__ import annotations

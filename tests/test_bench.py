@@ -205,3 +205,28 @@ def test_engines_are_timed_in_turn_each_repeat_not_one_after_another(monkeypatch
     assert out["a"]["prefill"]["4"]["seconds"]["max"] < 0.015 < out["b"]["prefill"]["4"]["seconds"]["min"]
     assert out["a"]["decode"]["8"]["seconds_per_token"]["n"] == 3
     assert out["b"]["decode"]["8"]["seconds_per_token"]["min"] > 0.015
+
+
+def test_paired_ratios_compare_each_repeat_with_the_one_beside_it():
+    """A host whose speed moved between repeats: glmc's three slow repeats and the peer's two
+    make the ratio of medians say 0.55x; each repeat paired with the one beside it says 1.1x
+    (and where the two engines' samples do not pair up, there is no paired ratio)."""
+    glmc_times, peer_times = [1.0, 1.0, 2.0, 2.0, 2.0], [1.1, 1.1, 1.1, 2.2, 2.2]
+    ours = dict(benchmark.summarize(glmc_times), samples=glmc_times)
+    theirs = dict(benchmark.summarize(peer_times), samples=peer_times)
+    assert theirs["median"] / ours["median"] == pytest.approx(0.55)
+    p = benchmark.paired_ratios(theirs, ours)
+    assert p["median"] == pytest.approx(1.1) and p["min"] == pytest.approx(0.55) and p["n"] == 5
+    assert benchmark.paired_ratios(dict(theirs, samples=peer_times[:4]), ours) is None
+    assert benchmark.paired_ratios({k: v for k, v in theirs.items() if k != "samples"}, ours) is None
+
+
+def test_the_report_prints_a_peers_paired_ratios_beside_its_ratio(quick_report):
+    from glmc.bench_report import markdown
+
+    _, out, _ = quick_report
+    rep = json.loads((out / "report.json").read_text())
+    L = str(rep["settings"]["prompt_lengths"][-1])
+    assert "; paired" not in markdown(rep)          # eager and ort-plain are timed one after another
+    rep["speedup_glmc_over"]["eager"]["prefill_paired"] = {L: {"min": 1.02, "median": 1.1, "max": 1.25, "n": 3}}
+    assert "; paired 1.10x [1.02, 1.25]" in markdown(rep).split("| eager | ")[-1].split("\n")[0]
