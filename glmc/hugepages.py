@@ -162,12 +162,13 @@ def collapsed():
         _worker.put(new)
 
 
-def placed(arrays: list, align: int = 64) -> list | None:
+def placed(arrays: list, align: int = 64, copied=None) -> list | None:
     """Copies of `arrays` (numpy), each starting on an `align`-byte boundary, packed in one
     anonymous mapping that starts on a 2 MB boundary and asks for 2 MB pages (MADV_HUGEPAGE
     at fault time; the worker collapses whatever the faults did not get). None where glmc
     does not ask for huge pages here (`available`). The copies are writable; the mapping
-    lives as long as any of them."""
+    lives as long as any of them. copied(array): called after each array is copied (to let
+    its source go, so the peak is not source and copies at once)."""
     import mmap
 
     import numpy as np
@@ -190,6 +191,8 @@ def placed(arrays: list, align: int = 64) -> list | None:
         copy = body[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
         copy[...] = a
         out.append(copy)
+        if copied is not None:
+            copied(a)
     lo = body.ctypes.data
     _worker.put([(lo, lo + size)])
     return out

@@ -430,13 +430,22 @@ def write_safetensors(entries: dict[str, Lazy], path: Path) -> dict[str, tuple[i
             for name, h in header.items()}
 
 
-def release_pages(mm: np.memmap) -> None:
+def release_pages(mm: np.memmap, part: np.ndarray | None = None) -> None:
     """Drop the resident pages of a map from `mapped_arrays` (they stay in the page cache; the
-    next read faults them back in). After onnxruntime has pre-packed a weight it never reads
-    the original again, so its mapped pages would only inflate the resident set."""
+    next read faults them back in), or only those under `part`, a view of it. After
+    onnxruntime has pre-packed a weight, or glmc has copied one for its kernels, the original
+    is not read again, so its mapped pages would only inflate the resident set. Nothing is
+    ever written to the map, so a dropped page reads back as it was."""
     import mmap
 
-    mm._mmap.madvise(mmap.MADV_DONTNEED)
+    if part is None:
+        mm._mmap.madvise(mmap.MADV_DONTNEED)
+        return
+    lo = part.ctypes.data - mm.ctypes.data
+    start = lo // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(len(mm), lo + part.nbytes)
+    if end > start:
+        mm._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def mapped_arrays(path: Path, private: bool = False) -> tuple[np.memmap, dict[str, np.ndarray]]:

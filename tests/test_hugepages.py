@@ -194,3 +194,25 @@ def test_glmc_kernels_read_copies_that_decode_exactly_as_the_mapping(artifacts, 
             assert not other.executor._placed, env
             assert all(np.shares_memory(kernel, other.executor._map) for kernel, _ in _kernel_weights(other)), env
         np.testing.assert_array_equal(got, want)
+
+
+def test_release_pages_of_a_part_drops_only_its_pages_and_they_read_back(tmp_path):
+    """What the executor calls after copying each weight: that weight's mapped pages leave the
+    resident set (the copies' peak is not the weights twice), the rest stay, and the dropped
+    ones read back from the file unchanged."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from glmc.weights import mapped_arrays, release_pages
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((1024, 1024)).astype(np.float32),
+               "b": rng.standard_normal((1024, 1024)).astype(np.float32)}        # 4 MB each
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    mm, arrays = mapped_arrays(tmp_path / "w.safetensors", private=True)
+    assert all(float(arrays[k].sum()) == float(tensors[k].sum()) for k in tensors)   # every page read
+    before = _usage(mm.ctypes.data)["Rss"]
+    release_pages(mm, arrays["a"])
+    after = _usage(mm.ctypes.data)["Rss"]
+    assert 4 * MB - 8192 <= before - after <= 4 * MB + 8192, (before, after)
+    assert np.array_equal(arrays["a"], tensors["a"]) and np.array_equal(arrays["b"], tensors["b"])

@@ -264,10 +264,10 @@ class CpuExecutor:
         need = sum(self._weights[k].nbytes for k in todo)
         have = available_memory_bytes()
         if todo and (have is None or need <= KERNEL_COPY_SHARE * have):
-            copies = placed([self._weights[k] for k in todo])
+            # each weight's mapped pages leave the resident set once copied
+            copies = placed([self._weights[k] for k in todo], copied=lambda a: release_pages(self._map, a))
             if copies is not None:
                 self._placed.update(zip(todo, copies))
-                release_pages(self._map)        # the copied pages leave the resident set
         return {i: self._placed.get(k, self._weights[k]) for i, k in names.items()}
 
     def _make_session(self, name: str, profile_prefix: str | None = None, model: bytes | None = None,
