@@ -2,14 +2,16 @@
 
   TRITON_INTERPRET=1       run Triton kernels on CPU tensors (Triton's own switch; tests)
   GLMC_CUDA_GRAPH=0        do not capture the GPU decode step in a CUDA graph
-  GLMC_MEMORY_LIMIT_GB=N   memory the up-front size check assumes (default: MemAvailable)
+  GLMC_MEMORY_LIMIT_GB=N   memory the up-front size check, and the cpu kernels' choice to
+                           copy their weights onto 2 MB pages, assume (default: MemAvailable)
   XDG_CACHE_HOME           where the tuning database lives ($XDG_CACHE_HOME/glmc)
   GLMC_BENCH_MODEL         model of the pytest-benchmark suite in bench/ (default tiny-glm)
   GLMC_CPU_DECODE_KERNELS=onnxruntime
                            cpu split steps (glmc kernels' linears) decode attention, norms
                            and activations with onnxruntime's ops, not glmc's (A/B runs)
-  GLMC_HUGE_PAGES=0        leave onnxruntime's pre-packed weights on the pages it got
-                           (glmc/hugepages.py; A/B runs)
+  GLMC_HUGE_PAGES=0        leave onnxruntime's pre-packed weights on the pages it got, and
+                           let glmc's cpu kernels read the artifact's mapping (no copies on
+                           2 MB pages; glmc/hugepages.py; A/B runs)
   TVM_NUM_THREADS          TVM's thread pool (16-bit cpu linears): set here to the
                            executor's threads unless the user set it
 
