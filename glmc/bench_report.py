@@ -126,8 +126,8 @@ def _tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
         rows = []
         for name, r in report["speedup_glmc_over"].items():
-            rows.append([name, ", ".join(f"{L}: {v:.2f}x {spread(name, 'prefill', L, 'seconds')}{paired(r, 'prefill', L)}"
-                                         for L, v in r["prefill"].items()),
+            rows.append([name, ", ".join(f"{L}: {v:.2f}x {spread(name, 'prefill', L, 'seconds')}"
+                                         f"{paired(r, 'prefill', L)}" for L, v in r["prefill"].items()),
                          ", ".join(f"ctx {C}: {v:.2f}x {spread(name, 'decode', C, 'seconds_per_token')}"
                                    f"{paired(r, 'decode', C)}" for C, v in r["decode"].items())])
         tables.append(("glmc speedup (ratio of medians [lowest, highest the repeats allow]; for peers timed in "

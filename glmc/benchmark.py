@@ -434,7 +434,8 @@ def run(target: str, out_dir: Path, quick: bool = False, skip: tuple = (), progr
                     L: paired_ratios(r["prefill"][L]["seconds"], results["glmc"]["prefill"][L]["seconds"])
                     for L in results["glmc"]["prefill"]}
                 ratios[name]["decode_paired"] = {
-                    C: paired_ratios(r["decode"][C]["seconds_per_token"], results["glmc"]["decode"][C]["seconds_per_token"])
+                    C: paired_ratios(r["decode"][C]["seconds_per_token"],
+                                     results["glmc"]["decode"][C]["seconds_per_token"])
                     for C in results["glmc"]["decode"]}
         say("profiling one decode step")
         backend = get_backend(manifest["target"])

@@ -10,9 +10,9 @@ MatMul weights into.
 
 Two ways in. `placed()` copies arrays into one mapping asked for 2 MB pages: glmc's cpu
 kernels' weights (backends/cpu/runtime.py, `_kernel_weights`), which otherwise stream from
-the artifact's file mapping, whose page-cache pages are 4 KB ones. `collapsed()` wraps a block (an onnxruntime session being built): the anonymous mappings
-the block made, where mostly populated, are then collapsed into 2 MB pages with
-MADV_COLLAPSE (Linux 6.1+). That moves pages, not data: addresses and contents stay. A
+the artifact's file mapping, whose page-cache pages are 4 KB ones. `collapsed()` wraps a
+block (an onnxruntime session being built): the anonymous mappings the block made, where
+mostly populated, are then collapsed into 2 MB pages with MADV_COLLAPSE (Linux 6.1+). That moves pages, not data: addresses and contents stay. A
 mapping that is mostly unpopulated (a thread's stack, an arena's free room) is left
 alone, so no memory is populated that was not. Where the platform, the kernel or its
 settings do not allow it, nothing changes (`available` says why).
@@ -28,11 +28,13 @@ the scripts are not kept): 3.6-10% faster at the median.
 
 Measured for `placed()` with bench/kernel_weights_ab.py (2026-12-07; one process, the
 artifact loaded twice, decode steps alternating with the copies and with the mapping; the
-mapping's step time over the copies', 12 rounds): small-glm fp32 median 1.08x (1.06-1.11x in
-7 of the 9 rounds with the host's bandwidth at ~35 GB/s, 1.12-1.25x at ~65), small-glm int4 1.13x [0.99, 1.33],
-GLM-4-9B int4 1.09x [0.96, 1.28]: bench/results/kernel-weights-ab-*.json. (An earlier run
-of this kind had found nothing for int4, 0.995x: per-weight copies, not 2 MB-aligned, at an
-unrecorded bandwidth level.)
+mapping's step time over the copies', 12 rounds): small-glm fp32 median 1.08x (1.06-1.11x
+in 7 of the 9 rounds with the host's bandwidth at ~35 GB/s, 1.12-1.25x at ~65), small-glm
+int4 1.13x [0.99, 1.33], GLM-4-9B int4 1.09x [0.96, 1.28]:
+bench/results/kernel-weights-ab-*.json. (An earlier run
+of this kind had found nothing for int4, 0.995x; how it made its copies and at which
+bandwidth level it ran were not recorded. These copies are packed into one 2 MB-aligned
+mapping, and the rounds above caught both levels.)
 """
 
 from __future__ import annotations
