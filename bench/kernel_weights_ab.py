@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -32,8 +31,8 @@ from report_json import emit  # noqa: E402  (bench/, the script's own directory)
 
 
 def main(argv=None) -> int:
-    import glmc
     import glmc.backends.cpu.runtime as runtime
+    from glmc.benchmark import GlmcProvider
     from glmc.hugepages import settle
     from glmc.measure import cpu_name, read_bandwidth_gbs, summarize
 
@@ -46,32 +45,29 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     ids = [5 + i % 1000 for i in range(args.context)]
 
-    def loaded(copies: bool):
-        rt = glmc.load(args.artifact)
-        with contextlib.nullcontext() if copies else mock.patch.object(runtime, "placed", lambda arrays: None):
-            rt.prefill([ids[:4]])                     # makes the step entry (and its kernels' weights)
-        return rt
+    def loaded(copies: bool) -> GlmcProvider:
+        p = GlmcProvider(args.artifact)
+        with contextlib.nullcontext() if copies else mock.patch.object(runtime, "placed", lambda *a, **k: None):
+            p.prefill(ids[:4])                        # makes the step entry (and its kernels' weights)
+        return p
 
     engines = {"copies": loaded(True), "mapping": loaded(False)}
-    ex = engines["copies"].executor
+    ex = engines["copies"].rt.executor
     if not ex._placed:
         raise SystemExit(f"{args.artifact}: its kernels' weights were not copied (no glmc kernels, no huge pages "
                          f"here, or too little memory): nothing to compare")
     step_bytes = sum(a.nbytes for a in ex._placed.values())
     settle()
 
-    def steps(rt) -> tuple[list[int], list[float]]:
-        cache, last = rt.prefill([ids])
-        tok, pos, toks, times = int(last[0].argmax()), np.array([len(ids)]), [], []
+    def steps(p: GlmcProvider) -> tuple[list[int], list[float]]:
+        state, toks, times = p.start(ids), [], []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            tok = int(rt.executor.decode(cache, np.array([[tok]]), pos)[0, 0].argmax())
+            toks += p.steps(state, 1)
             times.append(time.perf_counter() - t0)
-            pos += 1
-            toks.append(tok)
         return toks, times
 
-    tokens = {name: steps(rt)[0] for name, rt in engines.items()}
+    tokens = {name: steps(p)[0] for name, p in engines.items()}
     if tokens["copies"] != tokens["mapping"]:
         raise SystemExit(f"the two loads decode differently: {tokens}")
     rounds = []
