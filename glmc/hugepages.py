@@ -34,7 +34,10 @@ int4 1.13x [0.99, 1.33], GLM-4-9B int4 1.09x [0.96, 1.28]:
 bench/results/kernel-weights-ab-*.json. (An earlier run
 of this kind had found nothing for int4, 0.995x; how it made its copies and at which
 bandwidth level it ran were not recorded. These copies are packed into one 2 MB-aligned
-mapping, and the rounds above caught both levels.)
+mapping, and the rounds above caught both levels.) Where the page cache holds the file in
+2 MB folios, the file mapping is 2 MB-mapped as well and the copies gain nothing: small-glm
+fp32 read back from disk later that day, FilePmdMapped for all its weights, 1.00x
+(bench/results/kernel-weights-ab-small-glm-fp32-pmd-mapped.json).
 """
 
 from __future__ import annotations
